@@ -1,0 +1,314 @@
+"""PyTorch `state_dict` -> deeplab-jax model, one key map per source layout.
+
+The source layout is detected from the keys. Each layout is a list of regex
+renames from PyTorch module paths to ours; leaves convert generically:
+`weight` of a conv (`OIHW`) -> `kernel` (`HWIO`), `weight` of a BatchNorm
+-> `scale`, `running_mean`/`running_var` -> `mean`/`var`, `bias` -> `bias`.
+A load that would leave any of our weights unset, or would drop a source
+weight, is refused with the keys and shapes named.
+
+Supported layouts:
+- `torchvision_deeplabv3`: `torchvision.models.segmentation.deeplabv3_*`,
+  with or without `aux_classifier`.
+
+This module does not import torch: tensors are read through `.numpy()`, and
+NumPy arrays work as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deeplab_jax.models import registry
+
+_MAX_LISTED = 8
+
+
+class CheckpointMismatchError(ValueError):
+  """The state dict does not fit the requested model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one PyTorch source names its weights.
+
+  Attributes:
+    name: short identifier, recorded in converted checkpoints.
+    description: what produces this layout.
+    detect: `keys -> bool`.
+    renames: `(pattern, replacement)` regexes applied in order to each key.
+    arch_prefixes: arch names this layout can be loaded into.
+    num_classes: `state_dict -> int`, read from the classifier.
+    overrides: `state_dict -> dict` of model options implied by the keys.
+    suggest_arch: `state_dict -> arch name or None` for error messages.
+    ignore: regexes of source keys that are not model weights.
+  """
+
+  name: str
+  description: str
+  detect: Callable[[set[str]], bool]
+  renames: tuple[tuple[str, str], ...]
+  arch_prefixes: tuple[str, ...]
+  num_classes: Callable[[Mapping[str, np.ndarray]], int]
+  overrides: Callable[[Mapping[str, np.ndarray]], dict[str, Any]]
+  suggest_arch: Callable[[Mapping[str, np.ndarray]], str | None]
+  ignore: tuple[str, ...] = (r'(^|\.)num_batches_tracked$',)
+
+  def rename(self, key: str) -> str:
+    for pattern, repl in self.renames:
+      key = re.sub(pattern, repl, key)
+    return key
+
+
+def _count_blocks(sd: Mapping[str, Any], prefix: str) -> int:
+  pat = re.compile(re.escape(prefix) + r'(\d+)\.')
+  ids = {int(m.group(1)) for k in sd if (m := pat.match(k))}
+  return len(ids)
+
+
+def _resnet_arch(prefix: str, family: str):
+  def suggest(sd):
+    depth = {6: 50, 23: 101, 36: 152}.get(_count_blocks(sd, prefix))
+    return f'{family}{depth}' if depth else None
+
+  return suggest
+
+
+_TORCHVISION_DEEPLABV3 = Layout(
+  name='torchvision_deeplabv3',
+  description='torchvision.models.segmentation.deeplabv3_resnet{50,101}',
+  detect=lambda keys: (
+    'classifier.0.convs.0.0.weight' in keys
+    and 'backbone.conv1.weight' in keys
+  ),
+  renames=(
+    (r'^backbone\.', 'backbone.'),
+    (r'\.downsample\.0\.', '.downsample.conv.'),
+    (r'\.downsample\.1\.', '.downsample.bn.'),
+    (r'^classifier\.0\.convs\.([0-3])\.0\.', r'head.aspp.branches.\1.conv.'),
+    (r'^classifier\.0\.convs\.([0-3])\.1\.', r'head.aspp.branches.\1.bn.'),
+    (r'^classifier\.0\.convs\.4\.1\.', 'head.aspp.pooling.conv.'),
+    (r'^classifier\.0\.convs\.4\.2\.', 'head.aspp.pooling.bn.'),
+    (r'^classifier\.0\.project\.0\.', 'head.aspp.project.conv.'),
+    (r'^classifier\.0\.project\.1\.', 'head.aspp.project.bn.'),
+    (r'^classifier\.1\.', 'head.conv.conv.'),
+    (r'^classifier\.2\.', 'head.conv.bn.'),
+    (r'^classifier\.4\.', 'head.classifier.'),
+    (r'^aux_classifier\.0\.', 'aux_head.conv.conv.'),
+    (r'^aux_classifier\.1\.', 'aux_head.conv.bn.'),
+    (r'^aux_classifier\.4\.', 'aux_head.classifier.'),
+  ),
+  arch_prefixes=('deeplabv3_resnet',),
+  num_classes=lambda sd: int(sd['classifier.4.weight'].shape[0]),
+  overrides=lambda sd: {
+    'aux_head': any(k.startswith('aux_classifier.') for k in sd)
+  },
+  suggest_arch=_resnet_arch('backbone.layer3.', 'deeplabv3_resnet'),
+)
+
+LAYOUTS: tuple[Layout, ...] = (_TORCHVISION_DEEPLABV3,)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, 'detach'):  # a torch.Tensor, without importing torch
+    value = value.detach().cpu()
+    if str(value.dtype) == 'torch.bfloat16':
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Unwraps `{'state_dict': ...}`/`{'model': ...}`, strips `module.`."""
+  for wrapper in ('state_dict', 'model', 'model_state'):
+    inner = state_dict.get(wrapper) if isinstance(state_dict, Mapping) else None
+    if isinstance(inner, Mapping):
+      state_dict = inner
+      break
+  out = {}
+  for k, v in state_dict.items():
+    if not hasattr(v, 'shape'):
+      continue  # e.g. a stored epoch counter
+    out[k.removeprefix('module.')] = _to_numpy(v)
+  return out
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> Layout:
+  """The layout whose keys `state_dict` has; a clear error otherwise."""
+  keys = set(state_dict)
+  for layout in LAYOUTS:
+    if layout.detect(keys):
+      return layout
+  sample = ', '.join(sorted(keys)[:5])
+  known = '; '.join(f'{lay.name} ({lay.description})' for lay in LAYOUTS)
+  raise CheckpointMismatchError(
+    f'unrecognised state dict layout (keys start {sample}, ...). Supported: '
+    f'{known}.'
+  )
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+  flat = {}
+  for k, v in tree.items():
+    path = (*prefix, k)
+    if isinstance(v, Mapping):
+      flat.update(_flatten(v, path))
+    else:
+      flat[path] = v
+  return flat
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def _dotted(path: tuple) -> str:
+  return '.'.join(str(p) for p in path)
+
+
+def _convert_leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  module, _, leaf = key.rpartition('.')
+  if leaf == 'weight' and value.ndim == 4:
+    return f'{module}.kernel', value.transpose(2, 3, 1, 0)
+  if leaf == 'weight' and value.ndim == 1:
+    return f'{module}.scale', value
+  if leaf == 'running_mean':
+    return f'{module}.mean', value
+  if leaf == 'running_var':
+    return f'{module}.var', value
+  return key, value
+
+
+def _materialize(rest: nnx.State, seed: int) -> nnx.State:
+  """Concrete values for the abstract non-weight state (dropout streams)."""
+
+  def make(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.key(seed)
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree.map(make, rest)
+
+
+def _listing(items: list[str]) -> str:
+  shown = ', '.join(items[:_MAX_LISTED])
+  more = len(items) - _MAX_LISTED
+  return shown + (f' (+{more} more)' if more > 0 else '')
+
+
+def load(
+  arch: str,
+  state_dict: Mapping[str, Any],
+  *,
+  num_classes: int | None = None,
+  seed: int = 0,
+  **overrides: Any,
+) -> nnx.Module:
+  """Builds `arch` and fills it from a PyTorch `state_dict`.
+
+  Args:
+    arch: a name from `deeplab_jax.models.names()`.
+    state_dict: `name -> torch.Tensor | np.ndarray`; a `module.` prefix and a
+      `{'state_dict': ...}` wrapper are accepted.
+    num_classes: classes of the model; read from the classifier when `None`.
+    seed: seed of the model's dropout random stream.
+    **overrides: model options (see `models.create`); options implied by the
+      keys (e.g. `aux_head`) are set automatically unless given here.
+
+  Returns:
+    The model with every parameter and BatchNorm statistic converted, in
+    training mode like `models.create`; `model.source_layout` names the
+    detected layout.
+
+  Raises:
+    CheckpointMismatchError: unknown layout, a layout that does not fit
+      `arch`, or missing / unexpected keys / shape mismatches (all named).
+  """
+  sd = clean_state_dict(state_dict)
+  layout = detect_layout(sd)
+  registry.spec(arch)  # unknown arch -> ValueError listing the known ones
+  suggestion = layout.suggest_arch(sd)
+  hint = f' (it looks like {suggestion})' if suggestion else ''
+  if not arch.startswith(layout.arch_prefixes):
+    raise CheckpointMismatchError(
+      f'this state dict is a {layout.name} checkpoint{hint}; it cannot be '
+      f'loaded as {arch!r}. Use an arch starting with '
+      f'{" or ".join(layout.arch_prefixes)}.'
+    )
+  if num_classes is None:
+    num_classes = layout.num_classes(sd)
+  options = {**layout.overrides(sd), **overrides}
+  abstract = nnx.eval_shape(
+    lambda: registry.create(
+      arch, num_classes=num_classes, rngs=nnx.Rngs(0), **options
+    )
+  )
+  graphdef, state, rest = nnx.split(
+    abstract, (nnx.Param, nnx.BatchStat), ...
+  )
+  expected = _flatten(state.to_pure_dict())
+  by_name = {_dotted(p): p for p in expected}
+
+  converted: dict[tuple, np.ndarray] = {}
+  unexpected, mismatched, mismatched_paths = [], [], set()
+  for key, value in sd.items():
+    if any(re.search(p, key) for p in layout.ignore):
+      continue
+    ours, value = _convert_leaf(layout.rename(key), value)
+    path = by_name.get(ours)
+    if path is None:
+      unexpected.append(key)
+      continue
+    want = tuple(expected[path].shape)
+    if tuple(value.shape) != want:
+      mismatched.append(f'{key} {tuple(value.shape)} vs {ours} {want}')
+      mismatched_paths.add(path)
+      continue
+    converted[path] = value
+  missing = [
+    _dotted(p)
+    for p in expected
+    if p not in converted and p not in mismatched_paths
+  ]
+  if missing or unexpected or mismatched:
+    parts = []
+    if mismatched:
+      parts.append(f'{len(mismatched)} shape mismatch(es): '
+                   f'{_listing(mismatched)}')
+    if missing:
+      parts.append(f'{len(missing)} missing (our names): {_listing(missing)}')
+    if unexpected:
+      parts.append(f'{len(unexpected)} unexpected: {_listing(unexpected)}')
+    raise CheckpointMismatchError(
+      f'{layout.name} state dict does not fit {arch} '
+      f'(num_classes={num_classes}){hint}: ' + '; '.join(parts) +
+      '. Check --arch, --num_classes and the model options.'
+    )
+
+  pure = _unflatten({
+    p: jnp.asarray(v, dtype=expected[p].dtype) for p, v in converted.items()
+  })
+  nnx.replace_by_pure_dict(state, pure)
+  model = nnx.merge(graphdef, state, _materialize(rest, seed))
+  model.source_layout = layout.name
+  return model
+
+
+def to_numpy_tree(model: nnx.Module) -> dict[str, np.ndarray]:
+  """Our model's state as `dotted name -> np.ndarray` (for inspection)."""
+  flat = _flatten(nnx.state(model).to_pure_dict())
+  return {_dotted(p): np.asarray(jax.device_get(v)) for p, v in flat.items()}

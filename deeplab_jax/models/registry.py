@@ -1,0 +1,134 @@
+"""Architecture names -> constructors; the one place models are built."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax import nnx
+
+from deeplab_jax.models import resnet, segmenter
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+  """A named architecture: the model class and its default config."""
+
+  model: Callable[..., nnx.Module]
+  config: Any
+  description: str
+
+
+_ARCHS: dict[str, ArchSpec] = {}
+
+
+def register(name: str, spec: ArchSpec) -> None:
+  """Adds an architecture name (used by the model modules)."""
+  _ARCHS[name] = spec
+
+
+def _register_builtin() -> None:
+  v3 = segmenter.DeepLabV3Config
+  for depth in (50, 101, 152):
+    register(
+      f'deeplabv3_resnet{depth}',
+      ArchSpec(
+        segmenter.DeepLabV3,
+        v3(blocks=resnet.DEPTHS[depth]),
+        f'DeepLabV3, atrous ResNet-{depth} (torchvision layout)',
+      ),
+    )
+  register(
+    'deeplabv3_resnet_tiny',
+    ArchSpec(
+      segmenter.DeepLabV3,
+      v3(blocks=(1, 1, 1, 1), width=8, aspp_channels=16),
+      'DeepLabV3 on a 4-block, width-8 ResNet (tests and smoke runs)',
+    ),
+  )
+
+
+_register_builtin()
+
+
+def names() -> list[str]:
+  """All known architecture names."""
+  return sorted(_ARCHS)
+
+
+def spec(arch: str) -> ArchSpec:
+  """The `ArchSpec` of `arch`; an unknown name lists the known ones."""
+  if arch not in _ARCHS:
+    close = difflib.get_close_matches(arch, _ARCHS, n=1)
+    hint = f' Did you mean {close[0]!r}?' if close else ''
+    raise ValueError(
+      f'unknown arch {arch!r}.{hint} Known: {", ".join(names())}'
+    )
+  return _ARCHS[arch]
+
+
+def _coerce(config_cls: type, name: str, value: Any) -> Any:
+  """JSON and flags give lists where the config holds tuples."""
+  hint = typing.get_type_hints(config_cls)[name]
+  if isinstance(value, list) and 'tuple' in str(hint):
+    return tuple(value)
+  return value
+
+
+def make_config(arch: str, **overrides: Any) -> Any:
+  """The frozen config of `arch` with `overrides` applied (validated)."""
+  default = spec(arch).config
+  fields = {f.name for f in dataclasses.fields(default)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(
+      f'{arch} has no option(s) {", ".join(unknown)}; valid: '
+      f'{", ".join(sorted(fields))}'
+    )
+  cls = type(default)
+  values = {k: _coerce(cls, k, v) for k, v in overrides.items()}
+  return dataclasses.replace(default, **values)
+
+
+def create(
+  arch: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any
+) -> nnx.Module:
+  """Builds `arch` with `num_classes` outputs; see `names()` for the archs.
+
+  Args:
+    arch: architecture name, e.g. `'deeplabv3_resnet50'`.
+    num_classes: number of output classes.
+    rngs: random streams for initialisation and dropout.
+    **overrides: config fields to change, e.g. `output_stride=16`,
+      `atrous_rates=(6, 12, 18)`, `aux_head=True`, `align_corners=True`.
+
+  Returns:
+    The model, in training mode; `nnx.view(model, use_running_average=True,
+    deterministic=True)` gives its inference view. `model.arch` holds `arch`.
+  """
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f'num_classes must be a positive int, got {num_classes}')
+  config = make_config(arch, **overrides)
+  model = spec(arch).model(config, num_classes=num_classes, rngs=rngs)
+  model.arch = arch
+  return model
+
+
+def describe(model: nnx.Module) -> dict[str, Any]:
+  """JSON-able arch, class count and full config: enough to rebuild it."""
+  config = dataclasses.asdict(model.config)
+  return {
+    'arch': model.arch,
+    'num_classes': model.num_classes,
+    'config': config,
+  }
+
+
+def from_description(desc: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+  """Inverse of `describe` (weights not included)."""
+  return create(
+    desc['arch'], num_classes=desc['num_classes'], rngs=rngs, **desc['config']
+  )

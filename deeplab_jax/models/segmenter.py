@@ -1,0 +1,89 @@
+"""Whole segmentation models: backbone + head + resize to the input size.
+
+Every model maps normalised images `[B, H, W, 3]` to a dict of logits at
+input size: `'out'` (main head) and, when the auxiliary head is on, `'aux'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deeplab_jax.models import heads, layers, resnet
+
+DEFAULT_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeepLabV3Config:
+  """Hyper-parameters of DeepLabV3 on an atrous ResNet.
+
+  Defaults are torchvision's `deeplabv3_resnet50`: output stride 8, ASPP
+  rates 12/24/36 (`atrous_rates=None` picks 6/12/18 at stride 16), 256
+  channels, dropout 0.5, bilinear resize with `align_corners=False`.
+  """
+
+  blocks: tuple[int, ...] = resnet.DEPTHS[50]
+  width: int = 64
+  output_stride: int = 8
+  multi_grid: tuple[int, ...] | None = None
+  atrous_rates: tuple[int, ...] | None = None
+  aspp_channels: int = 256
+  dropout: float = 0.5
+  aux_head: bool = False
+  align_corners: bool = False
+  dtype: str = 'float32'
+
+  @property
+  def rates(self) -> tuple[int, ...]:
+    if self.atrous_rates is not None:
+      return tuple(self.atrous_rates)
+    return DEFAULT_RATES[self.output_stride]
+
+
+class DeepLabV3(nnx.Module):
+  """DeepLabV3 (Chen et al. 2017): atrous ResNet, ASPP head, FCN aux head."""
+
+  def __init__(
+    self, config: DeepLabV3Config, *, num_classes: int, rngs: nnx.Rngs
+  ):
+    self.config = config
+    self.num_classes = num_classes
+    self.backbone = resnet.ResNet(
+      resnet.ResNetConfig(
+        blocks=config.blocks,
+        width=config.width,
+        output_stride=config.output_stride,
+        multi_grid=config.multi_grid,
+      ),
+      rngs=rngs,
+    )
+    ch = self.backbone.channels()
+    self.head = heads.DeepLabV3Head(
+      ch['layer4'],
+      num_classes,
+      config.rates,
+      channels=config.aspp_channels,
+      dropout=config.dropout,
+      rngs=rngs,
+    )
+    self.aux_head = (
+      heads.FCNHead(ch['layer3'], num_classes, rngs=rngs)
+      if config.aux_head
+      else None
+    )
+
+  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+    size = images.shape[1:3]
+    x = images.astype(jnp.dtype(self.config.dtype))
+    feats = self.backbone(x)
+    up = lambda y: layers.resize_bilinear(
+      y.astype(jnp.float32), size, align_corners=self.config.align_corners
+    )
+    out = {'out': up(self.head(feats['layer4']))}
+    if self.aux_head is not None:
+      out['aux'] = up(self.aux_head(feats['layer3']))
+    return out
