@@ -27,13 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deeplab_jax.errors import CheckpointMismatchError
 from deeplab_jax.models import registry
 
 _MAX_LISTED = 8
-
-
-class CheckpointMismatchError(ValueError):
-  """The state dict does not fit the requested model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +83,7 @@ _TORCHVISION_DEEPLABV3 = Layout(
   name='torchvision_deeplabv3',
   description='torchvision.models.segmentation.deeplabv3_resnet{50,101}',
   detect=lambda keys: (
-    'classifier.0.convs.0.0.weight' in keys
-    and 'backbone.conv1.weight' in keys
+    'classifier.0.convs.0.0.weight' in keys and 'backbone.conv1.weight' in keys
   ),
   renames=(
     (r'^backbone\.', 'backbone.'),
@@ -193,17 +189,6 @@ def _convert_leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   return key, value
 
 
-def _materialize(rest: nnx.State, seed: int) -> nnx.State:
-  """Concrete values for the abstract non-weight state (dropout streams)."""
-
-  def make(leaf):
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      return jax.random.key(seed)
-    return jnp.zeros(leaf.shape, leaf.dtype)
-
-  return jax.tree.map(make, rest)
-
-
 def _listing(items: list[str]) -> str:
   shown = ', '.join(items[:_MAX_LISTED])
   more = len(items) - _MAX_LISTED
@@ -242,7 +227,11 @@ def load(
   layout = detect_layout(sd)
   registry.spec(arch)  # unknown arch -> ValueError listing the known ones
   suggestion = layout.suggest_arch(sd)
-  hint = f' (it looks like {suggestion})' if suggestion else ''
+  hint = (
+    f' (it looks like {suggestion})'
+    if suggestion and suggestion != arch
+    else ''
+  )
   if not arch.startswith(layout.arch_prefixes):
     raise CheckpointMismatchError(
       f'this state dict is a {layout.name} checkpoint{hint}; it cannot be '
@@ -257,10 +246,8 @@ def load(
       arch, num_classes=num_classes, rngs=nnx.Rngs(0), **options
     )
   )
-  graphdef, state, rest = nnx.split(
-    abstract, (nnx.Param, nnx.BatchStat), ...
-  )
-  expected = _flatten(state.to_pure_dict())
+  graphdef, state, rest = nnx.split(abstract, (nnx.Param, nnx.BatchStat), ...)
+  expected = _flatten(nnx.to_pure_dict(state))
   by_name = {_dotted(p): p for p in expected}
 
   converted: dict[tuple, np.ndarray] = {}
@@ -268,6 +255,7 @@ def load(
   for key, value in sd.items():
     if any(re.search(p, key) for p in layout.ignore):
       continue
+    source_shape = tuple(value.shape)
     ours, value = _convert_leaf(layout.rename(key), value)
     path = by_name.get(ours)
     if path is None:
@@ -275,7 +263,7 @@ def load(
       continue
     want = tuple(expected[path].shape)
     if tuple(value.shape) != want:
-      mismatched.append(f'{key} {tuple(value.shape)} vs {ours} {want}')
+      mismatched.append(f'{key} {source_shape} vs {ours} {want}')
       mismatched_paths.add(path)
       continue
     converted[path] = value
@@ -287,28 +275,30 @@ def load(
   if missing or unexpected or mismatched:
     parts = []
     if mismatched:
-      parts.append(f'{len(mismatched)} shape mismatch(es): '
-                   f'{_listing(mismatched)}')
+      parts.append(
+        f'{len(mismatched)} shape mismatch(es): {_listing(mismatched)}'
+      )
     if missing:
       parts.append(f'{len(missing)} missing (our names): {_listing(missing)}')
     if unexpected:
       parts.append(f'{len(unexpected)} unexpected: {_listing(unexpected)}')
     raise CheckpointMismatchError(
       f'{layout.name} state dict does not fit {arch} '
-      f'(num_classes={num_classes}){hint}: ' + '; '.join(parts) +
-      '. Check --arch, --num_classes and the model options.'
+      f'(num_classes={num_classes}){hint}: '
+      + '; '.join(parts)
+      + '. Check --arch, --num_classes and the model options.'
     )
 
-  pure = _unflatten({
-    p: jnp.asarray(v, dtype=expected[p].dtype) for p, v in converted.items()
-  })
+  pure = _unflatten(
+    {p: jnp.asarray(v, dtype=expected[p].dtype) for p, v in converted.items()}
+  )
   nnx.replace_by_pure_dict(state, pure)
-  model = nnx.merge(graphdef, state, _materialize(rest, seed))
+  model = nnx.merge(graphdef, state, registry.materialize(rest, seed))
   model.source_layout = layout.name
   return model
 
 
 def to_numpy_tree(model: nnx.Module) -> dict[str, np.ndarray]:
   """Our model's state as `dotted name -> np.ndarray` (for inspection)."""
-  flat = _flatten(nnx.state(model).to_pure_dict())
+  flat = _flatten(nnx.to_pure_dict(nnx.state(model)))
   return {_dotted(p): np.asarray(jax.device_get(v)) for p, v in flat.items()}

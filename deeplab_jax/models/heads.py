@@ -42,7 +42,9 @@ class ASPP(nnx.Module):
     for r in rates:
       if separable:
         branches.append(
-          layers.SeparableConvBN(in_channels, channels, 3, dilation=r, rngs=rngs)
+          layers.SeparableConvBN(
+            in_channels, channels, 3, dilation=r, rngs=rngs
+          )
         )
       else:
         branches.append(

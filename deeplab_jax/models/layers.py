@@ -103,11 +103,12 @@ def prune_padding_taps(
 
 
 def _pad(x: jax.Array, padding) -> jax.Array:
-  (t, b), (l, r) = padding
-  if (t, b, l, r) == (0, 0, 0, 0):
+  (top, bottom), (left, right) = padding
+  if (top, bottom, left, right) == (0, 0, 0, 0):
     return x
   zero = jnp.zeros((), x.dtype)
-  return jax.lax.pad(x, zero, ((0, 0, 0), (t, b, 0), (l, r, 0), (0, 0, 0)))
+  config = ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
+  return jax.lax.pad(x, zero, config)  # negative padding crops
 
 
 def _tap_slices(xp, kh, kw, out_hw, stride, dilation):
@@ -217,9 +218,7 @@ def conv2d(
   pads = ((ph, ph), (pw, pw))
   in_hw = x.shape[1:3]
   if prune and (kh, kw) != (1, 1):
-    (si, sj), pads = prune_padding_taps(
-      in_hw, (kh, kw), stride, dilation, pads
-    )
+    (si, sj), pads = prune_padding_taps(in_hw, (kh, kw), stride, dilation, pads)
     kernel = kernel[si, sj]
     kh, kw = kernel.shape[:2]
   out_hw = tuple(
@@ -427,7 +426,7 @@ def max_pool(
   pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
   return jax.lax.reduce_window(
     x,
-    jnp.array(-jnp.inf, x.dtype),
+    -jnp.inf,  # a Python scalar: lax only differentiates constant inits
     jax.lax.max,
     (1, kernel_size, kernel_size, 1),
     (1, stride, stride, 1),
@@ -439,7 +438,12 @@ def avg_pool(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
   """`nn.AvgPool2d(kernel_size, stride)` without padding, NHWC."""
   window = (1, kernel_size, kernel_size, 1)
   total = jax.lax.reduce_window(
-    x, jnp.array(0, x.dtype), jax.lax.add, window, (1, stride, stride, 1), 'VALID'
+    x,
+    0.0,
+    jax.lax.add,
+    window,
+    (1, stride, stride, 1),
+    'VALID',
   )
   return total / (kernel_size * kernel_size)
 
@@ -455,18 +459,23 @@ def interpolation_matrix(
   antialiasing, for up- and down-sampling alike); `align_corners=True` with
   `src = dst * (in - 1) / (out - 1)`.
   """
-  dst = np.arange(out_size, dtype=np.float64)
+  # Index arithmetic in float32, as PyTorch's CPU and CUDA kernels do it.
+  f32 = np.float32
+  dst = np.arange(out_size, dtype=f32)
   if align_corners:
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    scale = f32((in_size - 1) / (out_size - 1)) if out_size > 1 else f32(0)
     src = dst * scale
   else:
-    src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    scale = f32(f32(in_size) / f32(out_size))
+    # One rounding for the multiply-add, as the compiled kernels' FMA.
+    src = (scale.astype(np.float64) * (dst + f32(0.5)) - 0.5).astype(f32)
+    src = np.maximum(src, f32(0))
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
-  lam = src - i0
-  m = np.zeros((out_size, in_size), np.float64)
+  lam = (src - i0.astype(f32)).astype(f32)
+  m = np.zeros((out_size, in_size), f32)
   rows = np.arange(out_size)
-  np.add.at(m, (rows, i0), 1.0 - lam)
+  np.add.at(m, (rows, i0), f32(1) - lam)
   np.add.at(m, (rows, i1), lam)
   return m.astype(np.float32)
 

@@ -8,8 +8,11 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from deeplab_jax.errors import ConfigError
 from deeplab_jax.models import resnet, segmenter
 
 
@@ -64,7 +67,7 @@ def spec(arch: str) -> ArchSpec:
   if arch not in _ARCHS:
     close = difflib.get_close_matches(arch, _ARCHS, n=1)
     hint = f' Did you mean {close[0]!r}?' if close else ''
-    raise ValueError(
+    raise ConfigError(
       f'unknown arch {arch!r}.{hint} Known: {", ".join(names())}'
     )
   return _ARCHS[arch]
@@ -84,7 +87,7 @@ def make_config(arch: str, **overrides: Any) -> Any:
   fields = {f.name for f in dataclasses.fields(default)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(
+    raise ConfigError(
       f'{arch} has no option(s) {", ".join(unknown)}; valid: '
       f'{", ".join(sorted(fields))}'
     )
@@ -110,7 +113,7 @@ def create(
     deterministic=True)` gives its inference view. `model.arch` holds `arch`.
   """
   if not isinstance(num_classes, int) or num_classes < 1:
-    raise ValueError(f'num_classes must be a positive int, got {num_classes}')
+    raise ConfigError(f'num_classes must be a positive int, got {num_classes}')
   config = make_config(arch, **overrides)
   model = spec(arch).model(config, num_classes=num_classes, rngs=rngs)
   model.arch = arch
@@ -132,3 +135,18 @@ def from_description(desc: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
   return create(
     desc['arch'], num_classes=desc['num_classes'], rngs=rngs, **desc['config']
   )
+
+
+def materialize(rest: nnx.State, seed: int = 0) -> nnx.State:
+  """Concrete values for abstract non-weight state (dropout RNG streams).
+
+  Loading weights into an `nnx.eval_shape` model skips the slow random
+  initialisation; only the RNG streams then need real values.
+  """
+
+  def make(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.key(seed)
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree.map(make, rest)

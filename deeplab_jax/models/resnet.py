@@ -37,7 +37,7 @@ class ResNetConfig:
   multi_grid: tuple[int, ...] | None = None
 
   def stage_strides_and_dilations(self) -> list[tuple[int, int, int]]:
-    """`(stride, first_block_dilation, dilation)` per stage, torchvision-style."""
+    """`(stride, first_block_dilation, dilation)` per stage (torchvision)."""
     if self.output_stride not in (8, 16, 32):
       raise ValueError(
         f'output_stride must be 8, 16 or 32, got {self.output_stride}'

@@ -1,0 +1,1 @@
+"""Data sets, label tables and input pipelines."""

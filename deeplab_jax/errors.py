@@ -1,0 +1,24 @@
+"""Errors caused by user input, reported by the scripts as one line.
+
+Entry points (`deeplab_jax.cli.entry_point`) print a `UserError` as one
+line instead of a traceback. Subclasses also derive from the builtin a
+caller would expect (`ValueError`, `FileNotFoundError`).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """Bad input: the message says what is wrong and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+  """An invalid architecture name, option or flag value."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+  """A state dict or checkpoint does not fit the requested model."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """No usable checkpoint where one was expected."""

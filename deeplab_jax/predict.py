@@ -1,0 +1,141 @@
+"""Inference: images -> logits -> label maps and colour overlays."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from deeplab_jax.data import labels as label_tables
+from deeplab_jax.errors import UserError
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+
+
+def inference_view(model: nnx.Module) -> nnx.Module:
+  """The model with running BN statistics and dropout off (shares weights)."""
+  return nnx.view(model, use_running_average=True, deterministic=True)
+
+
+@nnx.jit
+def _main_logits(model: nnx.Module, images: jax.Array) -> jax.Array:
+  return model(images)['out'].astype(jnp.float32)
+
+
+def logits(model: nnx.Module, images: jax.Array) -> jax.Array:
+  """Main-head logits of `model` in inference mode, jitted.
+
+  Args:
+    model: a model from `models.create`, `convert.torch.load` or a
+      checkpoint (training mode is fine: the inference view is taken here).
+    images: `[B, H, W, 3]` float32, already normalised.
+
+  Returns:
+    `[B, H, W, num_classes]` float32 logits at the input size.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise UserError(
+      f'images must be [B, H, W, 3], got shape {tuple(images.shape)}'
+    )
+  return _main_logits(inference_view(model), images)
+
+
+def normalize(
+  image: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+  """uint8 `[..., H, W, 3]` RGB -> float32 `(x - mean) / std` (0-255 units)."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  return (np.asarray(image, np.float32) - mean) / std
+
+
+def colorize(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
+  """`[H, W]` class ids -> `[H, W, 3]` uint8 colours; ids past the palette
+  (e.g. an ignore label) are white."""
+  colors = np.full((256, 3), 255, np.uint8)
+  colors[: len(palette)] = palette[:256]
+  return colors[np.clip(label_map, 0, 255)]
+
+
+def overlay(
+  image: np.ndarray, colors: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
+  """Blends a colour label map over the RGB image (same size, uint8)."""
+  blend = (1 - alpha) * image.astype(np.float32) + alpha * colors
+  return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+
+
+def find_images(pattern: str) -> list[str]:
+  """A file, a directory (its images, sorted) or a glob -> image paths."""
+  if os.path.isdir(pattern):
+    paths = [
+      os.path.join(pattern, f)
+      for f in sorted(os.listdir(pattern))
+      if f.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+  elif os.path.isfile(pattern):
+    paths = [pattern]
+  else:
+    paths = sorted(glob.glob(pattern))
+  if not paths:
+    raise UserError(f'no images found at {pattern!r} (file, directory or glob)')
+  return paths
+
+
+def read_image(path: str) -> np.ndarray:
+  """RGB uint8 `[H, W, 3]`; an undecodable file names itself."""
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'))
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot decode image {path}: {e}') from e
+
+
+def predict_label_map(
+  model: nnx.Module, image: np.ndarray, meta: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+  """One uint8 RGB image -> (`[H, W]` class ids, `[H, W, K]` logits)."""
+  norm = meta['normalization']
+  x = normalize(image, norm['mean'], norm['std'])[None]
+  out = np.asarray(logits(model, x))[0]
+  return out.argmax(-1).astype(np.uint8), out
+
+
+def write_prediction(
+  image_path: str,
+  output_dir: str,
+  model: nnx.Module,
+  meta: Mapping[str, Any],
+  *,
+  with_overlay: bool = True,
+  save_logits: bool = False,
+) -> list[str]:
+  """Predicts one image file and writes `<name>_label.png` (palette PNG),
+  `<name>_overlay.png` and optionally `<name>_logits.npy`."""
+  image = read_image(image_path)
+  label_map, out = predict_label_map(model, image, meta)
+  palette = label_tables.default_palette(max(meta['model']['num_classes'], 1))
+  stem = os.path.splitext(os.path.basename(image_path))[0]
+  written = []
+  label_png = Image.fromarray(label_map)  # 'L'; putpalette makes it 'P'
+  label_png.putpalette(palette[:256].reshape(-1).tolist())
+  path = os.path.join(output_dir, f'{stem}_label.png')
+  label_png.save(path)
+  written.append(path)
+  if with_overlay:
+    path = os.path.join(output_dir, f'{stem}_overlay.png')
+    Image.fromarray(overlay(image, colorize(label_map, palette))).save(path)
+    written.append(path)
+  if save_logits:
+    path = os.path.join(output_dir, f'{stem}_logits.npy')
+    np.save(path, out)
+    written.append(path)
+  return written

@@ -1,0 +1,62 @@
+r"""Predicts label maps and colour overlays for images.
+
+  python -m scripts.predict --checkpoint ckpt/deeplabv3_r50 \
+      --input 'photos/*.jpg' --output predictions
+
+  # No checkpoint at hand: a tiny random model on a generated image, which
+  # checks the install end to end (model, checkpoint, inference, PNGs).
+  python -m scripts.predict --demo --output demo_out
+"""
+
+import os
+
+from absl import app, flags
+
+from deeplab_jax import predict
+from deeplab_jax.cli import entry_point
+from deeplab_jax.errors import UserError
+
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, 'Checkpoint dir (scripts.train / scripts.convert_torch).'
+)
+_INPUT = flags.DEFINE_string('input', None, 'Image file, directory or glob.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory for the outputs.')
+_OVERLAY = flags.DEFINE_bool('overlay', True, 'Write colour overlays too.')
+_SAVE_LOGITS = flags.DEFINE_bool('save_logits', False, 'Write logits .npy.')
+_FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
+_DEMO = flags.DEFINE_bool(
+  'demo', False, 'Use a tiny random model and a generated image.'
+)
+
+
+@entry_point
+def main(argv):
+  del argv
+  from deeplab_jax import checkpointing, demo
+
+  if _OUTPUT.value is None:
+    raise UserError('--output is required')
+  out = os.path.abspath(_OUTPUT.value)
+  if os.path.isdir(out) and os.listdir(out) and not _FORCE.value:
+    raise UserError(f'--output {out} is not empty; pass --force to write there')
+  os.makedirs(out, exist_ok=True)
+  checkpoint, pattern = _CHECKPOINT.value, _INPUT.value
+  if _DEMO.value:
+    checkpoint, pattern = demo.prepare(os.path.join(out, 'demo_inputs'))
+  if checkpoint is None or pattern is None:
+    raise UserError('pass --checkpoint and --input (or --demo)')
+  model, meta = checkpointing.load_model(checkpoint)
+  for path in predict.find_images(pattern):
+    for written in predict.write_prediction(
+      path,
+      out,
+      model,
+      meta,
+      with_overlay=_OVERLAY.value,
+      save_logits=_SAVE_LOGITS.value,
+    ):
+      print(written)
+
+
+if __name__ == '__main__':
+  app.run(main)

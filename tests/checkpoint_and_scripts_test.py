@@ -1,0 +1,168 @@
+"""Converted checkpoints round-trip; the scripts work and fail in one line."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from PIL import Image
+from torchvision.models.segmentation import deeplabv3_resnet50
+
+from deeplab_jax import checkpointing, models, predict
+from deeplab_jax.errors import CheckpointMismatchError, CheckpointNotFoundError
+from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run(
+    [sys.executable, '-m', *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_save_and_load_model_round_trip(tmp_path):
+  model = models.create(
+    'deeplabv3_resnet_tiny',
+    num_classes=4,
+    rngs=nnx.Rngs(1),
+    output_stride=16,
+    aux_head=True,
+  )
+  meta = checkpointing.model_metadata(model, class_names=list('abcd'))
+  checkpointing.save_model(tmp_path / 'ckpt', model, meta)
+  loaded, meta2 = checkpointing.load_model(tmp_path / 'ckpt')
+  assert meta2['class_names'] == list('abcd')
+  assert loaded.config == model.config and loaded.arch == model.arch
+  x = np.random.RandomState(0).randn(1, 40, 56, 3).astype(np.float32)
+  np.testing.assert_array_equal(
+    predict.logits(loaded, x), predict.logits(model, x)
+  )
+
+
+def test_checkpoint_errors(tmp_path):
+  with pytest.raises(CheckpointNotFoundError, match='does not exist'):
+    checkpointing.load_model(tmp_path / 'nope')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(CheckpointNotFoundError, match='no checkpoint steps'):
+    checkpointing.load_model(tmp_path / 'empty')
+  model = models.create(
+    'deeplabv3_resnet_tiny', num_classes=2, rngs=nnx.Rngs(0)
+  )
+  with pytest.raises(CheckpointMismatchError, match='3 class names'):
+    checkpointing.model_metadata(model, class_names=['a', 'b', 'c'])
+
+
+def test_convert_torch_script_then_predict_script(tmp_path):
+  torch.manual_seed(0)
+  tm = deeplabv3_resnet50(
+    weights=None, weights_backbone=None, num_classes=3, aux_loss=True
+  )
+  randomize_batchnorm(tm, 0)
+  tm.eval()
+  pth = tmp_path / 'model.pth'
+  torch.save(tm.state_dict(), pth)
+  out = tmp_path / 'ckpt'
+  r = _run(
+    'scripts.convert_torch',
+    '--arch',
+    'deeplabv3_resnet50',
+    '--input',
+    str(pth),
+    '--output',
+    str(out),
+    '--class_names',
+    'road,car,sky',
+  )
+  assert r.returncode == 0, r.stderr
+  assert 'torchvision_deeplabv3' in r.stdout
+
+  # The checkpoint alone rebuilds the model; logits equal PyTorch's.
+  model, meta = checkpointing.load_model(out)
+  assert meta['model']['arch'] == 'deeplabv3_resnet50'
+  assert meta['class_names'] == ['road', 'car', 'sky']
+  assert meta['source']['layout'] == 'torchvision_deeplabv3'
+  x = np.random.RandomState(1).randn(1, 65, 49, 3).astype(np.float32)
+  with torch.no_grad():
+    ref = nhwc(tm(nchw(x))['out'])
+  assert rel_err(predict.logits(model, x), ref) < 1e-4
+
+  images = tmp_path / 'images'
+  images.mkdir()
+  rng = np.random.RandomState(2)
+  for name, (h, w) in {'a': (37, 53), 'b': (64, 48)}.items():
+    Image.fromarray(rng.randint(0, 255, (h, w, 3), np.uint8)).save(
+      images / f'{name}.png'
+    )
+  pred = tmp_path / 'pred'
+  r = _run(
+    'scripts.predict',
+    '--checkpoint',
+    str(out),
+    '--input',
+    str(images),
+    '--output',
+    str(pred),
+  )
+  assert r.returncode == 0, r.stderr
+  assert sorted(os.listdir(pred)) == [
+    'a_label.png',
+    'a_overlay.png',
+    'b_label.png',
+    'b_overlay.png',
+  ]
+  with Image.open(pred / 'a_label.png') as im:
+    assert im.mode == 'P' and im.size == (53, 37)
+    labels = np.asarray(im)
+  with Image.open(pred / 'b_overlay.png') as im:
+    assert im.size == (48, 64)
+  # The label PNG is the argmax of the logits of the normalised image.
+  with Image.open(images / 'a.png') as im:
+    img = np.asarray(im)
+  norm = meta['normalization']
+  expect = np.asarray(
+    predict.logits(
+      model, predict.normalize(img, norm['mean'], norm['std'])[None]
+    )
+  )[0].argmax(-1)
+  np.testing.assert_array_equal(labels, expect)
+
+  # Refusals are one line, with exit status 1 and no traceback.
+  r = _run(
+    'scripts.convert_torch',
+    '--arch',
+    'deeplabv3_resnet101',
+    '--input',
+    str(pth),
+    '--output',
+    str(tmp_path / 'x'),
+  )
+  assert r.returncode == 1
+  assert r.stderr.strip().startswith('error: torchvision_deeplabv3 state dict')
+  assert 'Traceback' not in r.stderr
+  r = _run(
+    'scripts.predict',
+    '--checkpoint',
+    str(out),
+    '--input',
+    str(images),
+    '--output',
+    str(pred),
+  )
+  assert r.returncode == 1 and 'not empty' in r.stderr
+
+
+def test_predict_demo_runs(tmp_path):
+  r = _run('scripts.predict', '--demo', '--output', str(tmp_path / 'demo'))
+  assert r.returncode == 0, r.stderr
+  written = sorted(os.listdir(tmp_path / 'demo'))
+  assert written == ['demo_inputs', 'image_label.png', 'image_overlay.png']

@@ -1,0 +1,144 @@
+"""Layers against PyTorch: conv lowerings, tap pruning, BN, pooling, resize."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deeplab_jax.models import layers
+from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
+
+
+@pytest.mark.parametrize('align_corners', [False, True])
+@pytest.mark.parametrize(
+  'in_hw,out_hw',
+  [
+    ((17, 23), (65, 97)),
+    ((65, 97), (17, 23)),
+    ((7, 5), (8, 13)),
+    ((1, 1), (9, 4)),
+    ((33, 31), (33, 60)),
+  ],
+)
+def test_resize_matches_torch_interpolate(in_hw, out_hw, align_corners):
+  x = np.random.RandomState(0).randn(2, *in_hw, 3).astype(np.float32)
+  ref = F.interpolate(
+    nchw(x), size=out_hw, mode='bilinear', align_corners=align_corners
+  )
+  ours = layers.resize_bilinear(
+    jnp.asarray(x), out_hw, align_corners=align_corners
+  )
+  assert ours.shape == (2, *out_hw, 3)
+  np.testing.assert_allclose(ours, nhwc(ref), rtol=0, atol=2e-6)
+
+
+CONV_CASES = [
+  # (H, W, cin, cout, k, stride, dilation, padding, groups)
+  (13, 17, 5, 7, 3, 1, 1, None, 1),
+  (13, 17, 5, 7, 3, 2, 1, None, 1),
+  (14, 9, 4, 6, 7, 2, 1, 3, 1),  # ResNet stem shape
+  (9, 11, 4, 6, 3, 1, 6, None, 1),  # some taps read only padding
+  (5, 7, 3, 4, 3, 1, 12, None, 1),  # only the centre tap is live
+  (8, 8, 3, 4, 3, 1, 24, None, 1),
+  (11, 6, 3, 5, 3, 2, 4, None, 1),  # strided and dilated
+  (12, 10, 6, 6, 3, 1, 2, None, 6),  # depthwise
+  (12, 10, 6, 6, 3, 2, 1, None, 6),  # depthwise strided
+  (12, 10, 6, 12, 3, 1, 1, None, 3),  # grouped
+  (10, 10, 5, 3, 1, 2, 1, 0, 1),  # strided 1x1 (downsample)
+  (6, 6, 2, 3, 5, 1, 1, 1, 1),  # padding smaller than 'same'
+]
+
+
+@pytest.mark.parametrize('case', CONV_CASES, ids=str)
+def test_conv_lowerings_match_torch(case):
+  h, w, cin, cout, k, s, d, p, g = case
+  rng = np.random.RandomState(1)
+  x = rng.randn(2, h, w, cin).astype(np.float32)
+  wt = rng.randn(cout, cin // g, k, k).astype(np.float32)
+  pad = d * (k - 1) // 2 if p is None else p
+  ref = nhwc(
+    F.conv2d(
+      nchw(x), torch.from_numpy(wt), stride=s, padding=pad, dilation=d, groups=g
+    )
+  )
+  kernel = jnp.asarray(wt.transpose(2, 3, 1, 0))
+  for lowering, prune in itertools.product(layers.LOWERINGS, (True, False)):
+    out = jax.jit(
+      lambda x, kern, lowering=lowering, prune=prune: layers.conv2d(
+        x,
+        kern,
+        stride=s,
+        dilation=d,
+        padding=p,
+        groups=g,
+        lowering=lowering,
+        prune=prune,
+      )
+    )(jnp.asarray(x), kernel)
+    assert out.shape == ref.shape, (lowering, prune)
+    assert rel_err(out, ref) < 2e-6, (lowering, prune)
+
+
+def test_prune_plan_hand_computed():
+  # 5 rows, 3 taps at dilation 6, padding 6: taps 0 and 2 read rows -6..-2
+  # and 6..10 only, i.e. padding; the centre tap alone survives.
+  (si, sj), pads = layers.prune_padding_taps(
+    (5, 5), (3, 3), (1, 1), (6, 6), ((6, 6), (6, 6))
+  )
+  assert (si, sj) == (slice(1, 2), slice(1, 2))
+  assert pads == ((0, 0), (0, 0))
+  # 9 rows, dilation 6: tap 0 reads rows o - 6, live for o >= 6 -> all kept.
+  (si, _), pads = layers.prune_padding_taps(
+    (9, 9), (3, 3), (1, 1), (6, 6), ((6, 6), (6, 6))
+  )
+  assert si == slice(0, 3) and pads[0] == (6, 6)
+
+
+def test_choose_lowering_defaults():
+  assert layers.choose_lowering((3, 3, 8, 8), 1, 'cpu') == 'im2col'
+  assert layers.choose_lowering((3, 3, 1, 8), 8, 'cpu') == 'taps'
+  assert layers.choose_lowering((3, 3, 8, 8), 1, 'gpu') == 'native'
+  with pytest.raises(ValueError, match='lowering'):
+    layers.conv2d(
+      jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), lowering='fft'
+    )
+
+
+def test_batchnorm_train_and_eval_match_torch():
+  rng = np.random.RandomState(2)
+  x = (3 * rng.randn(4, 5, 7, 6) + 1).astype(np.float32)
+  tbn = torch.nn.BatchNorm2d(6)
+  randomize_batchnorm(tbn, seed=3)
+  ours = layers.BatchNorm(6)
+  ours.scale[...] = jnp.asarray(tbn.weight.detach().numpy())
+  ours.bias[...] = jnp.asarray(tbn.bias.detach().numpy())
+  ours.mean[...] = jnp.asarray(tbn.running_mean.numpy())
+  ours.var[...] = jnp.asarray(tbn.running_var.numpy())
+  # Eval first (running stats untouched), then one training forward.
+  tbn.eval()
+  ours.use_running_average = True
+  np.testing.assert_allclose(
+    ours(jnp.asarray(x)), nhwc(tbn(nchw(x))), atol=2e-6
+  )
+  tbn.train()
+  ours.use_running_average = False
+  np.testing.assert_allclose(
+    ours(jnp.asarray(x)), nhwc(tbn(nchw(x))), atol=2e-5
+  )
+  # PyTorch updates running_var with the unbiased batch variance.
+  np.testing.assert_allclose(ours.mean[...], tbn.running_mean, atol=1e-6)
+  np.testing.assert_allclose(ours.var[...], tbn.running_var, rtol=1e-5)
+
+
+def test_max_pool_and_global_pool_match_torch():
+  x = np.random.RandomState(4).randn(2, 13, 10, 3).astype(np.float32)
+  ref = nhwc(F.max_pool2d(nchw(x), 3, 2, 1))
+  np.testing.assert_array_equal(layers.max_pool(jnp.asarray(x), 3, 2, 1), ref)
+  gap = nhwc(F.adaptive_avg_pool2d(nchw(x), 1))
+  np.testing.assert_allclose(
+    layers.global_avg_pool(jnp.asarray(x)), gap, atol=1e-6
+  )

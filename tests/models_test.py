@@ -1,0 +1,149 @@
+"""Model construction: output strides, multi-grid, shapes, registry errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deeplab_jax import models
+from deeplab_jax.errors import ConfigError
+from deeplab_jax.models import resnet
+
+# Eager op-by-op execution compiles every op; one jit is much faster.
+_forward = nnx.jit(lambda model, x: model(x))
+
+
+@pytest.mark.parametrize(
+  'output_stride,expected',
+  [(8, (4, 8, 8, 8)), (16, (4, 8, 16, 16)), (32, (4, 8, 16, 32))],
+)
+def test_resnet_output_strides(output_stride, expected):
+  net = resnet.ResNet(
+    resnet.ResNetConfig(
+      blocks=(1, 1, 2, 2), width=4, output_stride=output_stride
+    ),
+    rngs=nnx.Rngs(0),
+  )
+  feats = _forward(net, jnp.zeros((1, 64, 96, 3)))
+  for name, stride in zip(
+    ('layer1', 'layer2', 'layer3', 'layer4'), expected, strict=True
+  ):
+    assert feats[name].shape[1:3] == (64 // stride, 96 // stride), name
+  assert feats['layer4'].shape[-1] == 4 * 8 * 4
+
+
+@pytest.mark.parametrize(
+  'output_stride,multi_grid,layer3,layer4',
+  [
+    # torchvision: a dilated stage's first block keeps the old dilation.
+    (8, None, [1, 2, 2], [2, 4, 4]),
+    (16, None, [1, 1, 1], [1, 2, 2]),
+    (16, (1, 2, 4), [1, 1, 1], [2, 4, 8]),  # DeepLabV3 paper, sec. 3.2
+    (8, (1, 2, 1), [1, 2, 2], [4, 8, 4]),
+  ],
+)
+def test_dilations_and_multi_grid(output_stride, multi_grid, layer3, layer4):
+  net = nnx.eval_shape(
+    lambda: resnet.ResNet(
+      resnet.ResNetConfig(
+        blocks=(1, 1, 3, 3),
+        width=4,
+        output_stride=output_stride,
+        multi_grid=multi_grid,
+      ),
+      rngs=nnx.Rngs(0),
+    )
+  )
+  assert [b.conv2.dilation for b in net.layer3] == layer3
+  assert [b.conv2.dilation for b in net.layer4] == layer4
+
+
+def test_multi_grid_length_checked():
+  with pytest.raises(ValueError, match='one rate per block'):
+    resnet.ResNet(
+      resnet.ResNetConfig(blocks=(1, 1, 1, 3), width=4, multi_grid=(1, 2)),
+      rngs=nnx.Rngs(0),
+    )
+
+
+def test_tiny_deeplabv3_shapes_dtypes_and_aux():
+  model = models.create(
+    'deeplabv3_resnet_tiny',
+    num_classes=7,
+    rngs=nnx.Rngs(0),
+    aux_head=True,
+    output_stride=16,
+  )
+  out = _forward(model, jnp.ones((2, 65, 97, 3)))
+  assert set(out) == {'out', 'aux'}
+  for v in out.values():
+    assert v.shape == (2, 65, 97, 7) and v.dtype == jnp.float32
+  assert model.head.aspp.branches[1].conv.dilation == 6  # OS16 default rates
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = models.create(
+    'deeplabv3_resnet_tiny', num_classes=3, rngs=nnx.Rngs(0), dtype='bfloat16'
+  )
+  out = _forward(model, jnp.ones((1, 33, 33, 3)))['out']
+  assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+  assert model.backbone.conv1.kernel[...].dtype == jnp.float32
+
+
+def test_registry_names_and_errors():
+  assert {
+    'deeplabv3_resnet50',
+    'deeplabv3_resnet101',
+    'deeplabv3_resnet152',
+  } <= set(models.names())
+  with pytest.raises(ConfigError, match="Did you mean 'deeplabv3_resnet50'"):
+    models.create('deeplabv3_resnet5', num_classes=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match='no option.*outputstride'):
+    models.create(
+      'deeplabv3_resnet_tiny', num_classes=2, rngs=nnx.Rngs(0), outputstride=8
+    )
+  with pytest.raises(ConfigError, match='positive'):
+    models.create('deeplabv3_resnet_tiny', num_classes=0, rngs=nnx.Rngs(0))
+
+
+def test_lowering_view_switches_every_conv():
+  model = models.create(
+    'deeplabv3_resnet_tiny', num_classes=3, rngs=nnx.Rngs(0)
+  )
+  x = jnp.asarray(np.random.RandomState(0).randn(1, 41, 37, 3), jnp.float32)
+  outs = {}
+  for lowering in ('native', 'im2col', 'taps'):
+    view = nnx.view(
+      model,
+      conv_lowering=lowering,
+      use_running_average=True,
+      deterministic=True,
+    )
+    outs[lowering] = np.asarray(_forward(view, x)['out'])
+  scale = np.abs(outs['native']).max()
+  for lowering in ('im2col', 'taps'):
+    assert np.abs(outs[lowering] - outs['native']).max() / scale < 1e-5
+
+
+def test_gradients_under_jit_reach_every_parameter():
+  """A jitted value_and_grad through the whole model (max-pool, BN updates,
+  resize) works and every parameter gets a non-zero gradient."""
+  model = models.create(
+    'deeplabv3_resnet_tiny', num_classes=3, rngs=nnx.Rngs(0), aux_head=True
+  )
+  model = nnx.view(model, deterministic=True)
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 33, 41, 3), jnp.float32)
+
+  @nnx.jit
+  def grads(m):
+    def loss(m):
+      out = m(x)
+      return jnp.mean(out['out'] ** 2) + jnp.mean(out['aux'] ** 2)
+
+    return nnx.grad(loss)(m)
+
+  g = grads(model)
+  leaves = jax.tree.leaves(nnx.to_pure_dict(g))
+  assert len(leaves) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert all(np.abs(np.asarray(v)).max() > 0 for v in leaves)
