@@ -10,6 +10,9 @@ weight, is refused with the keys and shapes named.
 Supported layouts:
 - `torchvision_deeplabv3`: `torchvision.models.segmentation.deeplabv3_*`,
   with or without `aux_classifier`.
+- `official_denseaspp`: the DenseASPP authors' PyTorch model (whole model).
+- `torchvision_densenet`: `torchvision.models.densenet*` ImageNet weights as
+  a DenseASPP backbone; the head starts fresh.
 
 This module does not import torch: tensors are read through `.numpy()`, and
 NumPy arrays work as well.
@@ -46,20 +49,26 @@ class Layout:
     num_classes: `state_dict -> int`, read from the classifier.
     overrides: `state_dict -> dict` of model options implied by the keys.
     suggest_arch: `state_dict -> arch name or None` for error messages.
-    ignore: regexes of source keys that are not model weights.
+    ignore: `model config -> regexes` of source keys that are not used
+      (beyond `num_batches_tracked`), e.g. an ImageNet classifier.
+    fresh: `model config -> prefixes` of our weights that the source does
+      not have and that keep their random initialisation (a backbone-only
+      source leaves the head fresh). Everything else must be loaded.
   """
 
   name: str
   description: str
   detect: Callable[[set[str]], bool]
-  renames: tuple[tuple[str, str], ...]
+  renames: tuple[tuple[str, str | Callable[[re.Match], str]], ...]
   arch_prefixes: tuple[str, ...]
-  num_classes: Callable[[Mapping[str, np.ndarray]], int]
+  num_classes: Callable[[Mapping[str, np.ndarray]], int | None]
   overrides: Callable[[Mapping[str, np.ndarray]], dict[str, Any]]
   suggest_arch: Callable[[Mapping[str, np.ndarray]], str | None]
-  ignore: tuple[str, ...] = (r'(^|\.)num_batches_tracked$',)
+  ignore: Callable[[Any], tuple[str, ...]] = lambda config: ()
+  fresh: Callable[[Any], tuple[str, ...]] = lambda config: ()
 
   def rename(self, key: str) -> str:
+    """The name of `key` in our model (module path + PyTorch leaf name)."""
     for pattern, repl in self.renames:
       key = re.sub(pattern, repl, key)
     return key
@@ -110,7 +119,82 @@ _TORCHVISION_DEEPLABV3 = Layout(
   suggest_arch=_resnet_arch('backbone.layer3.', 'deeplabv3_resnet'),
 )
 
-LAYOUTS: tuple[Layout, ...] = (_TORCHVISION_DEEPLABV3,)
+# DenseNet keys: `denselayerN` is 1-based; our lists are 0-based. The
+# official DenseASPP (and torchvision before 0.4) wrote `norm.1`, `conv.2`.
+_DENSENET_RENAMES = (
+  (r'^features\.', 'backbone.'),
+  (r'\.denselayer(\d+)\.', lambda m: f'.{int(m.group(1)) - 1}.'),
+  (r'\.(norm|relu|conv)\.([12])\.', r'.\1\2.'),
+)
+_DENSEASPP_BLOCKS = {3: 0, 6: 1, 12: 2, 18: 3, 24: 4}
+
+
+def _densenet_arch(sd):
+  depth = {24: 121, 36: 161, 32: 169, 48: 201}.get(
+    _count_blocks(sd, 'features.denseblock3.denselayer')
+  )
+  return f'denseaspp{depth}' if depth else None
+
+
+def _is_densenet(keys):
+  return 'features.conv0.weight' in keys and any(
+    k.startswith('features.denseblock1.denselayer1.') for k in keys
+  )
+
+
+_OFFICIAL_DENSEASPP = Layout(
+  name='official_denseaspp',
+  description='DeepMotionAIResearch/DenseASPP models/DenseASPP.py',
+  detect=lambda keys: _is_densenet(keys) and 'ASPP_3.conv.1.weight' in keys,
+  renames=(
+    *_DENSENET_RENAMES,
+    (
+      r'^ASPP_(\d+)\.',
+      lambda m: f'head.blocks.{_DENSEASPP_BLOCKS[int(m.group(1))]}.',
+    ),
+    (r'^classification\.1\.', 'head.classifier.'),
+  ),
+  arch_prefixes=('denseaspp',),
+  num_classes=lambda sd: int(sd['classification.1.weight'].shape[0]),
+  # Trained with PyTorch 0.3.1, whose bilinear Upsample aligned corners.
+  overrides=lambda sd: {
+    'align_corners': True,
+    'transition4': any(k.startswith('features.transition4.') for k in sd),
+  },
+  suggest_arch=_densenet_arch,
+)
+
+_TORCHVISION_DENSENET = Layout(
+  name='torchvision_densenet',
+  description='torchvision.models.densenet121/161/169/201 (ImageNet '
+  'backbone; the DenseASPP head starts fresh)',
+  detect=lambda keys: (
+    _is_densenet(keys) and not any(k.startswith('ASPP_') for k in keys)
+  ),
+  renames=_DENSENET_RENAMES,
+  arch_prefixes=('denseaspp',),
+  num_classes=lambda sd: None,
+  overrides=lambda sd: {},
+  suggest_arch=_densenet_arch,
+  # torchvision's norm5 follows block 4; with the official transition 4 it
+  # would sit at a different depth and width, so it starts fresh.
+  ignore=lambda config: (
+    (r'^classifier\.',)
+    + ((r'^features\.norm5\.',) if config.transition4 else ())
+  ),
+  fresh=lambda config: (
+    ('head.',)
+    + (
+      ('backbone.transition4.', 'backbone.norm5.') if config.transition4 else ()
+    )
+  ),
+)
+
+LAYOUTS: tuple[Layout, ...] = (
+  _TORCHVISION_DEEPLABV3,
+  _OFFICIAL_DENSEASPP,
+  _TORCHVISION_DENSENET,
+)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -217,7 +301,8 @@ def load(
   Returns:
     The model with every parameter and BatchNorm statistic converted, in
     training mode like `models.create`; `model.source_layout` names the
-    detected layout.
+    detected layout and `model.fresh_weights` the parts a backbone-only
+    source left randomly initialised (e.g. `('head',)`).
 
   Raises:
     CheckpointMismatchError: unknown layout, a layout that does not fit
@@ -240,25 +325,34 @@ def load(
     )
   if num_classes is None:
     num_classes = layout.num_classes(sd)
-  options = {**layout.overrides(sd), **overrides}
-  abstract = nnx.eval_shape(
-    lambda: registry.create(
-      arch, num_classes=num_classes, rngs=nnx.Rngs(0), **options
+  if num_classes is None:
+    raise CheckpointMismatchError(
+      f'a {layout.name} state dict has no segmentation classifier; pass '
+      'num_classes (--num_classes)'
     )
+  options = {**layout.overrides(sd), **overrides}
+  config = registry.make_config(arch, **options)
+  fresh = layout.fresh(config)
+  ignore = (r'(^|\.)num_batches_tracked$', *layout.ignore(config))
+  build = lambda: registry.create(
+    arch, num_classes=num_classes, rngs=nnx.Rngs(seed), **options
   )
-  graphdef, state, rest = nnx.split(abstract, (nnx.Param, nnx.BatchStat), ...)
+  # Random initialisation is slow on CPU: skip it unless some weights stay
+  # fresh (a backbone-only source).
+  model = build() if fresh else nnx.eval_shape(build)
+  graphdef, state, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
   expected = _flatten(nnx.to_pure_dict(state))
   by_name = {_dotted(p): p for p in expected}
 
   converted: dict[tuple, np.ndarray] = {}
   unexpected, mismatched, mismatched_paths = [], [], set()
   for key, value in sd.items():
-    if any(re.search(p, key) for p in layout.ignore):
+    if any(re.search(p, key) for p in ignore):
       continue
     source_shape = tuple(value.shape)
     ours, value = _convert_leaf(layout.rename(key), value)
     path = by_name.get(ours)
-    if path is None:
+    if path is None or ours.startswith(fresh):
       unexpected.append(key)
       continue
     want = tuple(expected[path].shape)
@@ -270,7 +364,9 @@ def load(
   missing = [
     _dotted(p)
     for p in expected
-    if p not in converted and p not in mismatched_paths
+    if p not in converted
+    and p not in mismatched_paths
+    and not _dotted(p).startswith(fresh)
   ]
   if missing or unexpected or mismatched:
     parts = []
@@ -293,8 +389,11 @@ def load(
     {p: jnp.asarray(v, dtype=expected[p].dtype) for p, v in converted.items()}
   )
   nnx.replace_by_pure_dict(state, pure)
-  model = nnx.merge(graphdef, state, registry.materialize(rest, seed))
+  if not fresh:
+    rest = registry.materialize(rest, seed)
+  model = nnx.merge(graphdef, state, rest)
   model.source_layout = layout.name
+  model.fresh_weights = tuple(p.rstrip('.') for p in fresh)
   return model
 
 

@@ -110,3 +110,87 @@ class FCNHead(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.classifier(self.dropout(self.conv(x)))
+
+
+class DenseASPPBlock(nnx.Module):
+  """One atrous layer of DenseASPP: [BN] - ReLU - 1x1 conv (d0) - BN - ReLU -
+  3x3 atrous conv (d1), convs with bias, channel dropout in training."""
+
+  def __init__(
+    self,
+    in_channels: int,
+    d0: int,
+    d1: int,
+    rate: int,
+    *,
+    bn_start: bool,
+    bn_momentum: float,
+    dropout: float,
+    rngs: nnx.Rngs,
+  ):
+    self.norm1 = (
+      layers.BatchNorm(in_channels, momentum=bn_momentum) if bn_start else None
+    )
+    self.conv1 = layers.Conv2d(in_channels, d0, 1, use_bias=True, rngs=rngs)
+    self.norm2 = layers.BatchNorm(d0, momentum=bn_momentum)
+    self.conv2 = layers.Conv2d(
+      d0, d1, 3, dilation=rate, use_bias=True, rngs=rngs
+    )
+    # Dropout2d: whole channels, shared over H and W.
+    self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x if self.norm1 is None else self.norm1(x)
+    y = self.conv1(jax.nn.relu(y))
+    y = self.conv2(jax.nn.relu(self.norm2(y)))
+    return self.dropout(y)
+
+
+class DenseASPPHead(nnx.Module):
+  """Densely connected atrous convolutions (Yang et al. 2018) + classifier.
+
+  Each block reads the concatenation of the backbone features and every
+  earlier block's output; its own output is concatenated in front. As in the
+  official model, the backbone features in that concatenation are ReLU'd
+  (its first block applies its ReLU in place to the backbone output).
+  """
+
+  def __init__(
+    self,
+    in_channels: int,
+    num_classes: int,
+    rates: Sequence[int],
+    *,
+    d0: int,
+    d1: int,
+    dropout: float = 0.1,
+    classifier_dropout: float = 0.1,
+    bn_momentum: float = 0.9997,
+    rngs: nnx.Rngs,
+  ):
+    blocks, c = [], in_channels
+    for i, rate in enumerate(rates):
+      blocks.append(
+        DenseASPPBlock(
+          c,
+          d0,
+          d1,
+          rate,
+          bn_start=i > 0,
+          bn_momentum=bn_momentum,
+          dropout=dropout,
+          rngs=rngs,
+        )
+      )
+      c += d1
+    self.blocks = nnx.List(blocks)
+    self.dropout = nnx.Dropout(
+      classifier_dropout, broadcast_dims=(1, 2), rngs=rngs
+    )
+    self.classifier = layers.Conv2d(c, num_classes, 1, use_bias=True, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jax.nn.relu(x)
+    for block in self.blocks:
+      x = jnp.concatenate([block(x), x], axis=-1)
+    return self.classifier(self.dropout(x))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deeplab_jax.errors import ConfigError
-from deeplab_jax.models import resnet, segmenter
+from deeplab_jax.models import densenet, resnet, segmenter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,28 @@ def _register_builtin() -> None:
       segmenter.DeepLabV3,
       v3(blocks=(1, 1, 1, 1), width=8, aspp_channels=16),
       'DeepLabV3 on a 4-block, width-8 ResNet (tests and smoke runs)',
+    ),
+  )
+  for depth, (growth, stem, blocks) in densenet.VARIANTS.items():
+    d0, d1 = (512, 128) if depth == 161 else (128, 64)
+    register(
+      f'denseaspp{depth}',
+      ArchSpec(
+        segmenter.DenseASPP,
+        segmenter.DenseASPPConfig(
+          growth_rate=growth, init_features=stem, blocks=blocks, d0=d0, d1=d1
+        ),
+        f'DenseASPP on dilated DenseNet-{depth} (official layout)',
+      ),
+    )
+  register(
+    'denseaspp_tiny',
+    ArchSpec(
+      segmenter.DenseASPP,
+      segmenter.DenseASPPConfig(
+        growth_rate=8, init_features=16, blocks=(2, 2, 2, 2), d0=16, d1=8
+      ),
+      'DenseASPP on a 4x2-layer, growth-8 DenseNet (tests and smoke runs)',
     ),
   )
 

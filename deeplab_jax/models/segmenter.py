@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deeplab_jax.models import heads, layers, resnet
+from deeplab_jax.models import densenet, heads, layers, resnet
 
 DEFAULT_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
@@ -87,3 +87,76 @@ class DeepLabV3(nnx.Module):
     if self.aux_head is not None:
       out['aux'] = up(self.aux_head(feats['layer3']))
     return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DenseASPPConfig:
+  """Hyper-parameters of DenseASPP on a dilated DenseNet.
+
+  Defaults are the official DenseASPP-161 configuration (DeepMotionAIResearch
+  /DenseASPP `cfgs/DenseASPP161.py`): growth 48, stem 96, blocks
+  (6, 12, 36, 24), transition 4 on, rates 3/6/12/18/24, d0/d1 = 512/128,
+  dropout 0.1 in the head and before the classifier, head BN momentum 0.0003
+  in PyTorch's convention (0.9997 here). `align_corners=False` for new models
+  (PyTorch's current default); converted official checkpoints set `True`,
+  which is what PyTorch 0.3.1's `nn.Upsample` did when they were trained.
+  """
+
+  growth_rate: int = 48
+  init_features: int = 96
+  blocks: tuple[int, ...] = densenet.VARIANTS[161][2]
+  bn_size: int = 4
+  output_stride: int = 8
+  transition4: bool = True
+  atrous_rates: tuple[int, ...] = (3, 6, 12, 18, 24)
+  d0: int = 512
+  d1: int = 128
+  dropout: float = 0.1
+  classifier_dropout: float = 0.1
+  head_bn_momentum: float = 0.9997
+  align_corners: bool = False
+  dtype: str = 'float32'
+
+
+class DenseASPP(nnx.Module):
+  """DenseASPP (Yang et al., CVPR 2018) for high-resolution street scenes."""
+
+  def __init__(
+    self, config: DenseASPPConfig, *, num_classes: int, rngs: nnx.Rngs
+  ):
+    self.config = config
+    self.num_classes = num_classes
+    self.backbone = densenet.DenseNet(
+      densenet.DenseNetConfig(
+        growth_rate=config.growth_rate,
+        init_features=config.init_features,
+        blocks=config.blocks,
+        bn_size=config.bn_size,
+        output_stride=config.output_stride,
+        transition4=config.transition4,
+      ),
+      rngs=rngs,
+    )
+    self.head = heads.DenseASPPHead(
+      self.backbone.out_channels,
+      num_classes,
+      config.atrous_rates,
+      d0=config.d0,
+      d1=config.d1,
+      dropout=config.dropout,
+      classifier_dropout=config.classifier_dropout,
+      bn_momentum=config.head_bn_momentum,
+      rngs=rngs,
+    )
+
+  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+    size = images.shape[1:3]
+    x = images.astype(jnp.dtype(self.config.dtype))
+    feats = self.backbone(x)['out']
+    ac = self.config.align_corners
+    if self.config.output_stride == 16:
+      # The official model upsamples stride-16 features x2 before the head.
+      h, w = feats.shape[1:3]
+      feats = layers.resize_bilinear(feats, (2 * h, 2 * w), align_corners=ac)
+    logits = self.head(feats).astype(jnp.float32)
+    return {'out': layers.resize_bilinear(logits, size, align_corners=ac)}

@@ -1,0 +1,147 @@
+"""Dilated DenseNet-121/161/169/201 (Huang et al. 2017) for DenseASPP.
+
+Following the DenseASPP paper (Yang et al., CVPR 2018) and its official
+PyTorch model, output stride 8 keeps the stem (conv s2 + max-pool s2) and
+transition 1's pooling, drops the pooling of transitions 2 and 3, and dilates
+dense block 3 by 2 and block 4 by 4. Output stride 16 keeps transition 2's
+pooling and dilates block 4 by 2 only (block 3 undilated).
+
+The official model also has a transition 4 (BN-ReLU-1x1 conv halving the
+channels, no pooling) after block 4, before `norm5`; torchvision's DenseNet
+has none. `transition4=True` reproduces the official layout.
+
+Attribute names follow torchvision (`conv0`, `denseblock1[0].norm1`,
+`transition1.conv`, `norm5`) so converting its weights is a key rename.
+The output is `norm5`'s, before any ReLU, as torchvision's `features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deeplab_jax.models import layers
+
+VARIANTS = {
+  # depth: (growth rate, stem width, dense block sizes)
+  121: (32, 64, (6, 12, 24, 16)),
+  161: (48, 96, (6, 12, 36, 24)),
+  169: (32, 64, (6, 12, 32, 32)),
+  201: (32, 64, (6, 12, 48, 32)),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DenseNetConfig:
+  """Hyper-parameters of a dilated DenseNet."""
+
+  growth_rate: int = 48
+  init_features: int = 96
+  blocks: tuple[int, ...] = VARIANTS[161][2]
+  bn_size: int = 4
+  output_stride: int = 8
+  transition4: bool = True
+
+  def plan(self) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+    """Whether transitions 1-3 pool, and the dilation of blocks 1-4."""
+    if self.output_stride == 8:
+      return (True, False, False), (1, 1, 2, 4)
+    if self.output_stride == 16:
+      return (True, True, False), (1, 1, 1, 2)
+    raise ValueError(
+      f'DenseNet output_stride must be 8 or 16, got {self.output_stride}'
+    )
+
+
+class DenseLayer(nnx.Module):
+  """BN-ReLU-1x1 conv (bn_size * growth) - BN-ReLU-3x3 conv (growth)."""
+
+  def __init__(
+    self,
+    in_channels: int,
+    growth_rate: int,
+    bn_size: int,
+    dilation: int,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    mid = bn_size * growth_rate
+    self.norm1 = layers.BatchNorm(in_channels)
+    self.conv1 = layers.Conv2d(in_channels, mid, 1, rngs=rngs)
+    self.norm2 = layers.BatchNorm(mid)
+    self.conv2 = layers.Conv2d(
+      mid, growth_rate, 3, dilation=dilation, rngs=rngs
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv1(jax.nn.relu(self.norm1(x)))
+    return self.conv2(jax.nn.relu(self.norm2(y)))
+
+
+class Transition(nnx.Module):
+  """BN-ReLU-1x1 conv, then 2x2 average pooling when `pool`."""
+
+  def __init__(
+    self, in_channels: int, out_channels: int, pool: bool, *, rngs: nnx.Rngs
+  ):
+    self.norm = layers.BatchNorm(in_channels)
+    self.conv = layers.Conv2d(in_channels, out_channels, 1, rngs=rngs)
+    self.pool = pool
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(jax.nn.relu(self.norm(x)))
+    return layers.avg_pool(y, 2, 2) if self.pool else y
+
+
+class DenseNet(nnx.Module):
+  """Dilated DenseNet; returns `{'layer1': stride-4 features, 'out': norm5}`."""
+
+  def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    pools, dilations = config.plan()
+    c = config.init_features
+    self.conv0 = layers.Conv2d(3, c, 7, stride=2, padding=3, rngs=rngs)
+    self.norm0 = layers.BatchNorm(c)
+    blocks, transitions = [], []
+    for i, n in enumerate(config.blocks):
+      dense = []
+      for _ in range(n):
+        dense.append(
+          DenseLayer(
+            c, config.growth_rate, config.bn_size, dilations[i], rngs=rngs
+          )
+        )
+        c += config.growth_rate
+      blocks.append(nnx.List(dense))
+      if i < 3 or config.transition4:
+        transitions.append(Transition(c, c // 2, i < 3 and pools[i], rngs=rngs))
+        c //= 2
+      else:
+        transitions.append(None)
+    self.denseblock1, self.denseblock2 = blocks[0], blocks[1]
+    self.denseblock3, self.denseblock4 = blocks[2], blocks[3]
+    self.transition1, self.transition2 = transitions[0], transitions[1]
+    self.transition3, self.transition4 = transitions[2], transitions[3]
+    self.norm5 = layers.BatchNorm(c)
+    self.out_channels = c
+    self.low_level_channels = config.init_features + (
+      config.blocks[0] * config.growth_rate
+    )
+
+  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    x = jax.nn.relu(self.norm0(self.conv0(x)))
+    x = layers.max_pool(x, 3, 2, 1)
+    feats = {}
+    for i in range(1, 5):
+      for layer in getattr(self, f'denseblock{i}'):
+        x = jnp.concatenate([x, layer(x)], axis=-1)
+      if i == 1:
+        feats['layer1'] = x
+      transition = getattr(self, f'transition{i}')
+      if transition is not None:
+        x = transition(x)
+    feats['out'] = self.norm5(x)
+    return feats

@@ -1,0 +1,183 @@
+"""DenseASPP: official-layout and torchvision DenseNet conversion parity."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from torchvision.models import densenet121, densenet161
+
+from deeplab_jax import models, predict
+from deeplab_jax.convert import torch as torch_convert
+from deeplab_jax.errors import CheckpointMismatchError
+from deeplab_jax.models import densenet
+from tests.denseaspp_refs import OfficialDenseASPP, official_state_dict
+from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
+
+TOL = 1e-4
+_forward = nnx.jit(lambda m, x: m(x))
+
+
+def _dilate_torchvision(model):
+  """Applies the DenseASPP OS8 recipe to a torchvision DenseNet in place:
+  no pooling in transitions 2 and 3, block 3 dilated 2, block 4 dilated 4."""
+  f = model.features
+  f.transition2.pool = torch.nn.Identity()
+  f.transition3.pool = torch.nn.Identity()
+  for block, d in ((f.denseblock3, 2), (f.denseblock4, 4)):
+    for layer in block.values():
+      layer.conv2.dilation, layer.conv2.padding = (d, d), (d, d)
+  return model
+
+
+@pytest.mark.parametrize(
+  'ctor,arch,hw',
+  [
+    (densenet121, 'denseaspp121', (97, 131)),
+    (densenet161, 'denseaspp161', (67, 45)),
+  ],
+)
+def test_torchvision_densenet_backbone_parity(ctor, arch, hw):
+  torch.manual_seed(0)
+  tm = _dilate_torchvision(ctor(weights=None))
+  randomize_batchnorm(tm, 1)
+  tm.eval()
+  model = torch_convert.load(
+    arch, tm.state_dict(), num_classes=19, transition4=False
+  )
+  assert model.source_layout == 'torchvision_densenet'
+  assert model.fresh_weights == ('head',)
+  x = np.random.RandomState(0).randn(1, *hw, 3).astype(np.float32)
+  with torch.no_grad():
+    ref = nhwc(tm.features(nchw(x)))
+  backbone = nnx.view(model.backbone, use_running_average=True)
+  ours = _forward(backbone, jnp.asarray(x))['out']
+  assert ours.shape == ref.shape
+  assert rel_err(ours, ref) < TOL
+
+
+def test_torchvision_densenet_with_transition4_starts_it_fresh():
+  torch.manual_seed(0)
+  sd = densenet121(weights=None).state_dict()
+  model = torch_convert.load('denseaspp121', sd, num_classes=5)
+  assert model.config.transition4
+  assert set(model.fresh_weights) == {
+    'head',
+    'backbone.transition4',
+    'backbone.norm5',
+  }
+  np.testing.assert_array_equal(
+    model.backbone.denseblock4[15].conv2.kernel[...],
+    sd['features.denseblock4.denselayer16.conv2.weight']
+    .numpy()
+    .transpose(2, 3, 1, 0),
+  )
+  with pytest.raises(CheckpointMismatchError, match='pass num_classes'):
+    torch_convert.load('denseaspp121', sd)
+
+
+OFFICIAL = {
+  # arch: (growth, stem, blocks, d0, d1)
+  'denseaspp121': (32, 64, (6, 12, 24, 16), 128, 64),
+  'denseaspp161': (48, 96, (6, 12, 36, 24), 512, 128),
+}
+
+
+@pytest.fixture(scope='module')
+def official_121():
+  torch.manual_seed(0)
+  ref = OfficialDenseASPP(*OFFICIAL['denseaspp121'], n_class=19)
+  randomize_batchnorm(ref, 2)
+  return ref.eval(), torch_convert.load(
+    'denseaspp121', official_state_dict(ref)
+  )
+
+
+@pytest.mark.parametrize('hw', [(256, 384), (136, 200)])
+def test_official_denseaspp121_parity(official_121, hw):
+  ref, model = official_121
+  assert model.source_layout == 'official_denseaspp'
+  assert model.config.align_corners and model.num_classes == 19
+  x = np.random.RandomState(hw[0]).randn(1, *hw, 3).astype(np.float32)
+  with torch.no_grad():
+    expect = nhwc(ref(nchw(x)))
+  assert rel_err(predict.logits(model, x), expect) < TOL
+
+
+def test_official_denseaspp161_parity_output_stride_16():
+  torch.manual_seed(1)
+  ref = OfficialDenseASPP(
+    *OFFICIAL['denseaspp161'], n_class=7, output_stride=16
+  )
+  randomize_batchnorm(ref, 3)
+  ref.eval()
+  model = torch_convert.load(
+    'denseaspp161', official_state_dict(ref), output_stride=16
+  )
+  x = np.random.RandomState(0).randn(1, 128, 192, 3).astype(np.float32)
+  with torch.no_grad():
+    expect = nhwc(ref(nchw(x)))
+  assert rel_err(predict.logits(model, x), expect) < TOL
+
+
+def test_first_block_relu_reaches_the_concatenation(official_121):
+  """The official in-place ReLU trap: without it the logits differ."""
+  ref, model = official_121
+  x = np.random.RandomState(5).randn(1, 64, 64, 3).astype(np.float32)
+  with torch.no_grad():
+    feats = ref.features(nchw(x))
+  assert (feats < 0).any()  # norm5 output has negatives that ReLU removes
+
+
+def test_module_prefix_is_stripped_and_mismatch_named(official_121):
+  ref, _ = official_121
+  sd = {f'module.{k}': v for k, v in official_state_dict(ref).items()}
+  assert torch_convert.load('denseaspp121', sd).num_classes == 19
+  torch.manual_seed(0)
+  tv121 = densenet121(weights=None).state_dict()
+  with pytest.raises(CheckpointMismatchError) as e:
+    torch_convert.load('denseaspp161', tv121, num_classes=19)
+  msg = str(e.value)
+  assert 'looks like denseaspp121' in msg
+  assert 'features.conv0.weight (64, 3, 7, 7) vs backbone.conv0.kernel' in msg
+
+
+def test_deeplabv3_checkpoint_refused_as_denseaspp():
+  torch.manual_seed(0)
+  from torchvision.models.segmentation import deeplabv3_resnet50
+
+  sd = deeplabv3_resnet50(
+    weights=None, weights_backbone=None, num_classes=3
+  ).state_dict()
+  with pytest.raises(CheckpointMismatchError, match='cannot be loaded as'):
+    torch_convert.load('denseaspp121', sd)
+
+
+@pytest.mark.parametrize('output_stride', [8, 16])
+def test_denseaspp_shapes_and_channels(output_stride):
+  model = models.create(
+    'denseaspp_tiny',
+    num_classes=4,
+    rngs=nnx.Rngs(0),
+    output_stride=output_stride,
+  )
+  out = _forward(model, jnp.ones((2, 64, 80, 3)))
+  assert out['out'].shape == (2, 64, 80, 4)
+  # 16 + 2*8 = 32 -> 16, +16 = 32 -> 16, ... transition 4 halves to 16.
+  assert model.backbone.out_channels == 16
+  feats = _forward(model.backbone, jnp.ones((1, 64, 80, 3)))
+  assert feats['out'].shape[1:3] == (64 // output_stride, 80 // output_stride)
+  assert feats['layer1'].shape[1:3] == (16, 20)
+
+
+def test_denseaspp_arch_table():
+  for depth, (growth, stem, blocks) in densenet.VARIANTS.items():
+    config = models.registry.make_config(f'denseaspp{depth}')
+    assert (config.growth_rate, config.init_features, config.blocks) == (
+      growth,
+      stem,
+      blocks,
+    )
+    assert (config.d0, config.d1) == ((512, 128) if depth == 161 else (128, 64))
+    assert config.atrous_rates == (3, 6, 12, 18, 24)
+    assert config.head_bn_momentum == pytest.approx(1 - 0.0003)
