@@ -13,6 +13,11 @@ Supported layouts:
 - `official_denseaspp`: the DenseASPP authors' PyTorch model (whole model).
 - `torchvision_densenet`: `torchvision.models.densenet*` ImageNet weights as
   a DenseASPP backbone; the head starts fresh.
+- `smp_deeplabv3plus`: segmentation_models_pytorch `DeepLabV3Plus` with
+  `resnet50/101` or `tu-xception65/71` encoders (whole model; smp's decoder
+  options are set from the keys and smp's defaults).
+- `timm_xception`: timm `xception65/71` ImageNet weights as a DeepLabV3+
+  backbone; the head starts fresh.
 
 This module does not import torch: tensors are read through `.numpy()`, and
 NumPy arrays work as well.
@@ -44,7 +49,8 @@ class Layout:
     name: short identifier, recorded in converted checkpoints.
     description: what produces this layout.
     detect: `keys -> bool`.
-    renames: `(pattern, replacement)` regexes applied in order to each key.
+    renames: `(pattern, replacement)` regexes applied in order to each key,
+      or `state_dict -> renames` when they depend on which keys exist.
     arch_prefixes: arch names this layout can be loaded into.
     num_classes: `state_dict -> int`, read from the classifier.
     overrides: `state_dict -> dict` of model options implied by the keys.
@@ -59,7 +65,10 @@ class Layout:
   name: str
   description: str
   detect: Callable[[set[str]], bool]
-  renames: tuple[tuple[str, str | Callable[[re.Match], str]], ...]
+  renames: (
+    tuple[tuple[str, str | Callable[[re.Match], str]], ...]
+    | Callable[[Mapping[str, np.ndarray]], tuple]
+  )
   arch_prefixes: tuple[str, ...]
   num_classes: Callable[[Mapping[str, np.ndarray]], int | None]
   overrides: Callable[[Mapping[str, np.ndarray]], dict[str, Any]]
@@ -67,9 +76,13 @@ class Layout:
   ignore: Callable[[Any], tuple[str, ...]] = lambda config: ()
   fresh: Callable[[Any], tuple[str, ...]] = lambda config: ()
 
-  def rename(self, key: str) -> str:
+  def rules(self, sd: Mapping[str, np.ndarray]) -> tuple:
+    """The renames for this state dict (some depend on which keys exist)."""
+    return self.renames(sd) if callable(self.renames) else self.renames
+
+  def rename(self, key: str, rules: tuple) -> str:
     """The name of `key` in our model (module path + PyTorch leaf name)."""
-    for pattern, repl in self.renames:
+    for pattern, repl in rules:
       key = re.sub(pattern, repl, key)
     return key
 
@@ -190,10 +203,139 @@ _TORCHVISION_DENSENET = Layout(
   ),
 )
 
+# timm's aligned Xception; `features_only` models flatten `stem.0` to
+# `stem_0` and `blocks.3` to `blocks_3`.
+_TIMM_XCEPTION_RENAMES = (
+  (r'(^|\.)stem[._](\d)\.', r'\1stem.\2.'),
+  (r'(^|\.)blocks[._](\d+)\.', r'\1blocks.\2.'),
+  (r'\.stack\.conv(\d)\.', r'.conv\1.'),
+)
+
+
+def _xception_depth(sd, prefix):
+  blocks = _count_blocks(sd, prefix + 'blocks.') or _count_blocks(
+    sd, prefix + 'blocks_'
+  )
+  return {21: 65, 23: 71}.get(blocks)
+
+
+def _smp_encoder(sd) -> str | None:
+  """'resnet50', 'tu-xception65', ... from an smp state dict's keys."""
+  if 'encoder.conv1.weight' in sd:
+    depth = {6: 50, 23: 101, 36: 152}.get(_count_blocks(sd, 'encoder.layer3.'))
+    return f'resnet{depth}' if depth else 'resnet'
+  depth = _xception_depth(sd, 'encoder.model.')
+  if depth:
+    return f'tu-xception{depth}'
+  return None
+
+
+def _smp_overrides(sd):
+  options = {
+    'align_corners': True,
+    'atrous_rates': (12, 24, 36),
+    # A depthwise weight `[C, 1, 3, 3]` marks separable ASPP branches.
+    'aspp_separable': 'decoder.aspp.0.convs.1.0.0.weight' in sd,
+    'aspp_extra_conv': 'decoder.aspp.1.0.weight' in sd,
+    'decoder_convs': 1,
+    'decoder_separable': True,
+    'separable_bn_between': False,
+  }
+  if 'encoder.conv1.weight' in sd:
+    options['resnet_uniform_dilation'] = True
+  return options
+
+
+def _smp_arch(sd):
+  encoder = _smp_encoder(sd) or ''
+  return 'deeplabv3plus_' + encoder.removeprefix('tu-') if encoder else None
+
+
+def _smp_renames(aspp_separable: bool) -> tuple:
+  branch = r'^decoder\.aspp\.0\.convs\.([1-3])\.'
+  if aspp_separable:  # (depthwise, pointwise), BN
+    branches = (
+      (branch + r'0\.0\.', r'head.aspp.branches.\1.conv_dw.'),
+      (branch + r'0\.1\.', r'head.aspp.branches.\1.conv_pw.'),
+      (branch + r'1\.', r'head.aspp.branches.\1.bn_pw.'),
+    )
+  else:  # conv, BN
+    branches = (
+      (branch + r'0\.', r'head.aspp.branches.\1.conv.'),
+      (branch + r'1\.', r'head.aspp.branches.\1.bn.'),
+    )
+  return (
+    (r'^encoder\.model\.', 'backbone.'),
+    (r'^encoder\.', 'backbone.'),
+    *_TIMM_XCEPTION_RENAMES,
+    (r'\.downsample\.0\.', '.downsample.conv.'),
+    (r'\.downsample\.1\.', '.downsample.bn.'),
+    (r'^decoder\.aspp\.0\.convs\.0\.0\.', 'head.aspp.branches.0.conv.'),
+    (r'^decoder\.aspp\.0\.convs\.0\.1\.', 'head.aspp.branches.0.bn.'),
+    *branches,
+    (r'^decoder\.aspp\.0\.convs\.4\.1\.', 'head.aspp.pooling.conv.'),
+    (r'^decoder\.aspp\.0\.convs\.4\.2\.', 'head.aspp.pooling.bn.'),
+    (r'^decoder\.aspp\.0\.project\.0\.', 'head.aspp.project.conv.'),
+    (r'^decoder\.aspp\.0\.project\.1\.', 'head.aspp.project.bn.'),
+    (r'^decoder\.aspp\.1\.0\.', 'head.aspp_conv.conv_dw.'),
+    (r'^decoder\.aspp\.1\.1\.', 'head.aspp_conv.conv_pw.'),
+    (r'^decoder\.aspp\.2\.', 'head.aspp_conv.bn_pw.'),
+    (r'^decoder\.block1\.0\.', 'head.low_level.conv.'),
+    (r'^decoder\.block1\.1\.', 'head.low_level.bn.'),
+    (r'^decoder\.block2\.0\.0\.', 'head.convs.0.conv_dw.'),
+    (r'^decoder\.block2\.0\.1\.', 'head.convs.0.conv_pw.'),
+    (r'^decoder\.block2\.1\.', 'head.convs.0.bn_pw.'),
+    (r'^segmentation_head\.0\.', 'head.classifier.'),
+  )
+
+
+_SMP_DEEPLABV3PLUS = Layout(
+  name='smp_deeplabv3plus',
+  description='segmentation_models_pytorch.DeepLabV3Plus (encoders resnet50, '
+  'resnet101, tu-xception65, tu-xception71)',
+  detect=lambda keys: (
+    'decoder.aspp.0.convs.0.0.weight' in keys
+    and 'segmentation_head.0.weight' in keys
+  ),
+  renames=lambda sd: _smp_renames(_smp_overrides(sd)['aspp_separable']),
+  arch_prefixes=('deeplabv3plus_',),
+  num_classes=lambda sd: int(sd['segmentation_head.0.weight'].shape[0]),
+  overrides=_smp_overrides,
+  suggest_arch=_smp_arch,
+)
+
+
+def _timm_xception_arch(sd):
+  depth = _xception_depth(sd, '')
+  return f'deeplabv3plus_xception{depth}' if depth else None
+
+
+_TIMM_XCEPTION = Layout(
+  name='timm_xception',
+  description='timm xception65/xception71 (ImageNet backbone, also '
+  'features_only; the DeepLabV3+ head starts fresh)',
+  detect=lambda keys: (
+    any(
+      k.startswith(('blocks.0.stack.conv1.', 'blocks_0.stack.conv1.'))
+      for k in keys
+    )
+    and any(k.startswith(('stem.0.conv.', 'stem_0.conv.')) for k in keys)
+  ),
+  renames=((r'^', 'backbone.'), *_TIMM_XCEPTION_RENAMES),
+  arch_prefixes=('deeplabv3plus_xception',),
+  num_classes=lambda sd: None,
+  overrides=lambda sd: {},
+  suggest_arch=_timm_xception_arch,
+  ignore=lambda config: (r'^head\.fc\.',),
+  fresh=lambda config: ('head.',),
+)
+
 LAYOUTS: tuple[Layout, ...] = (
   _TORCHVISION_DEEPLABV3,
+  _SMP_DEEPLABV3PLUS,
   _OFFICIAL_DENSEASPP,
   _TORCHVISION_DENSENET,
+  _TIMM_XCEPTION,
 )
 
 
@@ -317,7 +459,9 @@ def load(
     if suggestion and suggestion != arch
     else ''
   )
-  if not arch.startswith(layout.arch_prefixes):
+  family = lambda name: name.rstrip('0123456789')
+  wrong_family = suggestion and family(suggestion) != family(arch)
+  if not arch.startswith(layout.arch_prefixes) or wrong_family:
     raise CheckpointMismatchError(
       f'this state dict is a {layout.name} checkpoint{hint}; it cannot be '
       f'loaded as {arch!r}. Use an arch starting with '
@@ -344,13 +488,14 @@ def load(
   expected = _flatten(nnx.to_pure_dict(state))
   by_name = {_dotted(p): p for p in expected}
 
+  rules = layout.rules(sd)
   converted: dict[tuple, np.ndarray] = {}
   unexpected, mismatched, mismatched_paths = [], [], set()
   for key, value in sd.items():
     if any(re.search(p, key) for p in ignore):
       continue
     source_shape = tuple(value.shape)
-    ours, value = _convert_leaf(layout.rename(key), value)
+    ours, value = _convert_leaf(layout.rename(key, rules), value)
     path = by_name.get(ours)
     if path is None or ours.startswith(fresh):
       unexpected.append(key)

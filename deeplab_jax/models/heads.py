@@ -17,6 +17,30 @@ from flax import nnx
 from deeplab_jax.models import layers
 
 
+def conv3x3_bn_relu(
+  in_channels: int,
+  out_channels: int,
+  *,
+  dilation: int = 1,
+  separable: bool = False,
+  bn_between: bool = True,
+  rngs: nnx.Rngs,
+) -> nnx.Module:
+  """A 3x3 conv-BN-ReLU, plain or depthwise-separable (see SeparableConvBN)."""
+  if separable:
+    return layers.SeparableConvBN(
+      in_channels,
+      out_channels,
+      3,
+      dilation=dilation,
+      bn_between=bn_between,
+      rngs=rngs,
+    )
+  return layers.ConvBN(
+    in_channels, out_channels, 3, dilation=dilation, rngs=rngs
+  )
+
+
 class ASPP(nnx.Module):
   """Atrous spatial pyramid pooling.
 
@@ -25,6 +49,8 @@ class ASPP(nnx.Module):
     rates: dilation of the 3x3 branches (12/24/36 at OS8, 6/12/18 at OS16).
     channels: width of every branch and of the projection.
     separable: depthwise-separable 3x3 branches (DeepLabV3+ with Xception).
+    separable_bn_between: BN + ReLU also between depthwise and pointwise
+      (the paper); `False` is segmentation_models_pytorch's form.
     dropout: dropout after the projection, in training only.
   """
 
@@ -35,21 +61,22 @@ class ASPP(nnx.Module):
     *,
     channels: int = 256,
     separable: bool = False,
+    separable_bn_between: bool = True,
     dropout: float = 0.5,
     rngs: nnx.Rngs,
   ):
     branches = [layers.ConvBN(in_channels, channels, 1, rngs=rngs)]
     for r in rates:
-      if separable:
-        branches.append(
-          layers.SeparableConvBN(
-            in_channels, channels, 3, dilation=r, rngs=rngs
-          )
+      branches.append(
+        conv3x3_bn_relu(
+          in_channels,
+          channels,
+          dilation=r,
+          separable=separable,
+          bn_between=separable_bn_between,
+          rngs=rngs,
         )
-      else:
-        branches.append(
-          layers.ConvBN(in_channels, channels, 3, dilation=r, rngs=rngs)
-        )
+      )
     self.branches = nnx.List(branches)
     self.pooling = layers.ConvBN(in_channels, channels, 1, rngs=rngs)
     n = len(branches) + 1
@@ -194,3 +221,83 @@ class DenseASPPHead(nnx.Module):
     for block in self.blocks:
       x = jnp.concatenate([block(x), x], axis=-1)
     return self.classifier(self.dropout(x))
+
+
+class DeepLabV3PlusHead(nnx.Module):
+  """DeepLabV3+ decoder (Chen et al. 2018, sec. 3.1) on top of ASPP.
+
+  ASPP output (optionally followed by segmentation_models_pytorch's extra
+  separable conv) is upsampled bilinearly to the stride-4 low-level
+  features, which a 1x1 conv-BN-ReLU reduces to 48 channels; the two are
+  concatenated, refined by `num_convs` 3x3 conv-BN-ReLUs (2 in the paper, 1
+  in smp) and classified by a 1x1 conv.
+  """
+
+  def __init__(
+    self,
+    in_channels: int,
+    low_level_channels: int,
+    num_classes: int,
+    rates: Sequence[int],
+    *,
+    channels: int = 256,
+    low_level_out: int = 48,
+    num_convs: int = 2,
+    aspp_separable: bool = False,
+    decoder_separable: bool = False,
+    separable_bn_between: bool = True,
+    aspp_extra_conv: bool = False,
+    dropout: float = 0.5,
+    align_corners: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    self.aspp = ASPP(
+      in_channels,
+      rates,
+      channels=channels,
+      separable=aspp_separable,
+      separable_bn_between=separable_bn_between,
+      dropout=dropout,
+      rngs=rngs,
+    )
+    self.aspp_conv = (
+      conv3x3_bn_relu(
+        channels,
+        channels,
+        separable=True,
+        bn_between=separable_bn_between,
+        rngs=rngs,
+      )
+      if aspp_extra_conv
+      else None
+    )
+    self.low_level = layers.ConvBN(
+      low_level_channels, low_level_out, 1, rngs=rngs
+    )
+    convs, c = [], channels + low_level_out
+    for _ in range(num_convs):
+      convs.append(
+        conv3x3_bn_relu(
+          c,
+          channels,
+          separable=decoder_separable,
+          bn_between=separable_bn_between,
+          rngs=rngs,
+        )
+      )
+      c = channels
+    self.convs = nnx.List(convs)
+    self.classifier = layers.Conv2d(c, num_classes, 1, use_bias=True, rngs=rngs)
+    self.align_corners = align_corners
+
+  def __call__(self, x: jax.Array, low_level: jax.Array) -> jax.Array:
+    x = self.aspp(x)
+    if self.aspp_conv is not None:
+      x = self.aspp_conv(x)
+    x = layers.resize_bilinear(
+      x, low_level.shape[1:3], align_corners=self.align_corners
+    )
+    x = jnp.concatenate([x, self.low_level(low_level)], axis=-1)
+    for conv in self.convs:
+      x = conv(x)
+    return self.classifier(x)

@@ -363,6 +363,7 @@ class ConvBN(nnx.Module):
     groups: int = 1,
     relu: bool = True,
     bn_momentum: float = TORCH_BN_MOMENTUM,
+    epsilon: float = TORCH_BN_EPS,
     rngs: nnx.Rngs,
   ):
     self.conv = Conv2d(
@@ -374,7 +375,7 @@ class ConvBN(nnx.Module):
       groups=groups,
       rngs=rngs,
     )
-    self.bn = BatchNorm(out_channels, momentum=bn_momentum)
+    self.bn = BatchNorm(out_channels, momentum=bn_momentum, epsilon=epsilon)
     self.relu = relu
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -383,10 +384,13 @@ class ConvBN(nnx.Module):
 
 
 class SeparableConvBN(nnx.Module):
-  """Depthwise kxk conv + BN + ReLU, then pointwise 1x1 conv + BN + ReLU.
+  """Depthwise kxk conv, then pointwise 1x1 conv + BN (+ ReLU).
 
-  The DeepLabV3+ form of an atrous separable convolution (BN and ReLU after
-  the depthwise conv as in the paper's aligned Xception and in smp).
+  `bn_between=True` puts BN (and, with `relu`, ReLU) after the depthwise conv
+  too: the DeepLabV3+ paper's aligned Xception and timm's `SeparableConv2d`.
+  `bn_between=False` is segmentation_models_pytorch's form (depthwise,
+  pointwise, then one BN + ReLU). Names follow timm (`conv_dw`, `bn_dw`,
+  `conv_pw`, `bn_pw`).
   """
 
   def __init__(
@@ -397,9 +401,12 @@ class SeparableConvBN(nnx.Module):
     *,
     stride: int = 1,
     dilation: int = 1,
+    bn_between: bool = True,
+    relu: bool = True,
+    epsilon: float = TORCH_BN_EPS,
     rngs: nnx.Rngs,
   ):
-    self.depthwise = ConvBN(
+    self.conv_dw = Conv2d(
       in_channels,
       in_channels,
       kernel_size,
@@ -408,10 +415,17 @@ class SeparableConvBN(nnx.Module):
       groups=in_channels,
       rngs=rngs,
     )
-    self.pointwise = ConvBN(in_channels, out_channels, 1, rngs=rngs)
+    self.bn_dw = BatchNorm(in_channels, epsilon=epsilon) if bn_between else None
+    self.conv_pw = Conv2d(in_channels, out_channels, 1, rngs=rngs)
+    self.bn_pw = BatchNorm(out_channels, epsilon=epsilon)
+    self.relu = relu
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.pointwise(self.depthwise(x))
+    act = jax.nn.relu if self.relu else (lambda y: y)
+    y = self.conv_dw(x)
+    if self.bn_dw is not None:
+      y = act(self.bn_dw(y))
+    return act(self.bn_pw(self.conv_pw(y)))
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -52,6 +52,48 @@ def _register_builtin() -> None:
       'DeepLabV3 on a 4-block, width-8 ResNet (tests and smoke runs)',
     ),
   )
+  v3plus = segmenter.DeepLabV3PlusConfig
+  for depth in (50, 101):
+    register(
+      f'deeplabv3plus_resnet{depth}',
+      ArchSpec(
+        segmenter.DeepLabV3Plus,
+        v3plus(resnet_blocks=resnet.DEPTHS[depth]),
+        f'DeepLabV3+, atrous ResNet-{depth}',
+      ),
+    )
+  separable = dict(aspp_separable=True, decoder_separable=True)
+  for depth in (65, 71):
+    register(
+      f'deeplabv3plus_xception{depth}',
+      ArchSpec(
+        segmenter.DeepLabV3Plus,
+        v3plus(backbone='xception', xception_depth=depth, **separable),
+        f'DeepLabV3+, aligned Xception-{depth} (timm layout)',
+      ),
+    )
+  register(
+    'deeplabv3plus_resnet_tiny',
+    ArchSpec(
+      segmenter.DeepLabV3Plus,
+      v3plus(resnet_blocks=(1, 1, 1, 1), resnet_width=8, aspp_channels=16),
+      'DeepLabV3+ on a 4-block, width-8 ResNet (tests and smoke runs)',
+    ),
+  )
+  register(
+    'deeplabv3plus_xception_tiny',
+    ArchSpec(
+      segmenter.DeepLabV3Plus,
+      v3plus(
+        backbone='xception',
+        xception_middle_blocks=1,
+        xception_width_divisor=8,
+        aspp_channels=16,
+        **separable,
+      ),
+      'DeepLabV3+ on an Xception-65 with 1 middle block, widths / 8',
+    ),
+  )
   for depth, (growth, stem, blocks) in densenet.VARIANTS.items():
     d0, d1 = (512, 128) if depth == 161 else (128, 64)
     register(

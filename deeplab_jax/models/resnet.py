@@ -35,6 +35,10 @@ class ResNetConfig:
   width: int = 64  # stem width; stage widths are width * (1, 2, 4, 8)
   output_stride: int = 8
   multi_grid: tuple[int, ...] | None = None
+  # False: torchvision (a dilated stage's first block keeps the previous
+  # dilation). True: every block of the stage uses the new one
+  # (segmentation_models_pytorch's `make_dilated`).
+  uniform_dilation: bool = False
 
   def stage_strides_and_dilations(self) -> list[tuple[int, int, int]]:
     """`(stride, first_block_dilation, dilation)` per stage (torchvision)."""
@@ -51,7 +55,8 @@ class ResNetConfig:
       if replace:
         dilation *= stride
         stride = 1
-      plan.append((stride, previous, dilation))
+      first = dilation if self.uniform_dilation else previous
+      plan.append((stride, first, dilation))
     return plan
 
 

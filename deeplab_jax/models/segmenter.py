@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deeplab_jax.models import densenet, heads, layers, resnet
+from deeplab_jax.errors import ConfigError
+from deeplab_jax.models import densenet, heads, layers, resnet, xception
 
 DEFAULT_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
@@ -160,3 +161,122 @@ class DenseASPP(nnx.Module):
       feats = layers.resize_bilinear(feats, (2 * h, 2 * w), align_corners=ac)
     logits = self.head(feats).astype(jnp.float32)
     return {'out': layers.resize_bilinear(logits, size, align_corners=ac)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeepLabV3PlusConfig:
+  """Hyper-parameters of DeepLabV3+ (Chen et al. 2018).
+
+  Defaults follow the paper: output stride 16, ASPP rates 6/12/18 (12/24/36
+  at stride 8 when `atrous_rates=None`), a 48-channel low-level projection,
+  two 3x3 decoder convs of 256 channels, separable ASPP and decoder convs
+  with BN + ReLU after the depthwise conv for Xception, plain ones for
+  ResNet. segmentation_models_pytorch's `DeepLabV3Plus` corresponds to
+  `atrous_rates=(12, 24, 36)`, `aspp_separable=True`, `aspp_extra_conv=True`,
+  `decoder_convs=1`, `decoder_separable=True`, `separable_bn_between=False`,
+  `align_corners=True` and, for ResNets, `resnet_uniform_dilation=True`; the
+  converter sets these for smp checkpoints.
+  """
+
+  backbone: str = 'resnet'  # 'resnet' or 'xception'
+  resnet_blocks: tuple[int, ...] = resnet.DEPTHS[50]
+  resnet_width: int = 64
+  resnet_uniform_dilation: bool = False
+  multi_grid: tuple[int, ...] | None = None
+  xception_depth: int = 65
+  xception_middle_blocks: int = 16
+  xception_width_divisor: int = 1
+  output_stride: int = 16
+  atrous_rates: tuple[int, ...] | None = None
+  aspp_channels: int = 256
+  aspp_separable: bool = False
+  aspp_extra_conv: bool = False
+  aspp_dropout: float = 0.5
+  low_level_channels: int = 48
+  decoder_convs: int = 2
+  decoder_separable: bool = False
+  separable_bn_between: bool = True
+  aux_head: bool = False
+  align_corners: bool = False
+  dtype: str = 'float32'
+
+  @property
+  def rates(self) -> tuple[int, ...]:
+    if self.atrous_rates is not None:
+      return tuple(self.atrous_rates)
+    return DEFAULT_RATES[self.output_stride]
+
+
+class DeepLabV3Plus(nnx.Module):
+  """DeepLabV3+: atrous ResNet or aligned Xception, ASPP, decoder."""
+
+  def __init__(
+    self, config: DeepLabV3PlusConfig, *, num_classes: int, rngs: nnx.Rngs
+  ):
+    self.config = config
+    self.num_classes = num_classes
+    if config.backbone == 'resnet':
+      self.backbone = resnet.ResNet(
+        resnet.ResNetConfig(
+          blocks=config.resnet_blocks,
+          width=config.resnet_width,
+          output_stride=config.output_stride,
+          multi_grid=config.multi_grid,
+          uniform_dilation=config.resnet_uniform_dilation,
+        ),
+        rngs=rngs,
+      )
+      ch = self.backbone.channels()
+      high, low = ch['layer4'], ch['layer1']
+    elif config.backbone == 'xception':
+      if config.aux_head:
+        raise ConfigError('aux_head needs a ResNet backbone (layer3 features)')
+      self.backbone = xception.Xception(
+        xception.XceptionConfig(
+          depth=config.xception_depth,
+          output_stride=config.output_stride,
+          middle_blocks=config.xception_middle_blocks,
+          width_divisor=config.xception_width_divisor,
+        ),
+        rngs=rngs,
+      )
+      high = self.backbone.out_channels
+      low = self.backbone.low_level_channels
+    else:
+      raise ConfigError(
+        f"backbone must be 'resnet' or 'xception', got {config.backbone!r}"
+      )
+    self.head = heads.DeepLabV3PlusHead(
+      high,
+      low,
+      num_classes,
+      config.rates,
+      channels=config.aspp_channels,
+      low_level_out=config.low_level_channels,
+      num_convs=config.decoder_convs,
+      aspp_separable=config.aspp_separable,
+      decoder_separable=config.decoder_separable,
+      separable_bn_between=config.separable_bn_between,
+      aspp_extra_conv=config.aspp_extra_conv,
+      dropout=config.aspp_dropout,
+      align_corners=config.align_corners,
+      rngs=rngs,
+    )
+    self.aux_head = (
+      heads.FCNHead(self.backbone.channels()['layer3'], num_classes, rngs=rngs)
+      if config.aux_head
+      else None
+    )
+
+  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+    size = images.shape[1:3]
+    x = images.astype(jnp.dtype(self.config.dtype))
+    feats = self.backbone(x)
+    high = feats['layer4'] if 'layer4' in feats else feats['out']
+    up = lambda y: layers.resize_bilinear(
+      y.astype(jnp.float32), size, align_corners=self.config.align_corners
+    )
+    out = {'out': up(self.head(high, feats['layer1']))}
+    if self.aux_head is not None:
+      out['aux'] = up(self.aux_head(feats['layer3']))
+    return out
