@@ -33,16 +33,16 @@ def _weights(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
   return graphdef, weights, rest
 
 
-def _stringify(tree: Any) -> Any:
+def stringify_keys(tree: Any) -> Any:
   """Orbax stores dict keys as strings; nnx.List indices are ints."""
   if isinstance(tree, Mapping):
-    return {str(k): _stringify(v) for k, v in tree.items()}
+    return {str(k): stringify_keys(v) for k, v in tree.items()}
   return tree
 
 
-def _restore_keys(tree: Any, like: Any) -> Any:
+def restore_keys(tree: Any, like: Any) -> Any:
   if isinstance(like, Mapping):
-    return {k: _restore_keys(tree[str(k)], v) for k, v in like.items()}
+    return {k: restore_keys(tree[str(k)], v) for k, v in like.items()}
   return tree
 
 
@@ -89,7 +89,7 @@ def save_model(
   mngr.save(
     step,
     args=ocp.args.Composite(
-      model=ocp.args.StandardSave(_stringify(nnx.to_pure_dict(weights))),
+      model=ocp.args.StandardSave(stringify_keys(nnx.to_pure_dict(weights))),
       meta=ocp.args.JsonSave(dict(metadata)),
     ),
   )
@@ -169,7 +169,7 @@ def load_model(
     restored = mngr.restore(
       step,
       args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_stringify(target))
+        model=ocp.args.StandardRestore(stringify_keys(target))
       ),
     )['model']
   except (ValueError, KeyError) as e:
@@ -179,5 +179,133 @@ def load_model(
     ) from e
   finally:
     mngr.close()
-  nnx.replace_by_pure_dict(weights, _restore_keys(restored, like))
+  nnx.replace_by_pure_dict(weights, restore_keys(restored, like))
   return nnx.merge(graphdef, weights, registry.materialize(rest)), meta
+
+
+def deep_merge(a: Mapping, b: Mapping) -> dict:
+  """Union of two nested dicts with disjoint leaves."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = deep_merge(out[k], v) if k in out else v
+  return out
+
+
+def split_like(tree: Mapping, template: Mapping) -> dict:
+  """The part of nested dict `tree` whose paths exist in `template`."""
+  return {
+    k: split_like(tree[k], v) if isinstance(v, Mapping) else tree[k]
+    for k, v in template.items()
+  }
+
+
+class TrainCheckpointer:
+  """Training checkpoints: Orbax `CheckpointManager` with explicit policies.
+
+  Each step holds `model` (parameters + BatchNorm statistics, the format of
+  `save_model`, so `load_model` works on training checkpoints too), `train`
+  (optimizer state, step, EMA), `data` (the Grain iterator state) and
+  `meta` (JSON). Saves are asynchronous with atomic commits; it keeps the
+  latest `keep` steps plus the best by `best_metric` (never only the best:
+  a resume must not go back to an old best step); deletions go through a
+  `trash/` rename so a crash during garbage collection leaves no
+  half-deleted step listed.
+  """
+
+  def __init__(
+    self,
+    directory: str,
+    *,
+    every_steps: int,
+    keep: int = 2,
+    best_metric: str = 'miou',
+  ):
+    cm = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+      save_decision_policy=cm.AnySavePolicy(
+        [
+          cm.FixedIntervalPolicy(every_steps),
+          cm.PreemptionCheckpointingPolicy(),
+        ]
+      ),
+      preservation_policy=cm.AnyPreservationPolicy(
+        [
+          cm.LatestN(n=keep),
+          cm.BestN(
+            get_metric_fn=lambda m: m[best_metric],
+            reverse=False,  # keep the highest
+            n=1,
+            keep_checkpoints_without_metrics=False,
+          ),
+        ]
+      ),
+      cleanup_tmp_directories=True,
+      todelete_subdir='trash',
+      enable_async_checkpointing=True,
+    )
+    self.directory = os.path.abspath(directory)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self._mngr.should_save(step)
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(
+    self,
+    step: int,
+    *,
+    weights: Mapping,
+    train_state: Any,
+    data_iterator: Any,
+    meta: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+    force: bool = False,
+  ) -> bool:
+    """Starts an async save of `step` (the data state is read now)."""
+    import grain
+
+    return self._mngr.save(
+      step,
+      args=ocp.args.Composite(
+        model=ocp.args.StandardSave(weights),
+        train=ocp.args.StandardSave(train_state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(dict(meta)),
+      ),
+      metrics=dict(metrics) if metrics else None,
+      force=force,
+    )
+
+  def restore(
+    self,
+    step: int,
+    *,
+    abstract_weights: Mapping,
+    abstract_train: Any,
+    data_iterator: Any,
+  ) -> tuple[dict, Any]:
+    """Restores `step` onto the given abstract targets (their shardings
+    decide the placement: a run can resume on another device count) and
+    positions `data_iterator`. Returns `(weights, train_state)`."""
+    import grain
+
+    out = self._mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(abstract_weights),
+        train=ocp.args.StandardRestore(abstract_train),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+      ),
+    )
+    return out['model'], out['train']
+
+  def wait_until_finished(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.close()

@@ -35,24 +35,6 @@ _OPTION = flags.DEFINE_multi_string(
 _FORCE = flags.DEFINE_bool('force', False, 'Overwrite a non-empty --output.')
 
 
-def _read_state_dict(path: str):
-  if not os.path.isfile(path):
-    raise UserError(f'--input {path} does not exist')
-  if path.endswith('.npz'):
-    import numpy as np
-
-    with np.load(path) as f:
-      return dict(f)
-  try:
-    import torch
-  except ImportError as e:
-    raise UserError(
-      'reading .pth files needs PyTorch: pip install torch (or convert the '
-      'state dict to .npz with numpy first)'
-    ) from e
-  return torch.load(path, map_location='cpu', weights_only=True)
-
-
 def _options(items):
   options = {}
   for item in items:
@@ -76,7 +58,7 @@ def main(argv):
     import shutil
 
     shutil.rmtree(out)
-  state_dict = _read_state_dict(_INPUT.value)
+  state_dict = torch_convert.read_state_dict(_INPUT.value)
   model = torch_convert.load(
     _ARCH.value,
     state_dict,

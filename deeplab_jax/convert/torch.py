@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deeplab_jax.errors import CheckpointMismatchError
+from deeplab_jax.errors import CheckpointMismatchError, UserError
 from deeplab_jax.models import registry
 
 _MAX_LISTED = 8
@@ -546,3 +546,22 @@ def to_numpy_tree(model: nnx.Module) -> dict[str, np.ndarray]:
   """Our model's state as `dotted name -> np.ndarray` (for inspection)."""
   flat = _flatten(nnx.to_pure_dict(nnx.state(model)))
   return {_dotted(p): np.asarray(jax.device_get(v)) for p, v in flat.items()}
+
+
+def read_state_dict(path: str) -> Mapping[str, Any]:
+  """A state dict from a `.pth`/`.pt` (needs PyTorch) or `.npz` file."""
+  import os
+
+  if not os.path.isfile(path):
+    raise UserError(f'{path} does not exist')
+  if path.endswith('.npz'):
+    with np.load(path) as f:
+      return dict(f)
+  try:
+    import torch
+  except ImportError as e:
+    raise UserError(
+      'reading .pth files needs PyTorch: pip install torch (or save the '
+      'state dict as .npz with numpy first)'
+    ) from e
+  return torch.load(path, map_location='cpu', weights_only=True)

@@ -1,0 +1,1 @@
+"""TFDS builders we own. Importing this package registers them with TFDS."""

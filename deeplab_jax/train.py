@@ -1,0 +1,536 @@
+"""`train_and_evaluate(config, workdir)`: the training library (no flags).
+
+Data-parallel over a `('data',)` mesh: the batch is sharded, parameters,
+optimizer state and BatchNorm statistics are replicated, and one `jax.jit`
+step (state donated) computes the loss over the global batch, so BatchNorm
+statistics are synchronised across devices and hosts for free.
+
+A workdir holds `config.json`, `metrics.jsonl`, TensorBoard events (`tb/`)
+and checkpoints (`checkpoints/`). Starting with a workdir that has
+checkpoints resumes from the latest one, data iterator included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from deeplab_jax import checkpointing, losses, metrics, models, optim, sharding
+from deeplab_jax.data import pipeline
+from deeplab_jax.errors import ConfigError, UserError
+
+# Config groups whose change makes a workdir's checkpoints incompatible.
+_RUN_IDENTITY = ('model', 'data.dataset', 'data.crop_size', 'train.batch_size')
+
+
+class TrainingDivergedError(UserError):
+  """The loss became NaN or infinite."""
+
+
+class Preempted(Exception):
+  """SIGTERM / preemption: a checkpoint was written, exit cleanly."""
+
+  def __init__(self, step: int):
+    super().__init__(f'preempted: saved a checkpoint at step {step}')
+    self.step = step
+
+
+# ---------------------------------------------------------------- state ---
+
+
+def _split(model: nnx.Module):
+  graphdef, params, stats, rest = nnx.split(
+    model, nnx.Param, nnx.BatchStat, ...
+  )
+  return graphdef, params, stats, rest
+
+
+def _step_rngs(rest_template: Any, key: jax.Array) -> Any:
+  """Fresh dropout streams for one step: leaf i gets `fold_in(key, i)`."""
+  leaves, treedef = jax.tree.flatten(rest_template)
+  out = []
+  for i, leaf in enumerate(leaves):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      out.append(jax.random.fold_in(key, i))
+    else:
+      out.append(jnp.zeros(leaf.shape, leaf.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir that holds a run of another config; writes ours."""
+  path = os.path.join(workdir, 'config.json')
+  ours = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      theirs = json.load(f)
+
+    def get(d, dotted):
+      for part in dotted.split('.'):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+      return d
+
+    diff = [k for k in _RUN_IDENTITY if get(ours, k) != get(theirs, k)]
+    if diff:
+      raise ConfigError(
+        f'{workdir} holds a run of another config ({", ".join(diff)} '
+        f'differ); use a new --workdir or the same config'
+      )
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(ours, f, indent=2)
+
+
+def _init_model(config: ml_collections.ConfigDict, num_classes: int):
+  options = dict(config.model.options.to_dict())
+  options.setdefault('dtype', config.model.dtype)
+  src = config.model.init_from
+  if not src:
+    return models.create(
+      config.model.arch,
+      num_classes=num_classes,
+      rngs=nnx.Rngs(config.seed),
+      **options,
+    )
+  if src.endswith(('.pth', '.pt', '.npz')):
+    from deeplab_jax.convert import torch as torch_convert
+
+    model = torch_convert.load(
+      config.model.arch,
+      torch_convert.read_state_dict(src),
+      num_classes=num_classes,
+      seed=config.seed,
+      **options,
+    )
+    logging.info('init_from %s (%s)', src, model.source_layout)
+    return model
+  model = models.create(
+    config.model.arch,
+    num_classes=num_classes,
+    rngs=nnx.Rngs(config.seed),
+    **options,
+  )
+  loaded, meta = checkpointing.load_model(src)
+  if meta['model']['arch'] != config.model.arch:
+    raise ConfigError(
+      f'model.init_from {src} holds {meta["model"]["arch"]}, not '
+      f'{config.model.arch}'
+    )
+  # Copy every weight whose path and shape match; the rest (e.g. a
+  # classifier for another number of classes) keeps its initialisation.
+  _, src_w, _ = nnx.split(loaded, (nnx.Param, nnx.BatchStat), ...)
+  _, dst_w, _ = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
+  src_flat = dict(nnx.to_flat_state(src_w))
+  kept = 0
+  for path, var in nnx.to_flat_state(dst_w):
+    other = src_flat.get(path)
+    if other is not None and other[...].shape == var[...].shape:
+      var[...] = other[...]
+      kept += 1
+  nnx.update(model, dst_w)
+  logging.info('init_from %s: %d tensors loaded', src, kept)
+  return model
+
+
+# ------------------------------------------------------------ the steps ---
+
+
+def _make_steps(
+  config,
+  graphdef,
+  eval_graphdef,
+  rest_template,
+  tx,
+  schedule,
+  num_classes,
+  mesh,
+):
+  class_weights = config.loss.class_weights
+  ohem = config.loss.ohem_thresh or None
+  ema_decay = config.optim.ema_decay
+  base_key = jax.random.key(config.seed)
+
+  def loss_terms(out, labels):
+    ce = lambda logits: losses.cross_entropy(
+      logits,
+      labels,
+      class_weights=class_weights,
+      ohem_thresh=ohem,
+      ohem_min_kept=config.loss.ohem_min_kept,
+    )
+    loss = ce(out['out'])
+    if 'aux' in out and config.loss.aux_weight:
+      loss = loss + config.loss.aux_weight * ce(out['aux'])
+    return loss
+
+  def train_step(state, batch):
+    rngs = _step_rngs(
+      rest_template, jax.random.fold_in(base_key, state['step'])
+    )
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state['batch_stats'], rngs)
+      out = model(batch['image'])
+      _, _, stats, _ = _split(model)
+      return loss_terms(out, batch['label']), nnx.to_pure_dict(stats)
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state['params']
+    )
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new = dict(state, params=params, batch_stats=stats, opt_state=opt_state)
+    new['step'] = state['step'] + 1
+    if ema_decay:
+      new['ema'] = optim.ema_update(state['ema'], params, ema_decay)
+    logs = {
+      'loss': loss,
+      'lr': schedule(state['step']),
+      'grad_norm': optax.global_norm(grads),
+    }
+    return new, logs
+
+  def eval_step(params, stats, batch):
+    rngs = _step_rngs(rest_template, base_key)
+    model = nnx.merge(eval_graphdef, params, stats, rngs)
+    logits = model(batch['image'])['out']
+    pred = jnp.argmax(logits, axis=-1)
+
+    # Per-device counts, summed over the data axis (a scatter-add over a
+    # sharded array would otherwise be gathered first).
+    def local(pred, label, mask):
+      cm = metrics.confusion_matrix(pred, label, num_classes, mask)
+      return jax.lax.psum(cm, sharding.DATA_AXIS)
+
+    spec = jax.P(sharding.DATA_AXIS)
+    return jax.shard_map(
+      local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=jax.P()
+    )(pred, batch['label'], batch['mask'])
+
+  return train_step, eval_step
+
+
+# ---------------------------------------------------------------- logging ---
+
+
+class _Logger:
+  """metrics.jsonl (appended across resumes) + TensorBoard, process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self._writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._writer = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': step}
+    for k, v in values.items():
+      if isinstance(v, dict):
+        record[k] = v
+        for name, x in v.items():
+          if x == x:  # not NaN
+            self._writer.add_scalar(f'{k}/{name}', x, step)
+      else:
+        record[k] = float(v)
+        self._writer.add_scalar(k, float(v), step)
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._writer.close()
+
+
+# ------------------------------------------------------------ main loop ---
+
+
+def evaluate_params(
+  config, eval_step, params, stats, mesh, class_names
+) -> dict[str, Any]:
+  """mIoU etc. over the whole eval split (padded batches, nothing dropped)."""
+  num_classes = len(class_names)
+  total = jnp.zeros((num_classes, num_classes), jnp.int32)
+  for batch in pipeline.eval_batches(
+    config.data.dataset,
+    config.data.eval_split,
+    data_dir=config.data.data_dir,
+    global_batch_size=config.eval.batch_size,
+    mean=tuple(config.data.mean),
+    std=tuple(config.data.std),
+    pad_to=config.data.eval_pad_to,
+  ):
+    total = total + eval_step(params, stats, sharding.to_global(batch, mesh))
+  return metrics.summarize(np.asarray(jax.device_get(total)), class_names)
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it has checkpoints).
+
+  Returns:
+    The last evaluation summary (`miou`, per-class IoU, ...) and the final
+    step, as a dict.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh.shape)
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  if is_main:
+    _check_workdir(config, workdir)
+
+  input_cfg = pipeline.TrainInputConfig(
+    dataset=config.data.dataset,
+    data_dir=config.data.data_dir,
+    split=config.data.train_split,
+    global_batch_size=config.train.batch_size,
+    crop_size=tuple(config.data.crop_size),
+    scale_range=tuple(config.data.scale_range),
+    flip=config.data.flip,
+    photometric=config.data.photometric,
+    seed=config.seed,
+    num_workers=config.data.num_workers,
+    mean=tuple(config.data.mean),
+    std=tuple(config.data.std),
+  )
+  train_ds, spec = pipeline.train_dataset(input_cfg)
+  train_iter = iter(train_ds)
+  class_names = spec.class_names
+
+  model = _init_model(config, spec.num_classes)
+  graphdef, params, stats, rest = _split(model)
+  eval_model = nnx.view(model, use_running_average=True, deterministic=True)
+  eval_graphdef = _split(eval_model)[0]
+  rest_template = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(rest)
+  )
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  replicated = sharding.replicated(mesh)
+
+  params = nnx.to_pure_dict(params)
+  stats = nnx.to_pure_dict(stats)
+
+  def init_state(params, stats):
+    state = {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'batch_stats': stats,
+      'opt_state': tx.init(params),
+    }
+    if config.optim.ema_decay:
+      state['ema'] = jax.tree.map(jnp.copy, params)
+    return state
+
+  # State is created directly with its (replicated) sharding.
+  state = jax.jit(init_state, out_shardings=replicated)(params, stats)
+  del model, params, stats
+
+  train_step, eval_step = _make_steps(
+    config,
+    graphdef,
+    eval_graphdef,
+    rest_template,
+    tx,
+    schedule,
+    spec.num_classes,
+    mesh,
+  )
+  data_sharding = sharding.data_sharding(mesh)
+  train_step = jax.jit(
+    train_step,
+    in_shardings=(replicated, data_sharding),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    eval_step,
+    in_shardings=(replicated, replicated, data_sharding),
+    out_shardings=replicated,
+  )
+
+  ckpt = checkpointing.TrainCheckpointer(
+    os.path.join(workdir, 'checkpoints'),
+    every_steps=config.checkpoint.every_steps,
+    keep=config.checkpoint.keep,
+  )
+  meta_model = registry_description(config, spec.num_classes)
+  meta = {
+    'format': checkpointing.FORMAT,
+    'version': checkpointing.FORMAT_VERSION,
+    'model': meta_model,
+    'class_names': list(class_names),
+    'normalization': {
+      'mean': list(config.data.mean),
+      'std': list(config.data.std),
+    },
+    'dataset': config.data.dataset,
+  }
+
+  def weights_of(state):
+    merged = checkpointing.deep_merge(state['params'], state['batch_stats'])
+    return checkpointing.stringify_keys(merged)
+
+  def train_part(state):
+    return {
+      k: v for k, v in state.items() if k not in ('params', 'batch_stats')
+    }
+
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      state,
+    )
+    weights, train = ckpt.restore(
+      start,
+      abstract_weights=weights_of(abstract),
+      abstract_train=train_part(abstract),
+      data_iterator=train_iter,
+    )
+    weights = checkpointing.restore_keys(
+      weights, checkpointing.deep_merge(state['params'], state['batch_stats'])
+    )
+    state = dict(
+      train,
+      params=checkpointing.split_like(weights, state['params']),
+      batch_stats=checkpointing.split_like(weights, state['batch_stats']),
+    )
+    logging.info('resumed from step %d in %s', start, ckpt.directory)
+  first_step = int(jax.device_get(state['step']))
+
+  logger = _Logger(workdir, is_main)
+  stop = {'term': False}
+  if jax.process_count() == 1:
+    # Only set a flag: checkpointing inside a signal handler is unsafe.
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__('term', True))
+
+  def preempted(step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      return multihost_utils.reached_preemption_sync_point(step)
+    return stop['term']
+
+  from tqdm import tqdm
+
+  bar = tqdm(
+    total=config.train.num_steps,
+    initial=first_step,
+    disable=not is_main,
+    desc='train',
+    dynamic_ncols=True,
+  )
+  summary: dict[str, Any] = {}
+  last_log = (first_step, time.time())
+  last_good = first_step
+  logs = None
+  eval_params = (
+    (lambda s: s['ema']) if config.optim.ema_decay else (lambda s: s['params'])
+  )
+
+  def save(step: int, *, metrics_=None, force=False):
+    ckpt.save(
+      step,
+      weights=weights_of(state),
+      train_state=train_part(state),
+      data_iterator=train_iter,
+      meta=meta,
+      metrics=metrics_,
+      force=force,
+    )
+
+  try:
+    for step in range(first_step, config.train.num_steps):
+      batch = sharding.to_global(next(train_iter), mesh)
+      state, logs = train_step(state, batch)
+      done = step + 1
+      bar.update(1)
+      eval_now = done % config.eval.every_steps == 0 or (
+        done == config.train.num_steps
+      )
+      if done % config.train.log_every_steps == 0 or eval_now:
+        values = jax.device_get(logs)
+        if not all(np.isfinite(v) for v in values.values()):
+          ckpt.wait_until_finished()
+          raise TrainingDivergedError(
+            f'loss became {values["loss"]} between steps {last_good} and '
+            f'{done}; the last good checkpoint is kept in {ckpt.directory} '
+            f'(step {ckpt.latest_step()}). Lower optim.lr or check the data.'
+          )
+        last_good = done
+        now = time.time()
+        img_s = (
+          (done - last_log[0]) * config.train.batch_size / (now - last_log[1])
+        )
+        last_log = (done, now)
+        values['images_per_sec'] = img_s
+        logger.write(done, values)
+        bar.set_postfix(loss=f'{values["loss"]:.4f}', img_s=f'{img_s:.1f}')
+      step_metrics = None
+      if eval_now:
+        summary = evaluate_params(
+          config,
+          eval_step,
+          eval_params(state),
+          state['batch_stats'],
+          mesh,
+          class_names,
+        )
+        logger.write(
+          done,
+          {
+            'miou': summary['miou'],
+            'pixel_accuracy': summary['pixel_accuracy'],
+            'per_class_iou': summary['per_class_iou'],
+          },
+        )
+        step_metrics = {'miou': summary['miou']}
+        if is_main:
+          bar.write(f'step {done}: mIoU {100 * summary["miou"]:.2f}')
+      if ckpt.should_save(done) or done == config.train.num_steps:
+        save(done, metrics_=step_metrics, force=done == config.train.num_steps)
+      if preempted(done):
+        if done not in ckpt.all_steps():
+          save(done, force=True)
+        ckpt.wait_until_finished()
+        raise Preempted(done)
+  finally:
+    bar.close()
+    ckpt.wait_until_finished()
+    ckpt.close()
+    logger.close()
+  summary = dict(summary)
+  summary['step'] = int(jax.device_get(state['step']))
+  return summary
+
+
+def registry_description(config, num_classes: int) -> dict[str, Any]:
+  """The `meta['model']` record of a training run (arch + full config)."""
+  options = dict(config.model.options.to_dict())
+  options.setdefault('dtype', config.model.dtype)
+  cfg = models.registry.make_config(config.model.arch, **options)
+  import dataclasses
+
+  return {
+    'arch': config.model.arch,
+    'num_classes': num_classes,
+    'config': dataclasses.asdict(cfg),
+  }

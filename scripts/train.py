@@ -1,0 +1,74 @@
+r"""Trains a segmentation model.
+
+  python -m scripts.train --config configs/cityscapes_denseaspp.py \
+      --workdir runs/denseaspp161 [--config.train.batch_size=16 ...]
+
+The recipe is an ml_collections config (`configs/NAME.py[:variant]`); any
+key can be overridden with `--config.KEY=VALUE`. Re-running the same command
+resumes from the workdir's latest checkpoint. On a cluster, launch one
+process per host (see docs/distributed.md); `jax.distributed` is
+initialised when several processes are detected or the coordinator flags
+are given.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from deeplab_jax.cli import entry_point
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config',
+  None,
+  'Recipe file, e.g. configs/synthetic_demo.py[:smoke].',
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'host:port of process 0 (multi-host only).'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+
+
+@entry_point
+def main(argv):
+  del argv
+  import jax
+
+  if (
+    _COORDINATOR.value
+    or _NUM_PROCESSES.value
+    or any(v in os.environ for v in ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES'))
+  ):
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+  from deeplab_jax import train
+  from deeplab_jax.data import datasets
+
+  config = _CONFIG.value
+  if config.data.dataset == 'synthetic_shapes':
+    # Generated, not downloaded: prepare it on first use.
+    b = datasets.builder('synthetic_shapes', config.data.data_dir)
+    if not b.is_prepared() and jax.process_index() == 0:
+      datasets.prepare('synthetic_shapes', data_dir=config.data.data_dir)
+  try:
+    summary = train.train_and_evaluate(config, _WORKDIR.value)
+  except train.Preempted as e:
+    logging.warning('%s', e)
+    print(str(e))
+    sys.exit(0)
+  if jax.process_index() == 0:
+    print(
+      f'done: step {summary["step"]}, mIoU {100 * summary.get("miou", 0):.2f}'
+    )
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
