@@ -69,7 +69,12 @@ def prepare(
       message lists the expected file names and where to get them.
   """
   s = spec(name)
-  b = s.builder(data_dir=_data_dir(data_dir), file_format='array_record')
+  kwargs = {}
+  if name == 'image_folder' and manual_dir:
+    kwargs['class_names'] = image_folder.read_class_names(manual_dir)
+  b = s.builder(
+    data_dir=_data_dir(data_dir), file_format='array_record', **kwargs
+  )
   download_config = None
   if s.needs_manual_dir:
     if not manual_dir:

@@ -83,6 +83,9 @@ class SegmentationBuilder(
   # Files a manual-dir builder needs, with where to get them.
   MANUAL_FILES: tuple[str, ...] = ()
   SOURCE_URL = ''
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    'Put the files named in the builder docstring into --manual_dir.'
+  )
 
   def label_spec(self) -> LabelSpec:
     return self.LABEL_SPEC
