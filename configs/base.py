@@ -86,12 +86,12 @@ def smoke(c: ml_collections.ConfigDict, arch: str) -> ml_collections.ConfigDict:
   c.data.num_workers = 0
   c.data.photometric = False
   c.data.eval_pad_to = None
-  c.train.num_steps = 4
-  c.train.batch_size = 4
+  c.train.num_steps = 10
+  c.train.batch_size = 8
   c.train.log_every_steps = 2
-  c.eval.every_steps = 4
+  c.eval.every_steps = 10
   c.eval.batch_size = 8
-  c.checkpoint.every_steps = 2
+  c.checkpoint.every_steps = 5
   c.optim.grad_accum_steps = 1
   c.loss.class_weights = None
   c.loss.ohem_thresh = 0.0

@@ -197,7 +197,7 @@ def _make_steps(
     logs = {
       'loss': loss,
       'lr': schedule(state['step']),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
     }
     return new, logs
 

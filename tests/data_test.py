@@ -53,8 +53,13 @@ def test_synthetic_builder(synthetic_dir):
 
 
 def _cfg(data_dir, **kw):
-  args = dict(dataset='synthetic_shapes', data_dir=data_dir,
-              global_batch_size=4, crop_size=(32, 40), seed=3)
+  args = dict(
+    dataset='synthetic_shapes',
+    data_dir=data_dir,
+    global_batch_size=4,
+    crop_size=(32, 40),
+    seed=3,
+  )
   args.update(kw)
   return pipeline.TrainInputConfig(**args)
 
@@ -88,8 +93,13 @@ def test_two_hosts_get_disjoint_shards_that_cover_the_split(synthetic_dir):
   seen = []
   for host in range(2):
     batches = pipeline.eval_batches(
-      'synthetic_shapes', 'validation', data_dir=synthetic_dir,
-      global_batch_size=10, process_index=host, process_count=2)
+      'synthetic_shapes',
+      'validation',
+      data_dir=synthetic_dir,
+      global_batch_size=10,
+      process_index=host,
+      process_count=2,
+    )
     n = 0
     for batch in batches:
       assert batch['image'].shape[0] == 5  # per-host batch
@@ -99,8 +109,10 @@ def test_two_hosts_get_disjoint_shards_that_cover_the_split(synthetic_dir):
   # Training shards: disjoint halves of the split.
   import tensorflow_datasets as tfds
 
-  halves = [tfds.split_for_jax_process('train', process_index=i,
-                                       process_count=2) for i in range(2)]
+  halves = [
+    tfds.split_for_jax_process('train', process_index=i, process_count=2)
+    for i in range(2)
+  ]
   b = datasets.builder('synthetic_shapes', synthetic_dir)
   ids = [
     {b.as_data_source(split=h)[j]['image_id'] for j in range(160)}
@@ -112,8 +124,13 @@ def test_two_hosts_get_disjoint_shards_that_cover_the_split(synthetic_dir):
 def test_eval_covers_every_example_once_with_padding(synthetic_dir):
   total, pixels = 0, 0
   for batch in pipeline.eval_batches(
-    'synthetic_shapes', 'validation', data_dir=synthetic_dir,
-    global_batch_size=24, process_index=0, process_count=1):
+    'synthetic_shapes',
+    'validation',
+    data_dir=synthetic_dir,
+    global_batch_size=24,
+    process_index=0,
+    process_count=1,
+  ):
     assert batch['image'].shape == (24, 96, 128, 3)
     real = batch['mask'].any(axis=(1, 2))
     total += int(real.sum())
@@ -156,31 +173,42 @@ def test_image_folder_builder_and_errors(tmp_path):
 
   bad = str(tmp_path / 'bad')
   _image_folder(bad, bad_label=True)
-  with pytest.raises(base.DataError, match=r'train/masks/2\.png has label '
-                     r'values \[9\]'):
-    datasets.prepare('image_folder', data_dir=str(tmp_path / 't2'),
-                     manual_dir=bad)
+  with pytest.raises(
+    base.DataError,
+    match=r'train/masks/2\.png has label '
+    r'values \[9\]',
+  ):
+    datasets.prepare(
+      'image_folder', data_dir=str(tmp_path / 't2'), manual_dir=bad
+    )
   corrupt = str(tmp_path / 'corrupt')
   _image_folder(corrupt, corrupt=True)
   with pytest.raises(base.DataError, match=r'cannot decode .*images/1\.jpg'):
-    datasets.prepare('image_folder', data_dir=str(tmp_path / 't3'),
-                     manual_dir=corrupt)
+    datasets.prepare(
+      'image_folder', data_dir=str(tmp_path / 't3'), manual_dir=corrupt
+    )
 
 
 def _cityscapes_zips(root, n_train=2, n_val=1):
   os.makedirs(root)
   rng = np.random.RandomState(1)
-  with (zipfile.ZipFile(os.path.join(root, 'leftImg8bit_trainvaltest.zip'),
-                        'w') as zi,
-        zipfile.ZipFile(os.path.join(root, 'gtFine_trainvaltest.zip'),
-                        'w') as zl):
+  with (
+    zipfile.ZipFile(
+      os.path.join(root, 'leftImg8bit_trainvaltest.zip'), 'w'
+    ) as zi,
+    zipfile.ZipFile(os.path.join(root, 'gtFine_trainvaltest.zip'), 'w') as zl,
+  ):
     for split, n in (('train', n_train), ('val', n_val), ('test', 1)):
       for i in range(n):
         stem = f'aachen_{i:06d}_000019'
-        zi.writestr(f'leftImg8bit/{split}/aachen/{stem}_leftImg8bit.png',
-                    _png(rng.randint(0, 255, (16, 32, 3))))
-        zl.writestr(f'gtFine/{split}/aachen/{stem}_gtFine_labelIds.png',
-                    _png(rng.randint(0, 34, (16, 32))))
+        zi.writestr(
+          f'leftImg8bit/{split}/aachen/{stem}_leftImg8bit.png',
+          _png(rng.randint(0, 255, (16, 32, 3))),
+        )
+        zl.writestr(
+          f'gtFine/{split}/aachen/{stem}_gtFine_labelIds.png',
+          _png(rng.randint(0, 34, (16, 32))),
+        )
 
 
 def test_cityscapes_builder_maps_label_ids_to_train_ids(tmp_path):
@@ -195,20 +223,34 @@ def test_cityscapes_builder_maps_label_ids_to_train_ids(tmp_path):
   lut = cityscapes_spec().lut
   assert lut[7] == 0 and lut[26] == 13 and lut[33] == 18 and lut[0] == 255
   np.testing.assert_array_equal(mapped, lut[raw])
-  batch = next(pipeline.eval_batches('cityscapes', 'validation',
-                                     data_dir=data_dir, global_batch_size=2,
-                                     process_index=0, process_count=1))
+  batch = next(
+    pipeline.eval_batches(
+      'cityscapes',
+      'validation',
+      data_dir=data_dir,
+      global_batch_size=2,
+      process_index=0,
+      process_count=1,
+    )
+  )
   assert set(np.unique(batch['label'])) <= set(range(19)) | {255}
 
 
 def test_missing_files_and_unprepared_data_name_the_fix(tmp_path):
-  with pytest.raises(datasets.DatasetNotFoundError,
-                     match='gtFine_trainvaltest.zip.*cityscapes-dataset'):
+  with pytest.raises(
+    datasets.DatasetNotFoundError,
+    match='gtFine_trainvaltest.zip.*cityscapes-dataset',
+  ):
     os.makedirs(tmp_path / 'empty')
-    datasets.prepare('cityscapes', data_dir=str(tmp_path / 'd'),
-                     manual_dir=str(tmp_path / 'empty'))
-  with pytest.raises(datasets.DatasetNotFoundError,
-                     match='scripts.build_dataset --dataset ade20k'):
+    datasets.prepare(
+      'cityscapes',
+      data_dir=str(tmp_path / 'd'),
+      manual_dir=str(tmp_path / 'empty'),
+    )
+  with pytest.raises(
+    datasets.DatasetNotFoundError,
+    match='scripts.build_dataset --dataset ade20k',
+  ):
     datasets.open_split('ade20k', 'train', str(tmp_path / 'd'))
   with pytest.raises(Exception, match='unknown dataset'):
     datasets.spec('kitti')
@@ -222,10 +264,14 @@ def test_ade20k_builder(tmp_path):
     for split, n in (('training', 2), ('validation', 1)):
       for i in range(n):
         stem = f'ADE_{split[:5]}_{i:08d}'
-        z.writestr(f'ADEChallengeData2016/images/{split}/{stem}.jpg',
-                   _jpeg(rng.randint(0, 255, (12, 20, 3))))
-        z.writestr(f'ADEChallengeData2016/annotations/{split}/{stem}.png',
-                   _png(rng.randint(0, 151, (12, 20))))
+        z.writestr(
+          f'ADEChallengeData2016/images/{split}/{stem}.jpg',
+          _jpeg(rng.randint(0, 255, (12, 20, 3))),
+        )
+        z.writestr(
+          f'ADEChallengeData2016/annotations/{split}/{stem}.png',
+          _png(rng.randint(0, 151, (12, 20))),
+        )
   data_dir = str(tmp_path / 'tfds')
   datasets.prepare('ade20k', data_dir=data_dir, manual_dir=str(root))
   src, spec = datasets.open_split('ade20k', 'train', data_dir)

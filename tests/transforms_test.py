@@ -28,7 +28,7 @@ def test_random_crop_keeps_image_and_label_aligned():
   for _ in range(5):
     img, lab = transforms.random_crop(image, label, rng, (8, 9), (0, 0, 0))
     y0, x0 = int(img[0, 0, 1]), int(img[0, 0, 0])
-    np.testing.assert_array_equal(lab, label[y0:y0 + 8, x0:x0 + 9])
+    np.testing.assert_array_equal(lab, label[y0 : y0 + 8, x0 : x0 + 9])
 
 
 def test_flip_mirrors_both():
@@ -58,11 +58,18 @@ def test_train_augment_maps_labels_and_normalises():
   lut = np.full(256, IGNORE, np.uint8)
   lut[7] = 0
   lut[8] = 1
-  aug = transforms.TrainAugment(lut=lut, crop_size=(6, 6),
-                                scale_range=(1.0, 1.0), flip=False,
-                                mean=(10, 10, 10), std=(2, 2, 2))
-  ex = {'image': np.full((6, 6, 3), 14, np.uint8),
-        'label': np.array([7, 8, 9] * 12, np.uint8).reshape(6, 6, 1)}
+  aug = transforms.TrainAugment(
+    lut=lut,
+    crop_size=(6, 6),
+    scale_range=(1.0, 1.0),
+    flip=False,
+    mean=(10, 10, 10),
+    std=(2, 2, 2),
+  )
+  ex = {
+    'image': np.full((6, 6, 3), 14, np.uint8),
+    'label': np.array([7, 8, 9] * 12, np.uint8).reshape(6, 6, 1),
+  }
   out = aug(ex, np.random.default_rng(0))
   np.testing.assert_array_equal(out['image'], 2.0)
   assert out['label'].dtype == np.int32
