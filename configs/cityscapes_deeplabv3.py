@@ -1,0 +1,40 @@
+r"""DeepLabV3-ResNet101 on Cityscapes, mmsegmentation's 80k recipe.
+
+  python -m scripts.train --config configs/cityscapes_deeplabv3.py --workdir runs/dlv3_r101
+
+Output stride 8, SGD momentum 0.9, lr 0.01, weight decay 5e-4, poly 0.9,
+batch 8, 512x1024 crops, 80k steps, FCN auxiliary head with loss weight 0.4
+(mmsegmentation `deeplabv3_r101-d8_4xb2-80k_cityscapes-512x1024`).
+`:smoke` = tiny DeepLabV3 on synthetic data, a few steps.
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  c = base.get_base_config()
+  c.model.arch = 'deeplabv3_resnet101'
+  c.model.options.output_stride = 8
+  c.model.options.aux_head = True
+  c.data.dataset = 'cityscapes'
+  c.data.crop_size = (512, 1024)
+  c.data.num_workers = 8
+  c.data.photometric = True
+  c.data.eval_pad_to = (1024, 2048)
+  c.optim.name = 'sgd'
+  c.optim.lr = 0.01
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 5e-4
+  c.loss.aux_weight = 0.4
+  c.train.num_steps = 80_000
+  c.train.batch_size = 8
+  c.train.log_every_steps = 50
+  c.eval.every_steps = 8_000
+  c.checkpoint.every_steps = 2_000
+  if arg == 'smoke':
+    base.smoke(c, 'deeplabv3_resnet_tiny')
+    c.model.options.aux_head = True
+  elif arg:
+    raise ValueError(f'unknown variant {arg!r}; known: smoke')
+  c.lock()
+  return c

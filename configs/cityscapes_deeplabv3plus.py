@@ -1,0 +1,42 @@
+r"""DeepLabV3+-Xception65 on Cityscapes, mmsegmentation-style 80k recipe.
+
+  python -m scripts.train --config configs/cityscapes_deeplabv3plus.py --workdir runs/dlv3p_x65
+
+Output stride 16 (the paper's training stride), separable ASPP and decoder,
+SGD momentum 0.9, lr 0.01, weight decay 5e-4, poly 0.9, batch 8, 512x1024
+crops, 80k steps. Start from timm's ImageNet Xception-65 with
+`--config.model.init_from=xception65.pth`. `:resnet101` swaps in the
+ResNet-101 backbone with the FCN auxiliary head (loss weight 0.4).
+`:smoke` = tiny Xception DeepLabV3+ on synthetic data, a few steps.
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  c = base.get_base_config()
+  c.model.arch = 'deeplabv3plus_xception65'
+  c.model.options.output_stride = 16
+  c.data.dataset = 'cityscapes'
+  c.data.crop_size = (512, 1024)
+  c.data.num_workers = 8
+  c.data.photometric = True
+  c.data.eval_pad_to = (1024, 2048)
+  c.optim.name = 'sgd'
+  c.optim.lr = 0.01
+  c.optim.weight_decay = 5e-4
+  c.train.num_steps = 80_000
+  c.train.batch_size = 8
+  c.train.log_every_steps = 50
+  c.eval.every_steps = 8_000
+  c.checkpoint.every_steps = 2_000
+  if arg == 'resnet101':
+    c.model.arch = 'deeplabv3plus_resnet101'
+    c.model.options.aux_head = True
+    c.loss.aux_weight = 0.4
+  elif arg == 'smoke':
+    base.smoke(c, 'deeplabv3plus_xception_tiny')
+  elif arg:
+    raise ValueError(f'unknown variant {arg!r}; known: resnet101, smoke')
+  c.lock()
+  return c

@@ -1,0 +1,41 @@
+r"""DenseASPP-161 on Cityscapes (Yang et al., CVPR 2018): the main job.
+
+  python -m scripts.build_dataset --dataset cityscapes --manual_dir ~/cityscapes
+  python -m scripts.train --config configs/cityscapes_denseaspp.py --workdir runs/denseaspp161
+
+Recipe as reported for the paper's Cityscapes model: dilated DenseNet-161 at
+output stride 8, Adam (lr 3e-4, weight decay 1e-5), poly decay, batch 8,
+512x512 random crops, 80 epochs of the 2,975 fine training images
+(80 * 2975 / 8 = 29,750 steps), ImageNet-initialised backbone (set
+`--config.model.init_from=densenet161.pth`, torchvision's weights). The
+official model reaches 79.9 mIoU on val (80.6 multi-scale).
+`:smoke` = tiny DenseASPP on synthetic data, a few steps.
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  c = base.get_base_config()
+  c.model.arch = 'denseaspp161'
+  c.model.options.output_stride = 8
+  c.data.dataset = 'cityscapes'
+  c.data.crop_size = (512, 512)
+  c.data.scale_range = (0.5, 2.0)
+  c.data.num_workers = 8
+  c.data.eval_pad_to = (1024, 2048)
+  c.optim.name = 'adam'
+  c.optim.lr = 3e-4
+  c.optim.weight_decay = 1e-5
+  c.train.num_steps = 29_750
+  c.train.batch_size = 8
+  c.train.log_every_steps = 50
+  c.eval.every_steps = 2_975  # every 8 epochs
+  c.eval.batch_size = 8
+  c.checkpoint.every_steps = 1_000
+  if arg == 'smoke':
+    base.smoke(c, 'denseaspp_tiny')
+  elif arg:
+    raise ValueError(f'unknown variant {arg!r}; known: smoke')
+  c.lock()
+  return c
