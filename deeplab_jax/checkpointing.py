@@ -204,8 +204,9 @@ class TrainCheckpointer:
 
   Each step holds `model` (parameters + BatchNorm statistics, the format of
   `save_model`, so `load_model` works on training checkpoints too), `train`
-  (optimizer state, step, EMA), `data` (the Grain iterator state) and
-  `meta` (JSON). Saves are asynchronous with atomic commits; it keeps the
+  (optimizer state, step, EMA), `data` (JSON: the global position of the
+  input, which depends only on the step, seed and global batch) and `meta`
+  (JSON). Saves are asynchronous with atomic commits; it keeps the
   latest `keep` steps plus the best by `best_metric` (never only the best:
   a resume must not go back to an old best step); deletions go through a
   `trash/` rename so a crash during garbage collection leaves no
@@ -261,20 +262,18 @@ class TrainCheckpointer:
     *,
     weights: Mapping,
     train_state: Any,
-    data_iterator: Any,
+    data_state: Mapping[str, Any],
     meta: Mapping[str, Any],
     metrics: Mapping[str, float] | None = None,
     force: bool = False,
   ) -> bool:
-    """Starts an async save of `step` (the data state is read now)."""
-    import grain
-
+    """Starts an async save of `step`."""
     return self._mngr.save(
       step,
       args=ocp.args.Composite(
         model=ocp.args.StandardSave(weights),
         train=ocp.args.StandardSave(train_state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
+        data=ocp.args.JsonSave(dict(data_state)),
         meta=ocp.args.JsonSave(dict(meta)),
       ),
       metrics=dict(metrics) if metrics else None,
@@ -287,22 +286,19 @@ class TrainCheckpointer:
     *,
     abstract_weights: Mapping,
     abstract_train: Any,
-    data_iterator: Any,
-  ) -> tuple[dict, Any]:
+  ) -> tuple[dict, Any, dict]:
     """Restores `step` onto the given abstract targets (their shardings
-    decide the placement: a run can resume on another device count) and
-    positions `data_iterator`. Returns `(weights, train_state)`."""
-    import grain
-
+    decide the placement: a run can resume on another device count).
+    Returns `(weights, train_state, data_state)`."""
     out = self._mngr.restore(
       step,
       args=ocp.args.Composite(
         model=ocp.args.StandardRestore(abstract_weights),
         train=ocp.args.StandardRestore(abstract_train),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
+        data=ocp.args.JsonRestore(),
       ),
     )
-    return out['model'], out['train']
+    return out['model'], out['train'], dict(out['data'])
 
   def wait_until_finished(self) -> None:
     self._mngr.wait_until_finished()

@@ -27,7 +27,7 @@ from absl import logging
 from flax import nnx
 
 from deeplab_jax import checkpointing, losses, metrics, models, optim, sharding
-from deeplab_jax.data import pipeline
+from deeplab_jax.data import datasets, pipeline
 from deeplab_jax.errors import ConfigError, UserError
 
 # Config groups whose change makes a workdir's checkpoints incompatible.
@@ -311,8 +311,11 @@ def train_and_evaluate(
     mean=tuple(config.data.mean),
     std=tuple(config.data.std),
   )
-  train_ds, spec = pipeline.train_dataset(input_cfg)
-  train_iter = iter(train_ds)
+  spec = datasets.label_spec(config.data.dataset)
+  if config.data.dataset == 'image_folder':
+    spec = datasets.open_split(
+      'image_folder', config.data.train_split, config.data.data_dir
+    )[1]
   class_names = spec.class_names
 
   model = _init_model(config, spec.num_classes)
@@ -399,12 +402,20 @@ def train_and_evaluate(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       state,
     )
-    weights, train = ckpt.restore(
+    weights, train, data_state = ckpt.restore(
       start,
       abstract_weights=weights_of(abstract),
       abstract_train=train_part(abstract),
-      data_iterator=train_iter,
     )
+    if (
+      data_state.get('seed') != config.seed
+      or data_state.get('global_batch_size') != config.train.batch_size
+    ):
+      raise ConfigError(
+        f'checkpoint {start} was trained with seed {data_state.get("seed")} '
+        f'and batch {data_state.get("global_batch_size")}; resuming with '
+        'others would not replay the same data'
+      )
     weights = checkpointing.restore_keys(
       weights, checkpointing.deep_merge(state['params'], state['batch_stats'])
     )
@@ -415,6 +426,8 @@ def train_and_evaluate(
     )
     logging.info('resumed from step %d in %s', start, ckpt.directory)
   first_step = int(jax.device_get(state['step']))
+  train_ds, _ = pipeline.train_dataset(input_cfg, start_step=first_step)
+  train_iter = iter(train_ds)
 
   logger = _Logger(workdir, is_main)
   stop = {'term': False}
@@ -451,7 +464,11 @@ def train_and_evaluate(
       step,
       weights=weights_of(state),
       train_state=train_part(state),
-      data_iterator=train_iter,
+      data_state={
+        'seed': config.seed,
+        'global_batch_size': config.train.batch_size,
+        'global_next_index': step * config.train.batch_size,
+      },
       meta=meta,
       metrics=metrics_,
       force=force,

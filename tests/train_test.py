@@ -257,3 +257,55 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
   mngr.close()
   model, _ = checkpointing.load_model(os.path.join(workdir, 'checkpoints'))
   assert model.num_classes == 4
+
+
+def test_two_processes_equal_one_process(data_dir, tmp_path):
+  """2 processes x 4 CPU devices (gloo on 127.0.0.1) == 1 process x 8."""
+  overrides = {
+    'mesh.shape': (-1,),
+    'train.batch_size': 8,
+    'train.num_steps': 2,
+    'optim.name': 'sgd',
+    'optim.lr': 0.01,
+  }
+  single = str(tmp_path / 'single')
+  train.train_and_evaluate(_config(data_dir, **overrides), single)
+
+  import portpicker
+
+  port = portpicker.pick_unused_port()
+  multi = str(tmp_path / 'multi')
+  flags = [
+    f'--config.{k}={v}'
+    for k, v in (
+      ('train.batch_size', 8),
+      ('train.num_steps', 2),
+      ('optim.name', 'sgd'),
+      ('optim.lr', 0.01),
+    )
+  ]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
+  procs = [
+    subprocess.Popen(
+      _train_cmd(
+        multi,
+        data_dir,
+        *flags,
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ),
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  a, b = _flat(_weights(single)), _flat(_weights(multi))
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)

@@ -1,10 +1,9 @@
 """TFDS ArrayRecord source -> Grain -> per-host batches.
 
-Training: each host reads its own shard of the split
-(`tfds.split_for_jax_process`), shuffles with a seed, repeats, augments in
-Grain workers and batches `global_batch / process_count` examples. The
-iterator's state (a small JSON-able dict) goes into every checkpoint, so a
-resumed run sees exactly the batches an uninterrupted one would.
+Training: one seeded global order of (augmented) examples; each host reads
+only its slice of every global batch, in Grain workers. The data state is
+the step, so a resumed run sees exactly the batches an uninterrupted one
+would, on any number of hosts, devices or workers (see `train_dataset`).
 
 Evaluation: every example of the split exactly once, at full resolution;
 the last batch is padded with empty examples and every batch carries a
@@ -19,7 +18,6 @@ from collections.abc import Iterator
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
 from deeplab_jax.data import datasets, transforms
 from deeplab_jax.data.labels import IGNORE, LabelSpec
@@ -43,32 +41,30 @@ class TrainInputConfig:
   std: tuple[float, ...] = (58.395, 57.12, 57.375)
 
 
-def _host_split(split: str, process_index: int, process_count: int) -> str:
-  if process_count == 1:
-    return split
-  return tfds.split_for_jax_process(
-    split, process_index=process_index, process_count=process_count
-  )
-
-
 def train_dataset(
   cfg: TrainInputConfig,
   *,
+  start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> tuple[grain.IterDataset, LabelSpec]:
-  """The infinite, shuffled, augmented, batched per-host training dataset."""
+  """This host's part of the training batches, from `start_step` on.
+
+  One global order for every host count: the split is shuffled with the
+  seed and repeated, example `p` of that order is augmented with a random
+  stream derived from `p`, and global batch `b` is positions
+  `[b * G, (b + 1) * G)`. Host `i` of `n` reads only its slice
+  `[b * G + i * G / n, b * G + (i + 1) * G / n)`. The data state is
+  therefore just the step: resuming at step `s` on any number of hosts,
+  devices or workers sees exactly the batches an uninterrupted run would.
+  """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  if cfg.global_batch_size % pc:
-    raise ValueError(
-      f'batch {cfg.global_batch_size} not divisible by {pc} processes'
-    )
+  g = cfg.global_batch_size
+  if g % pc:
+    raise ValueError(f'batch {g} not divisible by {pc} processes')
+  per_host = g // pc
   source, spec = datasets.open_split(cfg.dataset, cfg.split, cfg.data_dir)
-  if pc > 1:
-    source, _ = datasets.open_split(
-      cfg.dataset, _host_split(cfg.split, pi, pc), cfg.data_dir
-    )
   augment = transforms.TrainAugment(
     lut=spec.lut,
     crop_size=tuple(cfg.crop_size),
@@ -78,15 +74,37 @@ def train_dataset(
     mean=tuple(cfg.mean),
     std=tuple(cfg.std),
   )
-  ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed).repeat()
-  ds = ds.random_map(augment, seed=cfg.seed + 1)
-  ds = ds.batch(cfg.global_batch_size // pc, drop_remainder=True)
+  ordered = grain.MapDataset.source(source).shuffle(seed=cfg.seed).repeat()
+  ordered = ordered.random_map(augment, seed=cfg.seed + 1)
+  owner = _HostPositions(ordered, g, per_host, pi)
+  start = start_step * per_host
+  ds = grain.MapDataset.range(start, _ENDLESS).map(owner)
+  ds = ds.batch(per_host, drop_remainder=True)
   it = ds.to_iter_dataset()
   if cfg.num_workers > 0:
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=cfg.num_workers)
     )
   return it, spec
+
+
+_ENDLESS = 2**50  # positions; far beyond any run
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostPositions:
+  """Host-local position `k` -> the example at its global position."""
+
+  ordered: grain.MapDataset
+  global_batch: int
+  per_host: int
+  process_index: int
+
+  def __call__(self, k: int) -> dict:
+    b, j = divmod(k, self.per_host)
+    return self.ordered[
+      b * self.global_batch + self.process_index * self.per_host + j
+    ]
 
 
 def _pad_batch(examples: list[dict], batch_size: int, hw: tuple[int, int]):
