@@ -22,6 +22,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # PyTorch .pth (converted on the fly, backbone-only sources allowed).
   c.model.init_from = ''
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU
+  # Normalise with the running BN statistics and stop updating them (the
+  # usual fine-tuning setting for small per-device batches at OS8); BN
+  # scales and biases still train.
+  c.model.freeze_bn = False
   # Architecture options passed to models.create (e.g. output_stride).
   c.model.options = ml_collections.ConfigDict()
 

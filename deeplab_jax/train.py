@@ -319,6 +319,8 @@ def train_and_evaluate(
   class_names = spec.class_names
 
   model = _init_model(config, spec.num_classes)
+  if config.model.freeze_bn:
+    model = nnx.view(model, use_running_average=True)
   graphdef, params, stats, rest = _split(model)
   eval_model = nnx.view(model, use_running_average=True, deterministic=True)
   eval_graphdef = _split(eval_model)[0]

@@ -340,12 +340,15 @@ LAYOUTS: tuple[Layout, ...] = (
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+  """A private copy: `Tensor.numpy()` shares memory, and JAX on CPU may
+  alias a NumPy buffer, so without the copy a later in-place update of the
+  PyTorch model (an optimizer step) would change the converted weights."""
   if hasattr(value, 'detach'):  # a torch.Tensor, without importing torch
     value = value.detach().cpu()
     if str(value.dtype) == 'torch.bfloat16':
       value = value.float()
-    return value.numpy()
-  return np.asarray(value)
+    return value.numpy().copy()
+  return np.array(value, copy=True)
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
