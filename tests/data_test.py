@@ -275,3 +275,69 @@ def test_ade20k_builder(tmp_path):
   src, spec = datasets.open_split('ade20k', 'train', data_dir)
   assert len(src) == 2 and spec.num_classes == 150
   assert spec.lut[0] == 255 and spec.lut[1] == 0 and spec.lut[150] == 149
+
+
+def _add(tar, name, data):
+  import tarfile
+
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def test_voc_aug_builder_merges_sbd_and_voc(tmp_path):
+  import tarfile
+
+  from scipy import io as sio
+
+  root = tmp_path / 'manual'
+  root.mkdir()
+  rng = np.random.RandomState(4)
+  voc_ids = {'train': ['a', 'b'], 'val': ['c']}
+  with tarfile.open(root / 'VOCtrainval_11-May-2012.tar', 'w') as t:
+    base_dir = 'VOCdevkit/VOC2012/'
+    for split, ids in voc_ids.items():
+      _add(
+        t,
+        f'{base_dir}ImageSets/Segmentation/{split}.txt',
+        '\n'.join(ids).encode(),
+      )
+    for i in ['a', 'b', 'c', 'd', 'e']:
+      _add(
+        t,
+        f'{base_dir}JPEGImages/{i}.jpg',
+        _jpeg(rng.randint(0, 255, (10, 14, 3))),
+      )
+    for i in ['a', 'b', 'c']:
+      label = rng.randint(0, 21, (10, 14))
+      label[0] = 255  # boundary pixels
+      # VOC ships palette PNGs.
+      im = Image.fromarray(label.astype(np.uint8), mode=None).convert('P')
+      buf = io.BytesIO()
+      im.save(buf, format='PNG')
+      _add(t, f'{base_dir}SegmentationClass/{i}.png', buf.getvalue())
+  with tarfile.open(root / 'benchmark.tgz', 'w:gz') as t:
+    sbd = 'benchmark_RELEASE/dataset/'
+    _add(t, f'{sbd}train.txt', b'd\na\n')
+    _add(t, f'{sbd}val.txt', b'e\nc\n')  # c is VOC val: left out of train
+    for i in ['a', 'c', 'd', 'e']:
+      buf = io.BytesIO()
+      sio.savemat(
+        buf,
+        {
+          'GTcls': {
+            'Segmentation': rng.randint(0, 21, (10, 14)).astype(np.uint8)
+          }
+        },
+      )
+      _add(t, f'{sbd}cls/{i}.mat', buf.getvalue())
+  data_dir = str(tmp_path / 'tfds')
+  datasets.prepare('voc_aug', data_dir=data_dir, manual_dir=str(root))
+  train_src, spec = datasets.open_split('voc_aug', 'train', data_dir)
+  val_src, _ = datasets.open_split('voc_aug', 'validation', data_dir)
+  train_ids = sorted(train_src[i]['image_id'] for i in range(len(train_src)))
+  assert train_ids == [b'a', b'b', b'd', b'e'] and len(val_src) == 1
+  assert spec.num_classes == 21
+  ex = {train_src[i]['image_id']: train_src[i] for i in range(len(train_src))}
+  assert (ex[b'a']['label'][0] == 255).all()  # the VOC PNG wins over SBD
+  assert ex[b'd']['label'].max() <= 20

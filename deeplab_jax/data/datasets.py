@@ -14,6 +14,7 @@ from deeplab_jax.data.builders import (
   cityscapes,
   image_folder,
   synthetic,
+  voc,
 )
 from deeplab_jax.errors import UserError
 
@@ -39,6 +40,7 @@ DATASETS = {
   'cityscapes': DatasetSpec(cityscapes.CityscapesFine, True),
   'ade20k': DatasetSpec(ade20k.Ade20k, True),
   'image_folder': DatasetSpec(image_folder.ImageFolder, True),
+  'voc_aug': DatasetSpec(voc.VocAug, True),
 }
 
 
