@@ -38,8 +38,7 @@ def _smp(
     ('resnet50', 'deeplabv3plus_resnet50', 16, [(256, 384), (320, 192)]),
     ('resnet50', 'deeplabv3plus_resnet50', 8, [(192, 128), (128, 200)]),
     ('tu-xception65', 'deeplabv3plus_xception65', 16, [(256, 384), (320, 192)]),
-    ('tu-xception65', 'deeplabv3plus_xception65', 8,
-     [(128, 192), (200, 128)]),
+    ('tu-xception65', 'deeplabv3plus_xception65', 8, [(128, 192), (200, 128)]),
   ],
 )
 def test_smp_deeplabv3plus_parity(encoder, arch, output_stride, sizes):
