@@ -26,6 +26,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # usual fine-tuning setting for small per-device batches at OS8); BN
   # scales and biases still train.
   c.model.freeze_bn = False
+  # Recompute activations in the backward pass (less memory, more compute).
+  c.model.remat = False
   # Architecture options passed to models.create (e.g. output_stride).
   c.model.options = ml_collections.ConfigDict()
 
@@ -76,6 +78,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # ('data',) axis; -1 = every device
+  # 'replicated', or 'fsdp': large parameters and optimizer state split over
+  # the data axis (memory per device falls with the device count).
+  c.mesh.param_sharding = 'replicated'
   return c
 
 

@@ -179,11 +179,19 @@ def _make_steps(
       rest_template, jax.random.fold_in(base_key, state['step'])
     )
 
+    def forward(params, stats, rngs, images):
+      model = nnx.merge(graphdef, params, stats, rngs)
+      out = model(images)
+      return out, nnx.to_pure_dict(_split(model)[2])
+
+    if config.model.remat:
+      # Recompute the forward pass during backward: activation memory of
+      # one layer at a time for about a third more compute.
+      forward = jax.checkpoint(forward)
+
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state['batch_stats'], rngs)
-      out = model(batch['image'])
-      _, _, stats, _ = _split(model)
-      return loss_terms(out, batch['label']), nnx.to_pure_dict(stats)
+      out, stats = forward(params, state['batch_stats'], rngs, batch['image'])
+      return loss_terms(out, batch['label']), stats
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state['params']
@@ -344,8 +352,13 @@ def train_and_evaluate(
       state['ema'] = jax.tree.map(jnp.copy, params)
     return state
 
-  # State is created directly with its (replicated) sharding.
-  state = jax.jit(init_state, out_shardings=replicated)(params, stats)
+  # State is created directly with its sharding (replicated, or split over
+  # the data axis with `mesh.param_sharding='fsdp'`).
+  state_shapes = jax.eval_shape(init_state, params, stats)
+  state_sharding = sharding.state_shardings(
+    state_shapes, mesh, config.mesh.param_sharding
+  )
+  state = jax.jit(init_state, out_shardings=state_sharding)(params, stats)
   del model, params, stats
 
   train_step, eval_step = _make_steps(
@@ -361,13 +374,18 @@ def train_and_evaluate(
   data_sharding = sharding.data_sharding(mesh)
   train_step = jax.jit(
     train_step,
-    in_shardings=(replicated, data_sharding),
-    out_shardings=(replicated, replicated),
+    in_shardings=(state_sharding, data_sharding),
+    out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
+  eval_key = 'ema' if config.optim.ema_decay else 'params'
   eval_step = jax.jit(
     eval_step,
-    in_shardings=(replicated, replicated, data_sharding),
+    in_shardings=(
+      state_sharding[eval_key],
+      state_sharding['batch_stats'],
+      data_sharding,
+    ),
     out_shardings=replicated,
   )
 
@@ -401,7 +419,7 @@ def train_and_evaluate(
   start = ckpt.latest_step()
   if start is not None:
     abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       state,
     )
     weights, train, data_state = ckpt.restore(
