@@ -126,8 +126,6 @@ def jax_model(
 
 def torch_reference(arch: str, num_classes: int):
   """The PyTorch model `arch` is checked against (needs the test extra)."""
-  import torch
-
   if arch.startswith('deeplabv3_resnet'):
     from torchvision.models import segmentation
 
@@ -148,7 +146,6 @@ def torch_reference(arch: str, num_classes: int):
     return OfficialDenseASPP(
       c.growth_rate, c.init_features, c.blocks, c.d0, c.d1, num_classes
     )
-  del torch
   raise ValueError(f'no PyTorch reference for {arch}')
 
 

@@ -107,13 +107,6 @@ def test_one_device_equals_eight_devices(data_dir, tmp_path):
 
 def test_resume_from_eight_devices_on_one(data_dir, tmp_path):
   workdir = str(tmp_path / 'elastic')
-  c8 = _config(
-    data_dir,
-    **{'mesh.shape': (8,), 'train.batch_size': 8, 'train.num_steps': 4},
-  )
-  c8.unlock()
-  c8.checkpoint.every_steps = 2
-  c8.lock()
   # Stop after 2 steps by asking for fewer; then continue on one device.
   first = _config(
     data_dir,

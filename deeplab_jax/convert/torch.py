@@ -30,7 +30,6 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -543,12 +542,6 @@ def load(
   model.source_layout = layout.name
   model.fresh_weights = tuple(p.rstrip('.') for p in fresh)
   return model
-
-
-def to_numpy_tree(model: nnx.Module) -> dict[str, np.ndarray]:
-  """Our model's state as `dotted name -> np.ndarray` (for inspection)."""
-  flat = _flatten(nnx.to_pure_dict(nnx.state(model)))
-  return {_dotted(p): np.asarray(jax.device_get(v)) for p, v in flat.items()}
 
 
 def read_state_dict(path: str) -> Mapping[str, Any]:
