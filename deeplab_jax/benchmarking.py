@@ -20,6 +20,37 @@ from flax import nnx
 
 from deeplab_jax import losses, models
 
+# Dense peak TFLOP/s by device kind (vendor data sheets: NVIDIA H100/H200
+# SXM, A100 SXM; Google Cloud TPU system architecture pages). float32 on
+# NVIDIA is counted against TF32, which XLA and PyTorch use for float32
+# convolutions by default.
+PEAK_TFLOPS = {
+  'H100': {'bfloat16': 989.4, 'float32': 494.7},
+  'H200': {'bfloat16': 989.4, 'float32': 494.7},
+  'A100': {'bfloat16': 312.0, 'float32': 156.0},
+  'TPU v4': {'bfloat16': 275.0, 'float32': 275.0},
+  'TPU v5 lite': {'bfloat16': 197.0, 'float32': 197.0},
+  'TPU v5p': {'bfloat16': 459.0, 'float32': 459.0},
+  'TPU v6 lite': {'bfloat16': 918.0, 'float32': 918.0},
+}
+
+
+def peak_tflops(dtype: str) -> tuple[float, str]:
+  """The first device's peak TFLOP/s for `dtype`, and where it came from.
+
+  Accelerators: the data-sheet table above. CPU: a measured float32
+  matrix product (2048 x 2048, median of 5) on this process's devices.
+  """
+  device = jax.devices()[0]
+  for kind, peaks in PEAK_TFLOPS.items():
+    if kind in device.device_kind:
+      return peaks[dtype], 'data sheet'
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  seconds = _time(lambda: matmul(a), 5)
+  return 2 * n**3 / seconds / 1e12, 'measured matmul'
+
 
 def _peak_mem_mb() -> float:
   stats = jax.local_devices()[0].memory_stats() or {}
@@ -39,6 +70,27 @@ def _time(fn, steps: int) -> float:
   return float(np.median(times))
 
 
+def _flops(lowered) -> float:
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def _program_mb(compiled) -> float:
+  """Per-device bytes of a compiled program: live arguments, outputs not
+  aliased to them, and scratch (XLA's static memory analysis)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return float('nan')
+  total = (
+    m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    - m.alias_size_in_bytes
+    + m.temp_size_in_bytes
+  )
+  return total / 2**20
+
+
 def jax_model(
   arch: str,
   *,
@@ -48,8 +100,19 @@ def jax_model(
   dtype: str = 'float32',
   num_classes: int = 19,
   conv_lowering: str = 'auto',
+  devices: int = 1,
+  param_sharding: str = 'replicated',
 ) -> dict[str, Any]:
-  """Train and inference images/s, compile time, memory, FLOPs per image."""
+  """Train and inference images/s, compile time, memory, FLOPs, MFU.
+
+  `batch` is the global batch, split over the first `devices` devices
+  (`('data',)` mesh); `param_sharding` is the train state's rule
+  (`sharding.state_shardings`).
+  """
+  from deeplab_jax import sharding
+
+  mesh = sharding.make_mesh((devices,))
+  sharding.check_batch_size(batch, mesh)
   model = models.create(
     arch, num_classes=num_classes, rngs=nnx.Rngs(0), dtype=dtype
   )
@@ -61,8 +124,11 @@ def jax_model(
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   tx = optax.sgd(0.01, momentum=0.9)
   rng = np.random.RandomState(0)
-  images = jnp.asarray(rng.randn(batch, *size, 3), jnp.float32)
-  labels = jnp.asarray(rng.randint(0, num_classes, (batch, *size)))
+  data = sharding.data_sharding(mesh)
+  images = jax.device_put(rng.randn(batch, *size, 3).astype(np.float32), data)
+  labels = jax.device_put(
+    rng.randint(0, num_classes, (batch, *size)).astype(np.int32), data
+  )
 
   def train_step(state, images, labels):
     params, rest, opt_state = state
@@ -82,20 +148,23 @@ def jax_model(
   def infer(params, rest, images):
     return nnx.merge(eval_graphdef, params, rest)(images)['out']
 
-  # The train step donates its state; inference keeps its own copy.
-  infer_params = jax.tree.map(jnp.copy, params)
-  infer_rest = jax.tree.map(jnp.copy, rest)
   state = (params, rest, tx.init(params))
+  state_sh = sharding.state_shardings(state, mesh, param_sharding)
+  state = jax.device_put(state, state_sh)
+  # The train step donates its state; inference keeps its own copy.
+  infer_params, infer_rest = jax.tree.map(
+    jnp.copy, jax.device_put((params, rest), sharding.replicated(mesh))
+  )
   # FLOPs from the lowered (backend-independent) program: after compilation
   # GPU convolutions are library calls that XLA's cost analysis skips.
   lowered_infer = jax.jit(infer).lower(infer_params, infer_rest, images)
-  cost = lowered_infer.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get('flops', 0.0)) if cost else 0.0
+  lowered_train = jax.jit(
+    train_step,
+    donate_argnums=0,
+    out_shardings=(state_sh, sharding.replicated(mesh)),
+  ).lower(state, images, labels)
   t = time.perf_counter()
-  train_c = (
-    jax.jit(train_step, donate_argnums=0).lower(state, images, labels).compile()
-  )
+  train_c = lowered_train.compile()
   compile_train = time.perf_counter() - t
   t = time.perf_counter()
   infer_c = lowered_infer.compile()
@@ -109,18 +178,31 @@ def jax_model(
 
   train_s = _time(one_step, steps)
   infer_s = _time(lambda: infer_c(infer_params, infer_rest, images), steps)
+  train_flops, infer_flops = _flops(lowered_train), _flops(lowered_infer)
+  peak, peak_source = peak_tflops(dtype)
+  train_tflops = train_flops / train_s / 1e12
   return {
     'framework': 'jax',
     'arch': arch,
     'batch': batch,
+    'devices': devices,
+    'param_sharding': param_sharding,
     'size': f'{size[0]}x{size[1]}',
     'dtype': dtype,
     'device': jax.devices()[0].device_kind,
     'train_img_s': batch / train_s,
     'eval_img_s': batch / infer_s,
+    'step_ms': train_s * 1e3,
     'compile_s': compile_train + compile_infer,
     'peak_mem_mb': _peak_mem_mb(),
-    'gflops_per_img': flops / batch / 1e9,
+    'train_program_mb_per_device': _program_mb(train_c),
+    'gflops_per_img': infer_flops / batch / 1e9,
+    'train_gflops_per_img': train_flops / batch / 1e9,
+    'train_tflop_s': train_tflops,
+    'eval_tflop_s': infer_flops / infer_s / 1e12,
+    'peak_tflop_s': peak,
+    'peak_source': peak_source,
+    'train_mfu': train_tflops / peak,
   }
 
 

@@ -31,6 +31,28 @@ def confusion_matrix(
   return counts[: k * k].reshape(k, k).astype(jnp.int32)
 
 
+def sharded_confusion_matrix(
+  predictions: jax.Array,
+  labels: jax.Array,
+  mask: jax.Array,
+  num_classes: int,
+  mesh: jax.sharding.Mesh,
+  axis: str = 'data',
+) -> jax.Array:
+  """`confusion_matrix` of batches split over `mesh`'s `axis`: counted per
+  device and summed (a scatter-add over a sharded array would otherwise
+  gather the whole batch first). Returns the replicated `[K, K]` int32."""
+
+  def local(pred, label, mask):
+    cm = confusion_matrix(pred, label, num_classes, mask)
+    return jax.lax.psum(cm, axis)
+
+  spec = jax.P(axis)
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=jax.P()
+  )(predictions, labels, mask)
+
+
 def summarize(
   confusion: np.ndarray, class_names: Sequence[str] | None = None
 ) -> dict:

@@ -215,16 +215,9 @@ def _make_steps(
     logits = model(batch['image'])['out']
     pred = jnp.argmax(logits, axis=-1)
 
-    # Per-device counts, summed over the data axis (a scatter-add over a
-    # sharded array would otherwise be gathered first).
-    def local(pred, label, mask):
-      cm = metrics.confusion_matrix(pred, label, num_classes, mask)
-      return jax.lax.psum(cm, sharding.DATA_AXIS)
-
-    spec = jax.P(sharding.DATA_AXIS)
-    return jax.shard_map(
-      local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=jax.P()
-    )(pred, batch['label'], batch['mask'])
+    return metrics.sharded_confusion_matrix(
+      pred, batch['label'], batch['mask'], num_classes, mesh
+    )
 
   return train_step, eval_step
 

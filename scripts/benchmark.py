@@ -2,14 +2,22 @@ r"""Measures training / inference speed and memory, JAX vs PyTorch, in one run.
 
   python -m scripts.benchmark --arch deeplabv3_resnet50 --batch 2 \
       --size 512x512 --steps 5 [--dtype bfloat16] [--torch]
+  python -m scripts.benchmark --arch deeplabv3_resnet_tiny --batch 1 \
+      --devices 1,2,4,8 --param_sharding replicated,fsdp   # scaling
   python -m scripts.benchmark --data --workers 0,1,2   # input pipeline
 
-Prints one JSON object per measurement (`framework`, `arch`, `batch`,
-`size`, `dtype`, `train_img_s`, `eval_img_s`, `peak_mem_mb`,
-`gflops_per_img`, ...) and a markdown table. `--torch` needs the test extra.
+Every measurement runs in a fresh child process, so peak memory (device
+`peak_bytes_in_use`, or process RSS on CPU) belongs to that one model and
+framework. Prints one JSON object per measurement (`framework`, `arch`,
+`batch`, `size`, `dtype`, `train_img_s`, `eval_img_s`, `peak_mem_mb`,
+`gflops_per_img`, `train_tflop_s`, `train_mfu`, ...) and a markdown table.
+`--torch` needs the test extra. On CPU, `--devices N` simulates N devices
+(JAX_NUM_CPU_DEVICES) unless that variable is already set.
 """
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import tempfile
 
@@ -18,7 +26,13 @@ from absl import app, flags
 from deeplab_jax.cli import entry_point
 
 _ARCH = flags.DEFINE_list('arch', ['deeplabv3_resnet50'], 'Architectures.')
-_BATCH = flags.DEFINE_integer('batch', 2, 'Batch size.')
+_BATCH = flags.DEFINE_integer(
+  'batch', 2, 'Images per device (global batch = batch x devices).'
+)
+_DEVICES = flags.DEFINE_list('devices', ['1'], 'Data-parallel device counts.')
+_PARAM_SHARDING = flags.DEFINE_list(
+  'param_sharding', ['replicated'], 'Train-state rules: replicated, fsdp.'
+)
 _SIZE = flags.DEFINE_string('size', '512x512', 'Input HxW.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], '')
@@ -33,6 +47,8 @@ def _table(rows):
     'framework',
     'arch',
     'device',
+    'devices',
+    'param_sharding',
     'batch',
     'size',
     'dtype',
@@ -40,6 +56,7 @@ def _table(rows):
     'eval_img_s',
     'peak_mem_mb',
     'gflops_per_img',
+    'train_mfu',
   ]
   lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
   for r in rows:
@@ -72,6 +89,13 @@ def _cityscapes_size_folder(root):
     )
 
 
+def _isolated(fn, **kwargs):
+  """`fn(**kwargs)` in a fresh spawned process (own memory peak)."""
+  ctx = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+    return pool.submit(fn, **kwargs).result()
+
+
 @entry_point
 def main(argv):
   del argv
@@ -101,17 +125,32 @@ def main(argv):
         rows.append(row)
     return
   size = tuple(int(v) for v in _SIZE.value.split('x'))
+  counts = [int(n) for n in _DEVICES.value]
+  os.environ.setdefault('JAX_NUM_CPU_DEVICES', str(max(counts)))
   for arch in _ARCH.value:
-    kw = dict(
-      batch=_BATCH.value, size=size, steps=_STEPS.value, dtype=_DTYPE.value
-    )
-    row = benchmarking.jax_model(arch, conv_lowering=_LOWERING.value, **kw)
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+    for n in counts:
+      for rule in _PARAM_SHARDING.value:
+        kw = dict(
+          batch=_BATCH.value * n,
+          size=size,
+          steps=_STEPS.value,
+          dtype=_DTYPE.value,
+        )
+        row = _isolated(
+          benchmarking.jax_model,
+          arch=arch,
+          conv_lowering=_LOWERING.value,
+          devices=n,
+          param_sharding=rule,
+          **kw,
+        )
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     if _TORCH.value:
-      ref = benchmarking.torch_model(arch, **kw)
-      ref['jax_train_ratio'] = row['train_img_s'] / ref['train_img_s']
-      ref['jax_eval_ratio'] = row['eval_img_s'] / ref['eval_img_s']
+      ref = _isolated(benchmarking.torch_model, arch=arch, **kw)
+      jax_row = rows[-1]
+      ref['jax_train_ratio'] = jax_row['train_img_s'] / ref['train_img_s']
+      ref['jax_eval_ratio'] = jax_row['eval_img_s'] / ref['eval_img_s']
       print(json.dumps(ref), flush=True)
       rows.append(ref)
   print(_table(rows))

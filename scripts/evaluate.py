@@ -1,0 +1,115 @@
+r"""Evaluates a checkpoint on a prepared data set split: exact mIoU.
+
+  python -m scripts.evaluate --checkpoint W/checkpoints \
+      [--config configs/cityscapes_denseaspp.py] \
+      [--dataset cityscapes --split validation --data_dir DIR] \
+      [--mode slide --crop 512x1024 --stride 341x682] \
+      [--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip] \
+      [--output eval_out] [--cityscapes_label_ids]
+
+The data set defaults to the one recorded in the checkpoint (or the
+config's `data.dataset`, `data.data_dir` and `data.eval_split`). Prints a
+per-class table and writes `results.json`, `confusion.png`, `per_class.md`
+and TensorBoard scalars to `--output`; `--cityscapes_label_ids` also writes
+labelId PNGs for the official Cityscapes evaluation script.
+"""
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from deeplab_jax.cli import entry_point
+from deeplab_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Training config (data set, data_dir, eval split).'
+)
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, 'Checkpoint dir (scripts.train / scripts.convert_torch).'
+)
+_DATASET = flags.DEFINE_string('dataset', None, 'Data set name.')
+_SPLIT = flags.DEFINE_string('split', None, 'Split (default: validation).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
+_MODE = flags.DEFINE_enum('mode', 'whole', ['whole', 'slide'], 'Inference.')
+_CROP = flags.DEFINE_string('crop', None, 'Slide window HxW, e.g. 512x1024.')
+_STRIDE = flags.DEFINE_string('stride', None, 'Slide stride HxW (2/3 crop).')
+_SCALES = flags.DEFINE_list('scales', ['1.0'], 'Test scales, e.g. 0.5,1,1.5.')
+_FLIP = flags.DEFINE_bool('flip', False, 'Average with the mirrored image.')
+_BATCH = flags.DEFINE_integer('batch_size', 1, 'Images per step.')
+_MAX = flags.DEFINE_integer('max_examples', None, 'Only the first N images.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory for the results.')
+_LABEL_IDS = flags.DEFINE_bool(
+  'cityscapes_label_ids', False, 'Write Cityscapes labelId PNGs to --output.'
+)
+_FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
+
+
+def _hw(value):
+  if value is None:
+    return None
+  try:
+    h, w = (int(v) for v in value.lower().split('x'))
+  except ValueError:
+    raise UserError(f'expected HxW such as 512x1024, got {value!r}') from None
+  return h, w
+
+
+@entry_point
+def main(argv):
+  del argv
+  from deeplab_jax import checkpointing, evaluate, metrics
+
+  if _CHECKPOINT.value is None:
+    raise UserError('--checkpoint is required')
+  config = _CONFIG.value
+  model, meta = checkpointing.load_model(_CHECKPOINT.value)
+  dataset = _DATASET.value or (config and config.data.dataset)
+  dataset = dataset or meta.get('dataset')
+  if dataset is None:
+    raise UserError('the checkpoint names no data set; pass --dataset NAME')
+  data_dir = _DATA_DIR.value or (config and config.data.data_dir) or None
+  split = _SPLIT.value or (config and config.data.eval_split) or 'validation'
+  out = _OUTPUT.value and os.path.abspath(_OUTPUT.value)
+  if out and os.path.isdir(out) and os.listdir(out) and not _FORCE.value:
+    raise UserError(f'--output {out} is not empty; pass --force to write there')
+  if _LABEL_IDS.value and not out:
+    raise UserError('--cityscapes_label_ids needs --output')
+  mode = evaluate.InferenceMode(
+    mode=_MODE.value,
+    crop=_hw(_CROP.value),
+    stride=_hw(_STRIDE.value),
+    scales=tuple(float(s) for s in _SCALES.value),
+    flip=_FLIP.value,
+  )
+  writer = None
+  if _LABEL_IDS.value:
+    writer = evaluate.cityscapes_label_id_writer(os.path.join(out, 'labelIds'))
+  summary = evaluate.evaluate(
+    model,
+    meta,
+    dataset=dataset,
+    split=split,
+    data_dir=data_dir,
+    mode=mode,
+    batch_size=_BATCH.value,
+    max_examples=_MAX.value,
+    on_prediction=writer,
+    progress=True,
+  )
+  print(metrics.format_table(summary))
+  headline = {
+    k: summary[k] for k in ('miou', 'pixel_accuracy', 'mean_accuracy', 'fwiou')
+  }
+  headline.update(
+    num_images=summary['num_images'], images_per_s=summary['images_per_s']
+  )
+  print(json.dumps(headline))
+  if out:
+    for path in evaluate.write_results(summary, out):
+      print(path)
+
+
+if __name__ == '__main__':
+  app.run(main)
