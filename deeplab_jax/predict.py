@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -99,29 +99,66 @@ def read_image(path: str) -> np.ndarray:
     raise UserError(f'cannot decode image {path}: {e}') from e
 
 
-def predict_label_map(
-  model: nnx.Module, image: np.ndarray, meta: Mapping[str, Any]
-) -> tuple[np.ndarray, np.ndarray]:
-  """One uint8 RGB image -> (`[H, W]` class ids, `[H, W, K]` logits)."""
+def bucket_shape(hw: Sequence[int], bucket: int) -> tuple[int, int]:
+  """`(H, W)` rounded up to multiples of `bucket` (1 = unchanged)."""
+  return tuple(-(-int(d) // bucket) * bucket for d in hw)
+
+
+def predict_images(
+  model: nnx.Module,
+  meta: Mapping[str, Any],
+  paths: Sequence[str],
+  *,
+  batch_size: int = 4,
+  bucket: int = 32,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+  """Predicts image files in batches: yields `(path, [H, W] uint8 class
+  ids, [H, W, K] float32 logits)` in the order batches complete.
+
+  Images are zero-padded (after normalisation, i.e. with the mean colour)
+  at the bottom/right to a multiple of `bucket` and batched with others of
+  the same padded size, so a folder of mixed sizes compiles one program per
+  bucket instead of per image; the outputs are cropped back. `bucket=1`
+  pads nothing: every image is predicted exactly as alone (one compile per
+  distinct size). Partial batches are filled with blank images so each
+  bucket compiles once.
+  """
   norm = meta['normalization']
-  x = normalize(image, norm['mean'], norm['std'])[None]
-  out = np.asarray(logits(model, x))[0]
-  return out.argmax(-1).astype(np.uint8), out
+  pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
+
+  def run(hw, items):
+    x = np.zeros((batch_size, *hw, 3), np.float32)
+    for i, (_, image) in enumerate(items):
+      h, w = image.shape[:2]
+      x[i, :h, :w] = normalize(image, norm['mean'], norm['std'])
+    out = np.asarray(logits(model, x))
+    for i, (path, image) in enumerate(items):
+      h, w = image.shape[:2]
+      crop = out[i, :h, :w]
+      yield path, crop.argmax(-1).astype(np.uint8), crop
+
+  for path in paths:
+    image = read_image(path)
+    hw = bucket_shape(image.shape[:2], bucket)
+    pending.setdefault(hw, []).append((path, image))
+    if len(pending[hw]) == batch_size:
+      yield from run(hw, pending.pop(hw))
+  for hw, items in pending.items():
+    yield from run(hw, items)
 
 
 def write_prediction(
   image_path: str,
   output_dir: str,
-  model: nnx.Module,
+  label_map: np.ndarray,
   meta: Mapping[str, Any],
   *,
+  logits_: np.ndarray | None = None,
   with_overlay: bool = True,
-  save_logits: bool = False,
 ) -> list[str]:
-  """Predicts one image file and writes `<name>_label.png` (palette PNG),
-  `<name>_overlay.png` and optionally `<name>_logits.npy`."""
-  image = read_image(image_path)
-  label_map, out = predict_label_map(model, image, meta)
+  """Writes `<name>_label.png` (a palette PNG of class ids),
+  `<name>_overlay.png` (colours over the image) and, given `logits_`,
+  `<name>_logits.npy` for one predicted image."""
   palette = label_tables.default_palette(max(meta['model']['num_classes'], 1))
   stem = os.path.splitext(os.path.basename(image_path))[0]
   written = []
@@ -132,10 +169,11 @@ def write_prediction(
   written.append(path)
   if with_overlay:
     path = os.path.join(output_dir, f'{stem}_overlay.png')
+    image = read_image(image_path)
     Image.fromarray(overlay(image, colorize(label_map, palette))).save(path)
     written.append(path)
-  if save_logits:
+  if logits_ is not None:
     path = os.path.join(output_dir, f'{stem}_logits.npy')
-    np.save(path, out)
+    np.save(path, logits_)
     written.append(path)
   return written

@@ -23,6 +23,13 @@ _INPUT = flags.DEFINE_string('input', None, 'Image file, directory or glob.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the outputs.')
 _OVERLAY = flags.DEFINE_bool('overlay', True, 'Write colour overlays too.')
 _SAVE_LOGITS = flags.DEFINE_bool('save_logits', False, 'Write logits .npy.')
+_BATCH = flags.DEFINE_integer('batch_size', 4, 'Images per batch.')
+_BUCKET = flags.DEFINE_integer(
+  'bucket',
+  32,
+  'Pad sizes up to multiples of this so mixed sizes share compiled '
+  'programs; 1 = no padding (exact, one compile per size).',
+)
 _FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
 _DEMO = flags.DEFINE_bool(
   'demo', False, 'Use a tiny random model and a generated image.'
@@ -46,14 +53,20 @@ def main(argv):
   if checkpoint is None or pattern is None:
     raise UserError('pass --checkpoint and --input (or --demo)')
   model, meta = checkpointing.load_model(checkpoint)
-  for path in predict.find_images(pattern):
+  paths = predict.find_images(pattern)
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  if len(set(stems)) < len(stems):
+    raise UserError('two input images share a file name; outputs would clash')
+  for path, label_map, logits in predict.predict_images(
+    model, meta, paths, batch_size=_BATCH.value, bucket=_BUCKET.value
+  ):
     for written in predict.write_prediction(
       path,
       out,
-      model,
+      label_map,
       meta,
+      logits_=logits if _SAVE_LOGITS.value else None,
       with_overlay=_OVERLAY.value,
-      save_logits=_SAVE_LOGITS.value,
     ):
       print(written)
 

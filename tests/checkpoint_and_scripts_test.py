@@ -112,6 +112,8 @@ def test_convert_torch_script_then_predict_script(tmp_path):
     str(images),
     '--output',
     str(pred),
+    '--bucket',
+    '1',
   )
   assert r.returncode == 0, r.stderr
   assert sorted(os.listdir(pred)) == [

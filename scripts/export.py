@@ -1,0 +1,55 @@
+r"""Exports a checkpoint's inference function as a serialised artifact.
+
+  python -m scripts.export --checkpoint W/checkpoints --size 1024x2048 \
+      --output exported [--batch 1] [--saved_model]
+
+Writes `model.jax_export` (`jax.export`, symbolic batch unless --batch) and
+`export.json` (the checkpoint's metadata and input size); `--saved_model`
+also writes a TensorFlow SavedModel through jax2tf (needs TensorFlow).
+Reload with `deeplab_jax.export.load_exported(DIR)`.
+"""
+
+import os
+
+from absl import app, flags
+
+from deeplab_jax.cli import entry_point
+from deeplab_jax.errors import UserError
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint dir.')
+_SIZE = flags.DEFINE_string('size', None, 'Input HxW, e.g. 512x1024.')
+_BATCH = flags.DEFINE_integer('batch', None, 'Fixed batch (default: any).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory for the artifacts.')
+_SAVED_MODEL = flags.DEFINE_bool('saved_model', False, 'Also jax2tf.')
+_FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
+
+
+@entry_point
+def main(argv):
+  del argv
+  from deeplab_jax import checkpointing, export
+
+  if not (_CHECKPOINT.value and _SIZE.value and _OUTPUT.value):
+    raise UserError('pass --checkpoint, --size HxW and --output')
+  try:
+    h, w = (int(v) for v in _SIZE.value.lower().split('x'))
+  except ValueError:
+    raise UserError(f'--size must be HxW, got {_SIZE.value!r}') from None
+  out = os.path.abspath(_OUTPUT.value)
+  if os.path.isdir(out) and os.listdir(out) and not _FORCE.value:
+    raise UserError(f'--output {out} is not empty; pass --force to write there')
+  model, meta = checkpointing.load_model(_CHECKPOINT.value)
+  for path in export.export_dir(
+    model,
+    meta,
+    out,
+    height=h,
+    width=w,
+    batch=_BATCH.value,
+    saved_model=_SAVED_MODEL.value,
+  ):
+    print(path)
+
+
+if __name__ == '__main__':
+  app.run(main)

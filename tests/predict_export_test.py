@@ -1,0 +1,139 @@
+"""Batched, bucketed prediction on mixed sizes; export round trips."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from deeplab_jax import checkpointing, export, models, predict
+from deeplab_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = {'a': (37, 53), 'b': (64, 48), 'c': (40, 50), 'd': (37, 53)}
+
+
+@pytest.fixture(scope='module')
+def model_and_images(tmp_path_factory):
+  model = models.create(
+    'deeplabv3plus_resnet_tiny', num_classes=3, rngs=nnx.Rngs(0)
+  )
+  meta = checkpointing.model_metadata(model, class_names=('x', 'y', 'z'))
+  images = tmp_path_factory.mktemp('images')
+  rng = np.random.RandomState(0)
+  for name, hw in SIZES.items():
+    Image.fromarray(rng.randint(0, 255, (*hw, 3), np.uint8)).save(
+      images / f'{name}.png'
+    )
+  return model, meta, images
+
+
+def _alone(model, meta, path):
+  x = predict.normalize(predict.read_image(path), **meta['normalization'])
+  return np.asarray(predict.logits(model, x[None]))[0]
+
+
+def test_bucket_one_is_exact_and_buckets_keep_sizes(model_and_images):
+  model, meta, images = model_and_images
+  paths = predict.find_images(str(images))
+  exact = {
+    p: (lab, out)
+    for p, lab, out in predict.predict_images(
+      model, meta, paths, batch_size=2, bucket=1
+    )
+  }
+  assert sorted(exact) == paths
+  for p, (label_map, out) in exact.items():
+    np.testing.assert_allclose(
+      out, _alone(model, meta, p), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(label_map, out.argmax(-1))
+  padded = list(
+    predict.predict_images(model, meta, paths, batch_size=3, bucket=32)
+  )
+  assert sorted(p for p, _, _ in padded) == paths
+  for p, label_map, out in padded:
+    hw = SIZES[os.path.basename(p)[0]]
+    assert label_map.shape == hw and out.shape == (*hw, 3)
+  assert predict.bucket_shape((37, 53), 32) == (64, 64)
+  assert predict.bucket_shape((64, 48), 32) == (64, 64)
+
+
+def test_write_prediction_files_and_overlay_size(model_and_images, tmp_path):
+  model, meta, images = model_and_images
+  path = str(images / 'b.png')
+  [(_, label_map, out)] = predict.predict_images(model, meta, [path])
+  written = predict.write_prediction(
+    path, str(tmp_path), label_map, meta, logits_=out
+  )
+  assert [os.path.basename(w) for w in written] == [
+    'b_label.png',
+    'b_overlay.png',
+    'b_logits.npy',
+  ]
+  with Image.open(tmp_path / 'b_overlay.png') as im:
+    assert im.size == (48, 64) and im.mode == 'RGB'
+  np.testing.assert_array_equal(np.load(tmp_path / 'b_logits.npy'), out)
+
+
+def test_undecodable_image_is_named(tmp_path):
+  bad = tmp_path / 'broken.png'
+  bad.write_bytes(b'not a png')
+  with pytest.raises(UserError, match='broken.png'):
+    predict.read_image(str(bad))
+
+
+def test_export_round_trip_any_batch(model_and_images, tmp_path):
+  model, meta, _ = model_and_images
+  written = export.export_dir(model, meta, str(tmp_path), height=40, width=56)
+  assert [os.path.basename(w) for w in written] == [
+    'model.jax_export',
+    'export.json',
+  ]
+  fn, meta2 = export.load_exported(str(tmp_path))
+  assert meta2['class_names'] == ['x', 'y', 'z']
+  assert meta2['export'] == {'height': 40, 'width': 56, 'batch': None}
+  rng = np.random.RandomState(1)
+  for b in (1, 3):
+    x = rng.randn(b, 40, 56, 3).astype(np.float32)
+    np.testing.assert_allclose(
+      fn(x), predict.logits(model, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_export_script_from_a_checkpoint(model_and_images, tmp_path):
+  model, meta, _ = model_and_images
+  ckpt = str(tmp_path / 'ckpt')
+  checkpointing.save_model(ckpt, model, meta)
+  out = tmp_path / 'exported'
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'scripts.export',
+      '--checkpoint',
+      ckpt,
+      '--size',
+      '33x47',
+      '--batch',
+      '2',
+      '--output',
+      str(out),
+    ],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  fn, _ = export.load_exported(str(out))
+  x = np.random.RandomState(2).randn(2, 33, 47, 3).astype(np.float32)
+  np.testing.assert_allclose(
+    fn(x), predict.logits(model, x), rtol=1e-5, atol=1e-5
+  )
+  with pytest.raises(UserError, match='scripts.export'):
+    export.load_exported(str(tmp_path))
