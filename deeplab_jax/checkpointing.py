@@ -9,19 +9,31 @@ normalisation, so `--checkpoint DIR` is enough to rebuild and run the model.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
-from deeplab_jax.errors import CheckpointMismatchError, CheckpointNotFoundError
+from deeplab_jax.errors import (
+  CheckpointCorruptError,
+  CheckpointMismatchError,
+  CheckpointNotFoundError,
+  CheckpointWriteError,
+)
 from deeplab_jax.models import registry
 
 FORMAT = 'deeplab_jax.model'
 FORMAT_VERSION = 1
+TRASH = 'trash'  # Orbax's todelete_subdir: deletion is one atomic rename
+CORRUPT = 'corrupt'  # steps that failed verification, kept for inspection
 
 # ImageNet statistics in 0-255 pixel units, as torchvision/mmseg normalise.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -199,18 +211,94 @@ def split_like(tree: Mapping, template: Mapping) -> dict:
   }
 
 
+# ------------------------------------------------------------- integrity ---
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+  """Two uint32 position-weighted sums of an array's bits.
+
+  Integer sums wrap modulo 2**32, so the result does not depend on the
+  summation order, the sharding or the device count. Each element is
+  multiplied by an odd (invertible) weight, so a change of any single
+  element always changes the first sum; the second, differently weighted
+  and bit-mixed, makes an accidental match of multi-element damage a
+  ~2**-64 event.
+  """
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize in (1, 2):
+    udtype = jnp.uint8 if x.dtype.itemsize == 1 else jnp.uint16
+    bits = jax.lax.bitcast_convert_type(x, udtype).astype(jnp.uint32)
+  else:  # 8-byte types become [..., 2] uint32
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  bits = bits.reshape(-1)
+  i = jnp.arange(bits.size, dtype=jnp.uint32)
+  w1 = i * jnp.uint32(2) + jnp.uint32(1)
+  w2 = (i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
+  mixed = bits ^ (bits >> 15) ^ (bits << 7)
+  return jnp.stack(
+    [
+      jnp.sum(bits * w1, dtype=jnp.uint32),
+      jnp.sum(mixed * w2, dtype=jnp.uint32),
+    ]
+  )
+
+
+@jax.jit
+def _tree_digests(tree: Any) -> Any:
+  return jax.tree.map(_leaf_digest, tree)
+
+
+def array_digests(tree: Any) -> dict[str, list]:
+  """`{path: [d1, d2, shape, dtype]}` for every array leaf of `tree`,
+  computed on the devices holding it (any sharding gives the same value)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  values = jax.device_get(_tree_digests(tree))
+  flat = jax.tree_util.tree_flatten_with_path(values)[0]
+  return {
+    jax.tree_util.keystr(path): [
+      int(d[0]),
+      int(d[1]),
+      list(leaf.shape),
+      str(leaf.dtype),
+    ]
+    for (path, leaf), (_, d) in zip(leaves, flat, strict=True)
+  }
+
+
+def json_digest(record: Mapping[str, Any]) -> str:
+  """sha256 of a JSON item's canonical serialisation."""
+  text = json.dumps(record, sort_keys=True, separators=(',', ':'))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  line = text[0] if text else ''
+  return f'{type(e).__name__}: {line[:240]}'
+
+
 class TrainCheckpointer:
-  """Training checkpoints: Orbax `CheckpointManager` with explicit policies.
+  """Training checkpoints: Orbax `CheckpointManager` with explicit policies
+  and verified restores.
 
   Each step holds `model` (parameters + BatchNorm statistics, the format of
   `save_model`, so `load_model` works on training checkpoints too), `train`
   (optimizer state, step, EMA), `data` (JSON: the global position of the
-  input, which depends only on the step, seed and global batch) and `meta`
-  (JSON). Saves are asynchronous with atomic commits; it keeps the
-  latest `keep` steps plus the best by `best_metric` (never only the best:
-  a resume must not go back to an old best step); deletions go through a
-  `trash/` rename so a crash during garbage collection leaves no
-  half-deleted step listed.
+  input, which depends only on the step, seed and global batch), `meta`
+  (JSON) and `digests` (JSON: a content digest of every saved array and of
+  the data item, written in the same atomic commit).
+
+  Saves are asynchronous with atomic commits; it keeps the latest `keep`
+  steps plus the best by `best_metric` (never only the best: a resume must
+  not go back to an old best step). Deletions go through a `trash/` rename
+  so a crash during garbage collection leaves no half-deleted step listed;
+  `trash/` and unfinished temporary steps are removed when a run opens the
+  directory. `restore_latest` verifies every array against its digest and
+  falls back to the newest step that restores and verifies.
   """
 
   def __init__(
@@ -241,11 +329,19 @@ class TrainCheckpointer:
         ]
       ),
       cleanup_tmp_directories=True,
-      todelete_subdir='trash',
+      todelete_subdir=TRASH,
       enable_async_checkpointing=True,
     )
     self.directory = os.path.abspath(directory)
+    self._empty_trash()
+    self._failed = False
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  def _empty_trash(self) -> None:
+    """Steps that garbage collection renamed into `trash/` are gone from the
+    listing already; deleting them for real may be interrupted harmlessly."""
+    if jax.process_index() == 0:
+      shutil.rmtree(os.path.join(self.directory, TRASH), ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -267,41 +363,153 @@ class TrainCheckpointer:
     metrics: Mapping[str, float] | None = None,
     force: bool = False,
   ) -> bool:
-    """Starts an async save of `step`."""
-    return self._mngr.save(
-      step,
-      args=ocp.args.Composite(
-        model=ocp.args.StandardSave(weights),
-        train=ocp.args.StandardSave(train_state),
-        data=ocp.args.JsonSave(dict(data_state)),
-        meta=ocp.args.JsonSave(dict(meta)),
-      ),
-      metrics=dict(metrics) if metrics else None,
-      force=force,
+    """Starts an async save of `step` with the digests of its contents."""
+    digests = {
+      'model': array_digests(weights),
+      'train': array_digests(train_state),
+      'data': json_digest(data_state),
+    }
+    try:
+      return self._mngr.save(
+        step,
+        args=ocp.args.Composite(
+          model=ocp.args.StandardSave(weights),
+          train=ocp.args.StandardSave(train_state),
+          data=ocp.args.JsonSave(dict(data_state)),
+          meta=ocp.args.JsonSave(dict(meta)),
+          digests=ocp.args.JsonSave(digests),
+        ),
+        metrics=dict(metrics) if metrics else None,
+        force=force,
+      )
+    except Exception as e:  # an earlier async write failed (Orbax re-raises
+      # TensorStore's ValueError / OSError from its background thread)
+      raise self._write_error(e) from e
+
+  def _write_error(self, e: BaseException) -> CheckpointWriteError:
+    self._failed = True
+    return CheckpointWriteError(
+      f'could not write a checkpoint to {self.directory} ({_first_line(e)}); '
+      f'free disk space or fix permissions, then run the same command to '
+      f'resume from step {self._last_committed()}'
     )
 
-  def restore(
+  def _last_committed(self) -> int | None:
+    steps = (
+      [int(d) for d in os.listdir(self.directory) if d.isdigit()]
+      if os.path.isdir(self.directory)
+      else []
+    )
+    return max(steps, default=None)
+
+  def _restore_verified(
+    self, step: int, abstract_weights: Mapping, abstract_train: Any
+  ) -> tuple[dict, Any, dict]:
+    step_dir = os.path.join(self.directory, str(step))
+    has_digests = os.path.isdir(os.path.join(step_dir, 'digests'))
+    items = dict(
+      model=ocp.args.StandardRestore(abstract_weights),
+      train=ocp.args.StandardRestore(abstract_train),
+      data=ocp.args.JsonRestore(),
+    )
+    if has_digests:
+      items['digests'] = ocp.args.JsonRestore()
+    out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    if not has_digests:
+      logging.warning(
+        'checkpoint step %d has no digests (older format); not verified', step
+      )
+    else:
+      want = out['digests']
+      if json_digest(dict(out['data'])) != want['data']:
+        raise CheckpointCorruptError('item data: content digest mismatch')
+      for item in ('model', 'train'):
+        got = array_digests(out[item])
+        for key, digest in want[item].items():
+          if got.get(key) != digest:
+            raise CheckpointCorruptError(
+              f'item {item}: array {key} does not match its digest'
+            )
+    return out['model'], out['train'], dict(out['data'])
+
+  def restore_latest(
     self,
-    step: int,
     *,
     abstract_weights: Mapping,
     abstract_train: Any,
-  ) -> tuple[dict, Any, dict]:
-    """Restores `step` onto the given abstract targets (their shardings
-    decide the placement: a run can resume on another device count).
-    Returns `(weights, train_state, data_state)`."""
-    out = self._mngr.restore(
-      step,
-      args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(abstract_weights),
-        train=ocp.args.StandardRestore(abstract_train),
-        data=ocp.args.JsonRestore(),
-      ),
-    )
-    return out['model'], out['train'], dict(out['data'])
+  ) -> tuple[int, dict, Any, dict] | None:
+    """The newest step that restores and verifies, onto the given abstract
+    targets (their shardings decide the placement: a run can resume on
+    another device count).
+
+    Steps that fail are reported (step, item, reason) and, once an older
+    good step is found, moved to `corrupt/` (kept for inspection, and out
+    of the way of the steps the resumed run will save again). Returns
+    `(step, weights, train_state, data_state)`, or None when the directory
+    has no steps. Raises `CheckpointCorruptError` when steps exist but none
+    is usable, leaving everything in place.
+    """
+    bad = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self._restore_verified(
+          step, abstract_weights, abstract_train
+        )
+      except Exception as e:  # Orbax's errors share no base class
+        reason = _first_line(e)
+        logging.warning('checkpoint step %d is unusable: %s', step, reason)
+        bad.append((step, reason))
+        continue
+      if bad:
+        self._quarantine([b for b, _ in bad])
+        logging.warning(
+          'checkpoint step(s) %s in %s failed verification (%s); moved to '
+          '%s/, resuming from step %d',
+          ', '.join(str(b) for b, _ in bad),
+          self.directory,
+          bad[0][1],
+          CORRUPT,
+          step,
+        )
+      return (step, *restored)
+    if bad:
+      raise CheckpointCorruptError(
+        f'no usable checkpoint in {self.directory}: '
+        + '; '.join(f'step {b}: {r}' for b, r in bad)
+        + '. Nothing was changed; restore the steps from a backup or train '
+        'in a new --workdir'
+      )
+    return None
+
+  def _quarantine(self, steps: Sequence[int]) -> None:
+    if jax.process_index() == 0:
+      corrupt = os.path.join(self.directory, CORRUPT)
+      os.makedirs(corrupt, exist_ok=True)
+      for step in steps:
+        dst = os.path.join(corrupt, str(step))
+        n = 1
+        while os.path.exists(dst):
+          dst = os.path.join(corrupt, f'{step}.{n}')
+          n += 1
+        os.rename(os.path.join(self.directory, str(step)), dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices('deeplab_jax.quarantine')
+    self._mngr.reload()
 
   def wait_until_finished(self) -> None:
-    self._mngr.wait_until_finished()
+    """Blocks until the async save is committed; a failed write raises
+    `CheckpointWriteError` once (later calls, e.g. in cleanup, return)."""
+    if self._failed:
+      return
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e) from e
 
   def close(self) -> None:
+    if self._failed:
+      return  # the manager's threads hold the failed write's error
     self._mngr.close()
+    self._empty_trash()

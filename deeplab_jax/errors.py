@@ -22,3 +22,11 @@ class CheckpointMismatchError(UserError, ValueError):
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
   """No usable checkpoint where one was expected."""
+
+
+class CheckpointCorruptError(UserError, RuntimeError):
+  """No checkpoint step of a run can be restored and verified."""
+
+
+class CheckpointWriteError(UserError, OSError):
+  """A checkpoint could not be written (disk full, permissions, ...)."""

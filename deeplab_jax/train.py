@@ -409,17 +409,16 @@ def train_and_evaluate(
       k: v for k, v in state.items() if k not in ('params', 'batch_stats')
     }
 
-  start = ckpt.latest_step()
-  if start is not None:
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      state,
-    )
-    weights, train, data_state = ckpt.restore(
-      start,
-      abstract_weights=weights_of(abstract),
-      abstract_train=train_part(abstract),
-    )
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    state,
+  )
+  restored = ckpt.restore_latest(
+    abstract_weights=weights_of(abstract),
+    abstract_train=train_part(abstract),
+  )
+  if restored is not None:
+    start, weights, train, data_state = restored
     if (
       data_state.get('seed') != config.seed
       or data_state.get('global_batch_size') != config.train.batch_size

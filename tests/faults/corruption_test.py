@@ -1,0 +1,112 @@
+"""Damaged checkpoints: detected, reported, skipped; or a clear stop.
+
+Orbax stores no checksums (a flipped byte restores silently wrong) and has
+no fallback; every case here must resume from the newest good step and end
+bitwise equal to the undamaged run, or stop with a message and change
+nothing.
+"""
+
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import assert_bitwise_equal, config, weights
+
+from deeplab_jax import train
+from deeplab_jax.errors import CheckpointCorruptError
+
+OVERRIDES = {'train.num_steps': 6, 'checkpoint.every_steps': 2}
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+  """A finished 6-step run (checkpoints 4 and 6) and its final weights."""
+  workdir = str(tmp_path_factory.mktemp('ref') / 'run')
+  train.train_and_evaluate(config(data_dir, **OVERRIDES), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [
+    '4',
+    '6',
+  ]
+  return workdir, weights(workdir)
+
+
+def _array_file(step_dir, rng):
+  """The array data file of the model or the train item (seeded choice):
+  the largest file of the item's OCDBT store (small ones hold its index)."""
+  item = rng.choice(['model', 'train'])
+  files = glob.glob(os.path.join(step_dir, item, 'ocdbt.process_0', 'd', '*'))
+  return max(files, key=os.path.getsize)
+
+
+def flip_byte(step_dir, rng):
+  """One flipped bit in the middle half of the array bytes: Orbax restores
+  this silently wrong."""
+  path = _array_file(step_dir, rng)
+  data = bytearray(open(path, 'rb').read())
+  n = len(data)
+  data[rng.randint(n // 4, 3 * n // 4)] ^= 1 << rng.randint(8)
+  open(path, 'wb').write(bytes(data))
+
+
+def truncate(step_dir, rng):
+  path = _array_file(step_dir, rng)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def delete_file(step_dir, rng):
+  os.remove(_array_file(step_dir, rng))
+
+
+def edit_data_state(step_dir, rng):
+  """Valid JSON with another input position: restores without error."""
+  del rng
+  path = os.path.join(step_dir, 'data', 'metadata')
+  text = open(path).read()
+  assert '"global_next_index": 48' in text
+  with open(path, 'w') as f:
+    f.write(text.replace('"global_next_index": 48', '"global_next_index": 40'))
+
+
+DAMAGES = [flip_byte, truncate, delete_file, edit_data_state]
+# Orbax leaves a read coroutine unfinished when a damaged array fails to
+# load; Python reports it as unraisable when it is collected.
+pytestmark = pytest.mark.filterwarnings(
+  'ignore::pytest.PytestUnraisableExceptionWarning'
+)
+
+
+@pytest.mark.parametrize('damage', DAMAGES, ids=lambda d: d.__name__)
+def test_damaged_latest_step_falls_back(damage, reference, data_dir, tmp_path):
+  ref_dir, ref_weights = reference
+  rng = np.random.RandomState(hash(damage.__name__) % 2**31)
+  for trial in range(2 if damage is flip_byte else 1):
+    workdir = str(tmp_path / f'run{trial}')
+    shutil.copytree(ref_dir, workdir)
+    damage(os.path.join(workdir, 'checkpoints', '6'), rng)
+    summary = train.train_and_evaluate(config(data_dir, **OVERRIDES), workdir)
+    assert summary['step'] == 6
+    ckpts = os.path.join(workdir, 'checkpoints')
+    # The damaged step is kept for inspection, not deleted or reused.
+    assert os.listdir(os.path.join(ckpts, 'corrupt')) == ['6']
+    assert {'4', '6'} <= set(os.listdir(ckpts))
+    assert_bitwise_equal(weights(workdir), ref_weights)
+
+
+def test_no_good_step_stops_and_changes_nothing(reference, data_dir, tmp_path):
+  ref_dir, _ = reference
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(ref_dir, workdir)
+  rng = np.random.RandomState(0)
+  ckpts = os.path.join(workdir, 'checkpoints')
+  flip_byte(os.path.join(ckpts, '6'), rng)
+  delete_file(os.path.join(ckpts, '4'), rng)
+  before = sorted(os.listdir(ckpts))
+  with pytest.raises(CheckpointCorruptError) as e:
+    train.train_and_evaluate(config(data_dir, **OVERRIDES), workdir)
+  msg = str(e.value)
+  assert 'step 6: CheckpointCorruptError' in msg and 'step 4:' in msg
+  assert 'new --workdir' in msg and '\n' not in msg
+  assert sorted(os.listdir(ckpts)) == before
