@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -156,100 +154,6 @@ def _train_cmd(workdir, data_dir, *extra):
     f'--config.data.data_dir={data_dir}',
     *extra,
   ]
-
-
-def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1')
-
-
-def _wait_for_step(ckpt_dir, step, proc, timeout=300):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if os.path.isdir(os.path.join(ckpt_dir, str(step))):
-      return True
-    if proc.poll() is not None:
-      return False
-    time.sleep(0.02)
-  return False
-
-
-def test_sigkill_then_resume_equals_uninterrupted_run(data_dir, tmp_path):
-  steps = [
-    '--config.train.num_steps=40',
-    '--config.checkpoint.every_steps=5',
-    '--config.eval.every_steps=40',
-  ]
-  ref = str(tmp_path / 'ref')
-  r = subprocess.run(
-    _train_cmd(ref, data_dir, *steps),
-    cwd=REPO,
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert r.returncode == 0, r.stderr[-2000:]
-
-  killed = str(tmp_path / 'killed')
-  proc = subprocess.Popen(
-    _train_cmd(killed, data_dir, *steps),
-    cwd=REPO,
-    env=_env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  assert _wait_for_step(os.path.join(killed, 'checkpoints'), 5, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  latest = max(
-    int(d)
-    for d in os.listdir(os.path.join(killed, 'checkpoints'))
-    if d.isdigit()
-  )
-  assert latest < 40  # it really was interrupted
-  r = subprocess.run(
-    _train_cmd(killed, data_dir, *steps),
-    cwd=REPO,
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert r.returncode == 0, r.stderr[-2000:]
-  a, b = _flat(_weights(ref)), _flat(_weights(killed))
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
-  workdir = str(tmp_path / 'term')
-  proc = subprocess.Popen(
-    _train_cmd(
-      workdir,
-      data_dir,
-      '--config.train.num_steps=100000',
-      '--config.checkpoint.every_steps=3',
-      '--config.eval.every_steps=100000',
-    ),
-    cwd=REPO,
-    env=_env(),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  assert _wait_for_step(os.path.join(workdir, 'checkpoints'), 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-2000:]
-  step = int(out.strip().split()[-1])
-  assert f'saved a checkpoint at step {step}' in out
-  mngr = checkpointing.TrainCheckpointer(
-    os.path.join(workdir, 'checkpoints'), every_steps=3
-  )
-  assert mngr.latest_step() == step
-  mngr.close()
-  model, _ = checkpointing.load_model(os.path.join(workdir, 'checkpoints'))
-  assert model.num_classes == 4
 
 
 def test_two_processes_equal_one_process(data_dir, tmp_path):
