@@ -281,6 +281,15 @@ def _first_line(e: BaseException) -> str:
   return f'{type(e).__name__}: {line[:240]}'
 
 
+def _root_cause(e: BaseException) -> str:
+  """The innermost reason of a (chained) write error, on one line: storage
+  layers put the OS error last ('...: File too large [os_error_code=27]')."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = ' '.join(str(e).split())
+  return text if len(text) <= 200 else '...' + text[-200:]
+
+
 class TrainCheckpointer:
   """Training checkpoints: Orbax `CheckpointManager` with explicit policies
   and verified restores.
@@ -389,7 +398,7 @@ class TrainCheckpointer:
   def _write_error(self, e: BaseException) -> CheckpointWriteError:
     self._failed = True
     return CheckpointWriteError(
-      f'could not write a checkpoint to {self.directory} ({_first_line(e)}); '
+      f'could not write a checkpoint to {self.directory} ({_root_cause(e)}); '
       f'free disk space or fix permissions, then run the same command to '
       f'resume from step {self._last_committed()}'
     )

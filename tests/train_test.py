@@ -103,24 +103,6 @@ def test_one_device_equals_eight_devices(data_dir, tmp_path):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=k)
 
 
-def test_resume_from_eight_devices_on_one(data_dir, tmp_path):
-  workdir = str(tmp_path / 'elastic')
-  # Stop after 2 steps by asking for fewer; then continue on one device.
-  first = _config(
-    data_dir,
-    **{'mesh.shape': (8,), 'train.batch_size': 8, 'train.num_steps': 2},
-  )
-  train.train_and_evaluate(first, workdir)
-  summary = train.train_and_evaluate(
-    _config(
-      data_dir,
-      **{'mesh.shape': (1,), 'train.batch_size': 8, 'train.num_steps': 4},
-    ),
-    workdir,
-  )
-  assert summary['step'] == 4
-
-
 def test_workdir_of_another_config_and_bad_batch_are_refused(
   data_dir, tmp_path
 ):

@@ -13,6 +13,7 @@ pixel `mask` (False on padding) so nothing is dropped or counted twice.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 
 import grain
@@ -82,6 +83,12 @@ def train_dataset(
   ds = ds.batch(per_host, drop_remainder=True)
   it = ds.to_iter_dataset()
   if cfg.num_workers > 0:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+      # Grain's workers read absl flags; outside absl.app (notebooks,
+      # tests) they would raise UnparsedFlagAccessError.
+      flags.FLAGS(sys.argv[:1], known_only=True)
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=cfg.num_workers)
     )

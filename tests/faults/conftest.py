@@ -72,7 +72,12 @@ def assert_bitwise_equal(a, b):
 
 
 def train_cmd(workdir, data_dir, *overrides):
-  flags = [f'--config.{k}={v}' for k, v in BASE.items()]
+  # A flag given twice would not simply override (tuples get merged).
+  flags = [
+    f'--config.{k}={v}'
+    for k, v in BASE.items()
+    if not any(o.startswith(f'--config.{k}=') for o in overrides)
+  ]
   return [
     sys.executable,
     '-m',

@@ -1,0 +1,50 @@
+"""A checkpoint write that fails (file size limit: the kernel refuses the
+write, as on a full disk) stops the run with one line; the previous
+checkpoint is intact and the run resumes to the same final weights."""
+
+import os
+import resource
+import signal
+
+from conftest import (
+  assert_bitwise_equal,
+  run,
+  steps_in,
+  train_cmd,
+  weights,
+)
+
+EVERY = '--config.checkpoint.every_steps=5'
+
+
+def _limit_file_size():
+  # Without SIGXFSZ ignored the kernel kills the writer; ignored, the write
+  # fails with EFBIG like ENOSPC on a full disk.
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_failed_checkpoint_write_stops_clearly_then_resumes(data_dir, tmp_path):
+  ref = str(tmp_path / 'ref')
+  r = run(train_cmd(ref, data_dir, EVERY, '--config.train.num_steps=10'))
+  assert r.returncode == 0, r.stderr[-2000:]
+
+  workdir = str(tmp_path / 'full')
+  ckpts = os.path.join(workdir, 'checkpoints')
+  r = run(train_cmd(workdir, data_dir, EVERY, '--config.train.num_steps=5'))
+  assert r.returncode == 0 and steps_in(ckpts) == [5]
+  r = run(
+    train_cmd(workdir, data_dir, EVERY, '--config.train.num_steps=10'),
+    preexec_fn=_limit_file_size,
+  )
+  assert r.returncode == 1
+  lines = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
+  assert len(lines) == 1, r.stderr[-3000:]
+  assert 'could not write a checkpoint' in lines[0]
+  assert 'File too large' in lines[0] and 'resume from step 5' in lines[0]
+  assert steps_in(ckpts) == [5]
+
+  r = run(train_cmd(workdir, data_dir, EVERY, '--config.train.num_steps=10'))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert steps_in(ckpts) == [5, 10]
+  assert_bitwise_equal(weights(workdir), weights(ref))
