@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # scales and biases still train.
   c.model.freeze_bn = False
   # Recompute activations in the backward pass (less memory, more compute).
-  c.model.remat = False
+  c.model.remat = 'none'  # 'full': the whole forward; 'blocks': each block
   # Architecture options passed to models.create (e.g. output_stride).
   c.model.options = ml_collections.ConfigDict()
 

@@ -184,9 +184,11 @@ def _make_steps(
       out = model(images)
       return out, nnx.to_pure_dict(_split(model)[2])
 
-    if config.model.remat:
-      # Recompute the forward pass during backward: activation memory of
-      # one layer at a time for about a third more compute.
+    if config.model.remat in (True, 'full'):
+      # Recompute the whole forward pass during backward: activation
+      # memory of one layer at a time for about a third more compute.
+      # ('blocks' rematerialises each backbone block instead: see
+      # train_and_evaluate.)
       forward = jax.checkpoint(forward)
 
     def loss_fn(params):
@@ -322,6 +324,13 @@ def train_and_evaluate(
   model = _init_model(config, spec.num_classes)
   if config.model.freeze_bn:
     model = nnx.view(model, use_running_average=True)
+  if config.model.remat not in (False, True, 'none', 'full', 'blocks'):
+    raise ConfigError(
+      f"model.remat must be False, True/'full' or 'blocks', not "
+      f'{config.model.remat!r}'
+    )
+  if config.model.remat == 'blocks':
+    model = nnx.view(model, remat_blocks=True)
   graphdef, params, stats, rest = _split(model)
   eval_model = nnx.view(model, use_running_average=True, deterministic=True)
   eval_graphdef = _split(eval_model)[0]

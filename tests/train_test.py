@@ -204,13 +204,21 @@ def test_fsdp_and_remat_give_the_same_step(data_dir, tmp_path):
   train.train_and_evaluate(_config(data_dir, **common), plain)
   train.train_and_evaluate(
     _config(
-      data_dir, **common, **{'mesh.param_sharding': 'fsdp', 'model.remat': True}
+      data_dir,
+      **common,
+      **{'mesh.param_sharding': 'fsdp', 'model.remat': 'full'},
     ),
     fsdp,
   )
-  a, b = _flat(_weights(plain)), _flat(_weights(fsdp))
-  for k in a:
-    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+  blocks = str(tmp_path / 'blocks')
+  train.train_and_evaluate(
+    _config(data_dir, **common, **{'model.remat': 'blocks'}), blocks
+  )
+  a = _flat(_weights(plain))
+  for other in (fsdp, blocks):
+    b = _flat(_weights(other))
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
   summary = train.train_and_evaluate(
     _config(
       data_dir,
@@ -241,3 +249,20 @@ def test_fsdp_rule_splits_large_arrays_only():
   assert out['odd'].spec == jax.P() and out['bias'].spec == jax.P()
   with pytest.raises(ConfigError, match='fsdp'):
     sharding.state_shardings(state, mesh, 'zero3')
+
+
+def test_bfloat16_compute_trains_with_float32_weights(data_dir, tmp_path):
+  workdir = str(tmp_path / 'bf16')
+  summary = train.train_and_evaluate(
+    _config(data_dir, **{'model.dtype': 'bfloat16', 'train.num_steps': 10}),
+    workdir,
+  )
+  assert summary['step'] == 10 and np.isfinite(summary['miou'])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    losses = [json.loads(line)['loss'] for line in f if '"loss"' in line]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  weights = _flat(_weights(workdir))
+  assert {w.dtype for w in weights.values()} == {np.dtype('float32')}
+  model, _ = checkpointing.load_model(os.path.join(workdir, 'checkpoints'))
+  out = predict.logits(model, np.zeros((1, 32, 48, 3), np.float32))
+  assert out.dtype == np.float32

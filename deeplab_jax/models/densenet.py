@@ -96,7 +96,7 @@ class Transition(nnx.Module):
     return layers.avg_pool(y, 2, 2) if self.pool else y
 
 
-class DenseNet(nnx.Module):
+class DenseNet(layers.RematBlocks, nnx.Module):
   """Dilated DenseNet; returns `{'layer1': stride-4 features, 'out': norm5}`."""
 
   def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
@@ -137,7 +137,7 @@ class DenseNet(nnx.Module):
     feats = {}
     for i in range(1, 5):
       for layer in getattr(self, f'denseblock{i}'):
-        x = jnp.concatenate([x, layer(x)], axis=-1)
+        x = jnp.concatenate([x, self.block(layer, x)], axis=-1)
       if i == 1:
         feats['layer1'] = x
       transition = getattr(self, f'transition{i}')

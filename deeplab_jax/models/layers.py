@@ -514,3 +514,22 @@ def resize_bilinear(
     mw = jnp.asarray(interpolation_matrix(w, ow, align_corners), x.dtype)
     x = jnp.einsum('pw,bowc->bopc', mw, x, precision=hp)
   return x
+
+
+class RematBlocks:
+  """Mixin for backbones: `nnx.view(model, remat_blocks=True)` makes every
+  residual / dense / Xception block recompute its activations during the
+  backward pass (`nnx.remat`), keeping only block inputs alive."""
+
+  remat_blocks: bool = False
+
+  def set_view(self, remat_blocks: bool | None = None):
+    """Used by `nnx.view`: rematerialise each block in backward."""
+    if remat_blocks is not None:
+      self.remat_blocks = remat_blocks
+
+  def block(self, module: nnx.Module, *args):
+    """`module(*args)`, rematerialised when `remat_blocks` is on."""
+    if not self.remat_blocks:
+      return module(*args)
+    return nnx.remat(lambda m, *a: m(*a))(module, *args)

@@ -98,7 +98,7 @@ class Bottleneck(nnx.Module):
     return jax.nn.relu(y + shortcut)
 
 
-class ResNet(nnx.Module):
+class ResNet(layers.RematBlocks, nnx.Module):
   """Atrous ResNet returning the feature maps the heads need.
 
   Returns a dict: `layer1` (stride 4, the DeepLabV3+ low-level features),
@@ -152,6 +152,6 @@ class ResNet(nnx.Module):
     feats = {}
     for name in ('layer1', 'layer2', 'layer3', 'layer4'):
       for block in getattr(self, name):
-        x = block(x)
+        x = self.block(block, x)
       feats[name] = x
     return feats

@@ -131,7 +131,7 @@ class XceptionBlock(nnx.Module):
     return y, tap
 
 
-class Xception(nnx.Module):
+class Xception(layers.RematBlocks, nnx.Module):
   """Aligned Xception; returns `{'layer1': stride-4 low-level, 'out': last}`."""
 
   def __init__(self, config: XceptionConfig, *, rngs: nnx.Rngs):
@@ -170,7 +170,7 @@ class Xception(nnx.Module):
       x = conv(x)
     feats = {}
     for i, block in enumerate(self.blocks):
-      x, tap = block(x)
+      x, tap = self.block(block, x)
       if i == self.low_level_block:
         feats['layer1'] = tap
     feats['out'] = x
