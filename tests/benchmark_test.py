@@ -17,6 +17,15 @@ FIELDS = {
   'peak_mem_mb',
   'gflops_per_img',
 }
+JAX_FIELDS = FIELDS | {
+  'devices',
+  'param_sharding',
+  'compile_s',
+  'train_program_mb_per_device',
+  'train_tflop_s',
+  'peak_tflop_s',
+  'train_mfu',
+}
 
 
 def test_benchmark_prints_jax_and_torch_rows():
@@ -32,7 +41,11 @@ def test_benchmark_prints_jax_and_torch_rows():
       '--size',
       '64x64',
       '--steps',
-      '2',
+      '1',
+      '--devices',
+      '1,2',
+      '--param_sharding',
+      'fsdp',
     ],
     cwd=REPO,
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
@@ -44,9 +57,15 @@ def test_benchmark_prints_jax_and_torch_rows():
   rows = [
     json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')
   ]
-  assert [row['framework'] for row in rows] == ['jax']
-  assert FIELDS <= set(rows[0])
-  assert rows[0]['train_img_s'] > 0 and rows[0]['gflops_per_img'] > 0
+  assert [(r['devices'], r['param_sharding']) for r in rows] == [
+    (1, 'fsdp'),
+    (2, 'fsdp'),
+  ]
+  for row in rows:
+    assert JAX_FIELDS <= set(row) and row['framework'] == 'jax'
+    assert row['train_img_s'] > 0 and row['gflops_per_img'] > 0
+    assert 0 < row['train_mfu'] and row['peak_source'] == 'measured matmul'
+  assert rows[1]['batch'] == 4  # --batch is per device
   assert '| framework |' in r.stdout
 
 
