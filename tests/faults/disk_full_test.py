@@ -3,8 +3,7 @@ write, as on a full disk) stops the run with one line; the previous
 checkpoint is intact and the run resumes to the same final weights."""
 
 import os
-import resource
-import signal
+import sys
 
 from conftest import (
   assert_bitwise_equal,
@@ -17,11 +16,16 @@ from conftest import (
 EVERY = '--config.checkpoint.every_steps=5'
 
 
-def _limit_file_size():
-  # Without SIGXFSZ ignored the kernel kills the writer; ignored, the write
-  # fails with EFBIG like ENOSPC on a full disk.
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+# Sets the file size limit, then execs the command (both the limit and an
+# ignored signal survive exec). Without SIGXFSZ ignored the kernel kills
+# the writer; ignored, the write fails with EFBIG like ENOSPC on a full
+# disk. (A preexec_fn would run Python code between fork and exec.)
+LIMITED = (
+  'import os, resource, signal, sys; '
+  'signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+  'resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); '
+  'os.execv(sys.argv[1], sys.argv[1:])'
+)
 
 
 def test_failed_checkpoint_write_stops_clearly_then_resumes(data_dir, tmp_path):
@@ -33,10 +37,8 @@ def test_failed_checkpoint_write_stops_clearly_then_resumes(data_dir, tmp_path):
   ckpts = os.path.join(workdir, 'checkpoints')
   r = run(train_cmd(workdir, data_dir, EVERY, '--config.train.num_steps=5'))
   assert r.returncode == 0 and steps_in(ckpts) == [5]
-  r = run(
-    train_cmd(workdir, data_dir, EVERY, '--config.train.num_steps=10'),
-    preexec_fn=_limit_file_size,
-  )
+  cmd = train_cmd(workdir, data_dir, EVERY, '--config.train.num_steps=10')
+  r = run([sys.executable, '-c', LIMITED, *cmd])
   assert r.returncode == 1
   lines = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
   assert len(lines) == 1, r.stderr[-3000:]
