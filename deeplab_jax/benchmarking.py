@@ -58,6 +58,94 @@ def peak_tflops(dtype: str) -> tuple[float, str]:
   return 2 * n**3 / min(seconds) / 1e12, 'measured matmul'
 
 
+# Train steps traced when profiling (after the timed ones).
+PROFILE_STEPS = 3
+
+# Device kernels by kind, from their names (cuDNN / CUTLASS / XLA / PyTorch
+# kernels); the first kind whose words appear in a lower-cased name wins.
+KERNEL_KINDS = (
+  ('norm', ('bn_', 'batch_norm', 'batchnorm')),
+  ('conv', ('conv', 'xmma', 'implicit', 'fprop', 'dgrad', 'wgrad', 'cudnn')),
+  ('matmul', ('gemm', 'cublas', 'cutlass', 'matmul', 'nvjet')),
+  ('copy', ('transpose', 'copy', 'memcpy', 'memset', 'nchwtonhwc')),
+)
+
+
+def _kernel_kind(name: str) -> str:
+  lower = name.lower()
+  for kind, words in KERNEL_KINDS:
+    if any(w in lower for w in words):
+      return kind
+  return 'other'  # XLA fusions: elementwise, reductions, BN, loss
+
+
+def _device_kernels(events: list[dict]) -> list[tuple[str, float]]:
+  """`(name, microseconds)` of the device kernels in a Chrome/Perfetto trace:
+  PyTorch's `kernel`/`gpu_mem*` events, or JAX's events on a device process
+  (`/device:GPU:0`, TPU); host events are left out."""
+  device_pids = {
+    e['pid']
+    for e in events
+    if e.get('ph') == 'M'
+    and e.get('name') == 'process_name'
+    and '/device:' in str(e.get('args', {}).get('name', ''))
+  }
+  kernels = []
+  for e in events:
+    if e.get('ph') != 'X' or 'dur' not in e:
+      continue
+    cat = str(e.get('cat', ''))
+    if cat in ('kernel', 'gpu_memcpy', 'gpu_memset') or (
+      not cat and e.get('pid') in device_pids
+    ):
+      kernels.append((str(e.get('name', '')), float(e['dur'])))
+  return kernels
+
+
+def kernel_time_summary(profile_dir: str, steps: int) -> dict[str, Any]:
+  """Device kernel milliseconds per step by kind, and the top kernels.
+
+  Reads the newest trace under `profile_dir` (JAX's
+  `perfetto_trace.json.gz` or PyTorch's `torch_trace.json.gz`). Returns
+  `{}` where the trace holds no device kernels (XLA:CPU).
+  """
+  import glob
+  import gzip
+  import json
+  import os
+
+  pattern = os.path.join(profile_dir, '**', '*_trace.json.gz')
+  paths = [
+    p
+    for p in glob.glob(pattern, recursive=True)
+    if os.path.basename(p) in ('perfetto_trace.json.gz', 'torch_trace.json.gz')
+  ]
+  if not paths:
+    return {}
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  kernels = _device_kernels(events)
+  if not kernels:
+    return {}
+  by_kind: dict[str, float] = {}
+  by_name: dict[str, list[float]] = {}
+  for name, us in kernels:
+    kind = _kernel_kind(name)
+    by_kind[kind] = by_kind.get(kind, 0.0) + us
+    by_name.setdefault(name, []).append(us)
+  ms = {k: v / 1e3 / steps for k, v in sorted(by_kind.items())}
+  ms['total'] = sum(ms.values())
+  top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+  return {
+    'kernel_ms_per_step': ms,
+    'top_kernels': [
+      [name[:120], _kernel_kind(name), sum(t) / 1e3 / steps, len(t) // steps]
+      for name, t in top
+    ],
+  }
+
+
 def _peak_mem_mb() -> float:
   stats = jax.local_devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
@@ -76,10 +164,50 @@ def _time(fn, steps: int) -> float:
   return float(np.median(times))
 
 
-def _flops(lowered) -> float:
+def _xla_flops(lowered) -> float:
+  """XLA's cost-analysis FLOPs (0 where the backend gives none, as the
+  CUDA backend of JAX 0.11 does for the lowered program)."""
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def _subjaxprs(params):
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(v, jax.extend.core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jax.extend.core.Jaxpr):
+        yield v
+
+
+def matmul_flops(jaxpr) -> float:
+  """FLOPs (2 x multiply-adds) of every convolution and matrix product in a
+  jaxpr, nested calls included: the model FLOPs that MFU counts.
+
+  Independent of the backend and of how XLA later lowers each op, so the
+  same program counts the same on CPU and GPU.
+  """
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval.shape
+    if name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
+      window = np.prod([rhs[d] for d in spec[2:]])
+      total += 2.0 * np.prod(out) * rhs[spec[1]] * window
+    elif name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * np.prod(out) * np.prod([lhs[d] for d in contract])
+    for sub in _subjaxprs(eqn.params):
+      total += matmul_flops(sub)
+  return total
+
+
+def _program_flops(fn, *args) -> float:
+  return matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _program_mb(compiled) -> float:
@@ -108,19 +236,26 @@ def jax_model(
   conv_lowering: str = 'auto',
   devices: int = 1,
   param_sharding: str = 'replicated',
+  profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """Train and inference images/s, compile time, memory, FLOPs, MFU.
 
   `batch` is the global batch, split over the first `devices` devices
   (`('data',)` mesh); `param_sharding` is the train state's rule
-  (`sharding.state_shardings`).
+  (`sharding.state_shardings`). With `profile_dir`, `PROFILE_STEPS` more
+  train steps are traced there (TensorBoard / Perfetto) and the row gains
+  the device kernel time per step by kind (`kernel_time_summary`).
   """
   from deeplab_jax import sharding
 
   mesh = sharding.make_mesh((devices,))
   sharding.check_batch_size(batch, mesh)
   model = models.create(
-    arch, num_classes=num_classes, rngs=nnx.Rngs(0), dtype=dtype
+    arch,
+    num_classes=num_classes,
+    rngs=nnx.Rngs(0),
+    dtype=dtype,
+    **reference_overrides(arch),
   )
   model = nnx.view(model, conv_lowering=conv_lowering)
   train_model = nnx.view(model, deterministic=True)
@@ -161,8 +296,8 @@ def jax_model(
   infer_params, infer_rest = jax.tree.map(
     jnp.copy, jax.device_put((params, rest), sharding.replicated(mesh))
   )
-  # FLOPs from the lowered (backend-independent) program: after compilation
-  # GPU convolutions are library calls that XLA's cost analysis skips.
+  train_flops = _program_flops(train_step, state, images, labels)
+  infer_flops = _program_flops(infer, infer_params, infer_rest, images)
   lowered_infer = jax.jit(infer).lower(infer_params, infer_rest, images)
   lowered_train = jax.jit(
     train_step,
@@ -184,7 +319,12 @@ def jax_model(
 
   train_s = _time(one_step, steps)
   infer_s = _time(lambda: infer_c(infer_params, infer_rest, images), steps)
-  train_flops, infer_flops = _flops(lowered_train), _flops(lowered_infer)
+  kernels = {}
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(PROFILE_STEPS):
+        jax.block_until_ready(one_step())
+    kernels = kernel_time_summary(profile_dir, PROFILE_STEPS)
   peak, peak_source = peak_tflops(dtype)
   train_tflops = train_flops / train_s / 1e12
   return {
@@ -204,12 +344,30 @@ def jax_model(
     'train_program_mb_per_device': _program_mb(train_c),
     'gflops_per_img': infer_flops / batch / 1e9,
     'train_gflops_per_img': train_flops / batch / 1e9,
+    'xla_gflops_per_img': _xla_flops(lowered_infer) / batch / 1e9,
     'train_tflop_s': train_tflops,
     'eval_tflop_s': infer_flops / infer_s / 1e12,
     'peak_tflop_s': peak,
     'peak_source': peak_source,
     'train_mfu': train_tflops / peak,
+    **kernels,
   }
+
+
+def reference_overrides(arch: str) -> dict[str, Any]:
+  """Options that make `arch` the same network as `torch_reference(arch)`.
+
+  The `deeplabv3plus_*` archs default to the paper's layout (plain ASPP at
+  6/12/18 for ResNets); their PyTorch reference is smp's `DeepLabV3Plus`
+  with its defaults, so both frameworks are measured in smp's layout.
+  """
+  if arch.startswith('deeplabv3plus_'):
+    from deeplab_jax.convert import torch as torch_convert
+
+    return torch_convert.smp_deeplabv3plus_options(resnet='resnet' in arch)
+  if arch.startswith('denseaspp'):
+    return {'align_corners': True}  # the official model's nn.Upsample
+  return {}
 
 
 def torch_reference(arch: str, num_classes: int):
@@ -245,13 +403,17 @@ def torch_model(
   steps: int,
   dtype: str = 'float32',
   num_classes: int = 19,
+  profile_dir: str | None = None,
 ) -> dict[str, Any]:
-  """The PyTorch reference on the same shapes: channels_last, AMP for
-  bfloat16 (its fastest settings)."""
+  """The PyTorch reference on the same shapes, in its fastest eager
+  settings: channels_last, AMP for bfloat16, cuDNN autotuning on GPU.
+  `profile_dir` as in `jax_model` (`torch.profiler`)."""
   import torch
   import torch.nn.functional as F
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  # Fixed shapes: let cuDNN time its algorithms once, as mmsegmentation does.
+  torch.backends.cudnn.benchmark = True
   model = torch_reference(arch, num_classes).to(device)
   model = model.to(memory_format=torch.channels_last)
   images = torch.randn(batch, 3, *size, device=device).to(
@@ -296,6 +458,9 @@ def torch_model(
     torch.cuda.reset_peak_memory_stats()
   model.train()
   train_s = timed(train)
+  kernels = {}
+  if profile_dir:
+    kernels = _torch_profile(train, profile_dir)
   model.eval()
   infer_s = timed(infer)
   peak = (
@@ -315,7 +480,32 @@ def torch_model(
     'compile_s': 0.0,
     'peak_mem_mb': peak,
     'gflops_per_img': float('nan'),
+    **kernels,
   }
+
+
+def _torch_profile(step, profile_dir: str) -> dict[str, Any]:
+  """Traces `PROFILE_STEPS` calls of `step` with `torch.profiler` into
+  `profile_dir/torch_trace.json.gz` and summarises its kernels."""
+  import gzip
+  import os
+  import shutil
+
+  import torch
+
+  activities = [torch.profiler.ProfilerActivity.CPU]
+  if torch.cuda.is_available():
+    activities.append(torch.profiler.ProfilerActivity.CUDA)
+  os.makedirs(profile_dir, exist_ok=True)
+  with torch.profiler.profile(activities=activities) as prof:
+    for _ in range(PROFILE_STEPS):
+      step()
+  raw = os.path.join(profile_dir, 'torch_trace.json')
+  prof.export_chrome_trace(raw)
+  with open(raw, 'rb') as src, gzip.open(raw + '.gz', 'wb') as dst:
+    shutil.copyfileobj(src, dst)
+  os.remove(raw)
+  return kernel_time_summary(profile_dir, PROFILE_STEPS)
 
 
 def input_pipeline(

@@ -44,6 +44,12 @@ _MALLOC = flags.DEFINE_bool(
   'Run both frameworks with glibc malloc tuned to keep large step buffers '
   'mapped (GLIBC_TUNABLES; see docs/benchmarks.md).',
 )
+_PROFILE = flags.DEFINE_string(
+  'profile_dir',
+  None,
+  'Trace a few extra train steps of every measurement into a folder here '
+  '(TensorBoard / Perfetto) and report device kernel ms per step by kind.',
+)
 _DATA = flags.DEFINE_bool('data', False, 'Benchmark the input pipeline.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Grain workers.')
 
@@ -83,6 +89,27 @@ def _table(rows):
   return '\n'.join(lines)
 
 
+def _kernel_table(rows):
+  """Device kernel ms per train step by kind, next to the step time."""
+  kinds = ['conv', 'matmul', 'norm', 'copy', 'other', 'total']
+  lines = [
+    '| framework | arch | dtype | step ms | '
+    + ' | '.join(f'{k} ms' for k in kinds)
+    + ' |',
+    '|' + '---|' * (len(kinds) + 4),
+  ]
+  for r in rows:
+    ms = r['kernel_ms_per_step']
+    step = 1e3 * r['batch'] / r['train_img_s']
+    cells = [f'{ms.get(k, 0.0):.1f}' for k in kinds]
+    lines.append(
+      f'| {r["framework"]} | {r["arch"]} | {r["dtype"]} | {step:.1f} | '
+      + ' | '.join(cells)
+      + ' |'
+    )
+  return '\n'.join(lines)
+
+
 def _cityscapes_size_folder(root):
   """16 generated 1024x2048 PNG pairs as an image-folder data set."""
   import numpy as np
@@ -102,6 +129,12 @@ def _cityscapes_size_folder(root):
     Image.fromarray(np.asarray(label)).save(
       os.path.join(root, 'train', 'masks', f'{i}.png')
     )
+
+
+def _profile_kw(name):
+  if not _PROFILE.value:
+    return {}
+  return {'profile_dir': os.path.join(_PROFILE.value, name)}
 
 
 def _isolated(fn, **kwargs):
@@ -159,18 +192,27 @@ def main(argv):
           conv_lowering=_LOWERING.value,
           devices=n,
           param_sharding=rule,
+          **_profile_kw(f'jax_{arch}_{_DTYPE.value}_d{n}_{rule}'),
           **kw,
         )
         print(json.dumps(row), flush=True)
         rows.append(row)
     if _TORCH.value:
-      ref = _isolated(benchmarking.torch_model, arch=arch, **kw)
+      ref = _isolated(
+        benchmarking.torch_model,
+        arch=arch,
+        **_profile_kw(f'torch_{arch}_{_DTYPE.value}'),
+        **kw,
+      )
       jax_row = rows[-1]
       ref['jax_train_ratio'] = jax_row['train_img_s'] / ref['train_img_s']
       ref['jax_eval_ratio'] = jax_row['eval_img_s'] / ref['eval_img_s']
       print(json.dumps(ref), flush=True)
       rows.append(ref)
   print(_table(rows))
+  profiled = [r for r in rows if 'kernel_ms_per_step' in r]
+  if profiled:
+    print(_kernel_table(profiled))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {
   'framework',
@@ -77,3 +79,55 @@ def test_torch_reference_row_has_every_field():
   )
   assert FIELDS <= set(row) and row['framework'] == 'torch'
   assert row['train_img_s'] > 0 and row['eval_img_s'] > 0
+
+
+@pytest.mark.parametrize(
+  'arch',
+  [
+    'deeplabv3_resnet50',
+    'deeplabv3plus_resnet101',
+    'deeplabv3plus_xception65',
+    'denseaspp121',
+  ],
+)
+def test_jax_side_is_the_reference_network(arch):
+  # The converter reads the architecture off the PyTorch reference's own
+  # state dict; the benchmark must build exactly that configuration.
+  from deeplab_jax import benchmarking
+  from deeplab_jax.convert import torch as torch_convert
+  from deeplab_jax.models import registry
+  from tests.denseaspp_refs import official_state_dict
+
+  ref = benchmarking.torch_reference(arch, num_classes=19)
+  sd = ref.state_dict()
+  if arch.startswith('denseaspp'):
+    sd = official_state_dict(ref)  # the released checkpoints' key names
+  converted = torch_convert.load(arch, sd)
+  benchmarked = registry.make_config(
+    arch, **benchmarking.reference_overrides(arch)
+  )
+  assert converted.num_classes == 19
+  assert converted.config == benchmarked
+
+
+def test_matmul_flops_hand_counted():
+  import jax
+  import jax.numpy as jnp
+
+  from deeplab_jax import benchmarking
+  from deeplab_jax.models import layers
+
+  x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 4))
+  conv = 2 * (2 * 16 * 16 * 4) * (8 * 9)  # 2 x outputs x multiply-adds each
+  for lowering in ('native', 'im2col', 'taps'):
+    loss = lambda x, k, low=lowering: layers.conv2d(x, k, lowering=low).sum()
+    fwd = jax.make_jaxpr(loss)(x, k).jaxpr
+    bwd = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k).jaxpr
+    assert benchmarking.matmul_flops(fwd) == conv
+    assert (
+      benchmarking.matmul_flops(bwd) == 3 * conv
+    )  # + input and weight grads
+  # Nested (jit, checkpoint) calls are counted too.
+  nested = jax.jit(lambda a: jax.checkpoint(lambda a: a @ a)(a) @ a)
+  jaxpr = jax.make_jaxpr(nested)(jnp.ones((4, 5, 5))).jaxpr
+  assert benchmarking.matmul_flops(jaxpr) == 2 * (2 * 4 * 5 * 5 * 5)

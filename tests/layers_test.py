@@ -102,6 +102,13 @@ def test_choose_lowering_defaults():
   assert layers.choose_lowering((3, 3, 8, 8), 1, 'cpu') == 'im2col'
   assert layers.choose_lowering((3, 3, 1, 8), 8, 'cpu') == 'taps'
   assert layers.choose_lowering((3, 3, 8, 8), 1, 'gpu') == 'native'
+  # Dense dilated convolutions on GPU: one matmul over patches.
+  assert layers.choose_lowering((3, 3, 8, 8), 1, 'gpu', 2) == 'im2col'
+  assert layers.choose_lowering((1, 3, 8, 8), 1, 'gpu', (12, 12)) == 'im2col'
+  assert layers.choose_lowering((3, 1, 8, 8), 1, 'gpu', (1, 4)) == 'native'
+  assert layers.choose_lowering((1, 1, 8, 8), 1, 'gpu', 2) == 'native'
+  assert layers.choose_lowering((3, 3, 1, 8), 8, 'gpu', 2) == 'native'
+  assert layers.choose_lowering((3, 3, 8, 8), 1, 'tpu', 2) == 'native'
   with pytest.raises(ValueError, match='lowering'):
     layers.conv2d(
       jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), lowering='fft'

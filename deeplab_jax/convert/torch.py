@@ -229,20 +229,34 @@ def _smp_encoder(sd) -> str | None:
   return None
 
 
-def _smp_overrides(sd):
+def smp_deeplabv3plus_options(
+  *, aspp_separable: bool = True, aspp_extra_conv: bool = True, resnet: bool
+) -> dict[str, Any]:
+  """Model options that make a `deeplabv3plus_*` arch the network of
+  `segmentation_models_pytorch.DeepLabV3Plus` (its defaults: separable ASPP
+  at rates 12/24/36 followed by one more separable conv, one separable
+  decoder conv, corner-aligned upsampling)."""
   options = {
     'align_corners': True,
     'atrous_rates': (12, 24, 36),
-    # A depthwise weight `[C, 1, 3, 3]` marks separable ASPP branches.
-    'aspp_separable': 'decoder.aspp.0.convs.1.0.0.weight' in sd,
-    'aspp_extra_conv': 'decoder.aspp.1.0.weight' in sd,
+    'aspp_separable': aspp_separable,
+    'aspp_extra_conv': aspp_extra_conv,
     'decoder_convs': 1,
     'decoder_separable': True,
     'separable_bn_between': False,
   }
-  if 'encoder.conv1.weight' in sd:
+  if resnet:
     options['resnet_uniform_dilation'] = True
   return options
+
+
+def _smp_overrides(sd):
+  return smp_deeplabv3plus_options(
+    # A depthwise weight `[C, 1, 3, 3]` marks separable ASPP branches.
+    aspp_separable='decoder.aspp.0.convs.1.0.0.weight' in sd,
+    aspp_extra_conv='decoder.aspp.1.0.weight' in sd,
+    resnet='encoder.conv1.weight' in sd,
+  )
 
 
 def _smp_arch(sd):

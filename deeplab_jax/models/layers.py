@@ -157,23 +157,31 @@ def _per_tap(x, kernel, stride, dilation, padding, out_hw, depthwise):
 
 
 def choose_lowering(
-  kernel_shape: Sequence[int], groups: int, backend: str | None = None
+  kernel_shape: Sequence[int],
+  groups: int,
+  backend: str | None = None,
+  dilation: int | Sequence[int] = 1,
 ) -> str:
   """The lowering `'auto'` resolves to, from static shapes and the backend.
 
-  GPUs and TPUs have fast native convolutions (cuDNN, the TPU MXU path). On
-  XLA:CPU a dense convolution runs about 2x faster as one matmul over gathered
-  patches, and a depthwise one as a sum of per-tap multiplies
-  (docs/benchmarks.md, measured).
+  On XLA:CPU a dense convolution runs about 2x faster as one matmul over
+  gathered patches, and a depthwise one as a sum of per-tap multiplies.
+  GPUs and TPUs keep their native convolutions (cuDNN, the TPU MXU path),
+  except dense dilated ones on GPU: cuDNN's kernels for their weight
+  gradient are slow, and one matmul over patches made forward + backward
+  2.3-3.5x faster on an H200 (docs/benchmarks.md, measured; `dilation` is
+  the one left after padding-only taps are pruned).
   """
   backend = backend or jax.default_backend()
   kh, kw, cin_per_group, cout = kernel_shape
   if groups > 1:
     depthwise = cin_per_group == 1 and cout == groups
     return 'taps' if backend == 'cpu' and depthwise else 'native'
-  if backend != 'cpu':
-    return 'native'
-  return 'im2col'
+  if backend == 'cpu':
+    return 'im2col'
+  dh, dw = _pair(dilation)
+  dilated = (kh > 1 and dh > 1) or (kw > 1 and dw > 1)
+  return 'im2col' if backend == 'gpu' and dilated else 'native'
 
 
 def conv2d(
@@ -228,7 +236,7 @@ def conv2d(
     )
   )
   if lowering == 'auto':
-    lowering = choose_lowering(kernel.shape, groups)
+    lowering = choose_lowering(kernel.shape, groups, dilation=dilation)
   depthwise = groups > 1 and cin_g == 1 and cout == groups
   if lowering == 'native' or (groups > 1 and not depthwise):
     return _native(x, kernel, stride, dilation, pads, groups)
