@@ -27,7 +27,7 @@ from absl import logging
 from flax import nnx
 
 from deeplab_jax import checkpointing, losses, metrics, models, optim, sharding
-from deeplab_jax.data import datasets, pipeline
+from deeplab_jax.data import datasets, pipeline, transforms
 from deeplab_jax.errors import ConfigError, UserError
 
 # Config groups whose change makes a workdir's checkpoints incompatible.
@@ -160,6 +160,7 @@ def _make_steps(
   ohem = config.loss.ohem_thresh or None
   ema_decay = config.optim.ema_decay
   base_key = jax.random.key(config.seed)
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
 
   def loss_terms(out, labels):
     ce = lambda logits: losses.cross_entropy(
@@ -191,9 +192,12 @@ def _make_steps(
       # train_and_evaluate.)
       forward = jax.checkpoint(forward)
 
+    images = transforms.normalize_on_device(batch['image'], mean, std)
+    labels = batch['label'].astype(jnp.int32)
+
     def loss_fn(params):
-      out, stats = forward(params, state['batch_stats'], rngs, batch['image'])
-      return loss_terms(out, batch['label']), stats
+      out, stats = forward(params, state['batch_stats'], rngs, images)
+      return loss_terms(out, labels), stats
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state['params']

@@ -69,8 +69,9 @@ def test_train_pipeline_shapes_determinism_and_resume(synthetic_dir):
   it = iter(ds)
   first = [next(it) for _ in range(3)]
   b = first[0]
-  assert b['image'].shape == (4, 32, 40, 3) and b['image'].dtype == np.float32
-  assert b['label'].shape == (4, 32, 40) and b['label'].dtype == np.int32
+  # uint8 batches: the train step normalises on the device.
+  assert b['image'].shape == (4, 32, 40, 3) and b['image'].dtype == np.uint8
+  assert b['label'].shape == (4, 32, 40) and b['label'].dtype == np.uint8
   # Same seed -> same batches.
   again = iter(pipeline.train_dataset(_cfg(synthetic_dir))[0])
   for x in first:

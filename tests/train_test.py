@@ -3,16 +3,14 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from configs import synthetic_demo
 from deeplab_jax import checkpointing, predict, train
 from deeplab_jax.data import datasets
 from deeplab_jax.errors import ConfigError
+from tests.run_helpers import config, train_cmd, weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,39 +22,9 @@ def data_dir(tmp_path_factory):
   return d
 
 
-def _config(data_dir, **overrides):
-  c = synthetic_demo.get_config('smoke')
-  c.unlock()
-  c.data.data_dir = data_dir
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  c.lock()
-  return c
-
-
-def _weights(workdir):
-  model, _ = checkpointing.load_model(os.path.join(workdir, 'checkpoints'))
-  weights = nnx.state(model, (nnx.Param, nnx.BatchStat))
-  return checkpointing.stringify_keys(nnx.to_pure_dict(weights))
-
-
-def _flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[prefix + k] = np.asarray(v)
-  return out
-
-
 def test_smoke_run_logs_evaluates_and_checkpoints(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  summary = train.train_and_evaluate(_config(data_dir), workdir)
+  summary = train.train_and_evaluate(config(data_dir), workdir)
   assert summary['step'] == 10 and 0 <= summary['miou'] <= 1
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
@@ -84,7 +52,7 @@ def test_one_device_equals_eight_devices(data_dir, tmp_path):
   for n in (1, 8):
     workdir = str(tmp_path / f'dev{n}')
     train.train_and_evaluate(
-      _config(
+      config(
         data_dir,
         **{
           'mesh.shape': (n,),
@@ -96,7 +64,7 @@ def test_one_device_equals_eight_devices(data_dir, tmp_path):
       ),
       workdir,
     )
-    results.append(_flat(_weights(workdir)))
+    results.append(weights(workdir))
   assert results[0].keys() == results[1].keys()
   for k, a in results[0].items():
     b = results[1][k]
@@ -107,35 +75,21 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
   data_dir, tmp_path
 ):
   workdir = str(tmp_path / 'w')
-  train.train_and_evaluate(_config(data_dir), workdir)
-  other = _config(data_dir, **{'model.arch': 'deeplabv3_resnet_tiny'})
+  train.train_and_evaluate(config(data_dir), workdir)
+  other = config(data_dir, **{'model.arch': 'deeplabv3_resnet_tiny'})
   with pytest.raises(ConfigError, match='another config.*model'):
     train.train_and_evaluate(other, workdir)
   with pytest.raises(ConfigError, match='not divisible by the 8 devices'):
     train.train_and_evaluate(
-      _config(data_dir, **{'mesh.shape': (8,), 'train.batch_size': 4}),
+      config(data_dir, **{'mesh.shape': (8,), 'train.batch_size': 4}),
       str(tmp_path / 'w2'),
     )
 
 
 def test_nan_loss_stops_with_the_step_range(data_dir, tmp_path):
-  c = _config(data_dir, **{'optim.lr': 1e30, 'train.num_steps': 6})
+  c = config(data_dir, **{'optim.lr': 1e30, 'train.num_steps': 6})
   with pytest.raises(train.TrainingDivergedError, match='between steps'):
     train.train_and_evaluate(c, str(tmp_path / 'nan'))
-
-
-def _train_cmd(workdir, data_dir, *extra):
-  return [
-    sys.executable,
-    '-m',
-    'scripts.train',
-    '--config',
-    'configs/synthetic_demo.py:smoke',
-    '--workdir',
-    workdir,
-    f'--config.data.data_dir={data_dir}',
-    *extra,
-  ]
 
 
 def test_two_processes_equal_one_process(data_dir, tmp_path):
@@ -148,7 +102,7 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
     'optim.lr': 0.01,
   }
   single = str(tmp_path / 'single')
-  train.train_and_evaluate(_config(data_dir, **overrides), single)
+  train.train_and_evaluate(config(data_dir, **overrides), single)
 
   import portpicker
 
@@ -166,7 +120,7 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
   procs = [
     subprocess.Popen(
-      _train_cmd(
+      train_cmd(
         multi,
         data_dir,
         *flags,
@@ -185,7 +139,7 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
   for p in procs:
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-  a, b = _flat(_weights(single)), _flat(_weights(multi))
+  a, b = weights(single), weights(multi)
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
 
@@ -201,9 +155,9 @@ def test_fsdp_and_remat_give_the_same_step(data_dir, tmp_path):
     'optim.lr': 0.01,
   }
   plain, fsdp = str(tmp_path / 'plain'), str(tmp_path / 'fsdp')
-  train.train_and_evaluate(_config(data_dir, **common), plain)
+  train.train_and_evaluate(config(data_dir, **common), plain)
   train.train_and_evaluate(
-    _config(
+    config(
       data_dir,
       **common,
       **{'mesh.param_sharding': 'fsdp', 'model.remat': 'full'},
@@ -212,15 +166,15 @@ def test_fsdp_and_remat_give_the_same_step(data_dir, tmp_path):
   )
   blocks = str(tmp_path / 'blocks')
   train.train_and_evaluate(
-    _config(data_dir, **common, **{'model.remat': 'blocks'}), blocks
+    config(data_dir, **common, **{'model.remat': 'blocks'}), blocks
   )
-  a = _flat(_weights(plain))
+  a = weights(plain)
   for other in (fsdp, blocks):
-    b = _flat(_weights(other))
+    b = weights(other)
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
   summary = train.train_and_evaluate(
-    _config(
+    config(
       data_dir,
       **{
         'optim.ema_decay': 0.9,
@@ -254,15 +208,15 @@ def test_fsdp_rule_splits_large_arrays_only():
 def test_bfloat16_compute_trains_with_float32_weights(data_dir, tmp_path):
   workdir = str(tmp_path / 'bf16')
   summary = train.train_and_evaluate(
-    _config(data_dir, **{'model.dtype': 'bfloat16', 'train.num_steps': 10}),
+    config(data_dir, **{'model.dtype': 'bfloat16', 'train.num_steps': 10}),
     workdir,
   )
   assert summary['step'] == 10 and np.isfinite(summary['miou'])
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     losses = [json.loads(line)['loss'] for line in f if '"loss"' in line]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-  weights = _flat(_weights(workdir))
-  assert {w.dtype for w in weights.values()} == {np.dtype('float32')}
+  final = weights(workdir)
+  assert {w.dtype for w in final.values()} == {np.dtype('float32')}
   model, _ = checkpointing.load_model(os.path.join(workdir, 'checkpoints'))
   out = predict.logits(model, np.zeros((1, 32, 48, 3), np.float32))
   assert out.dtype == np.float32

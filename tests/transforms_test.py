@@ -71,6 +71,34 @@ def test_train_augment_maps_labels_and_normalises():
     'label': np.array([7, 8, 9] * 12, np.uint8).reshape(6, 6, 1),
   }
   out = aug(ex, np.random.default_rng(0))
-  np.testing.assert_array_equal(out['image'], 2.0)
-  assert out['label'].dtype == np.int32
+  # uint8 out; the step normalises: (14 - 10) / 2 = 2.
+  assert out['image'].dtype == np.uint8 and out['label'].dtype == np.uint8
+  np.testing.assert_array_equal(out['image'], 14)
+  normalised = transforms.normalize_on_device(out['image'], aug.mean, aug.std)
+  np.testing.assert_array_equal(np.asarray(normalised), 2.0)
   assert set(np.unique(out['label'])) == {0, 1, IGNORE}
+
+
+def test_train_augment_pads_with_the_rounded_mean_and_stays_uint8():
+  kw = dict(
+    lut=np.arange(256, dtype=np.uint8),
+    crop_size=(5, 5),
+    scale_range=(1.0, 1.0),
+    flip=False,
+    mean=(123.675, 116.28, 103.53),
+  )
+  image = np.random.default_rng(0).integers(0, 256, (3, 3, 3), np.uint8)
+  ex = {'image': image, 'label': np.ones((3, 3, 1), np.uint8)}
+  out = transforms.TrainAugment(**kw)(ex, np.random.default_rng(1))
+  label = out['label']
+  assert (label == IGNORE).sum() == 25 - 9  # 2 rows + 2 columns of padding
+  np.testing.assert_array_equal(
+    out['image'][label == IGNORE][0], [124, 116, 104]
+  )
+  np.testing.assert_array_equal(
+    out['image'][label == 1].reshape(3, 3, 3), image
+  )
+  jittered = transforms.TrainAugment(photometric=True, **kw)
+  for seed in range(4):
+    out = jittered(ex, np.random.default_rng(seed))
+    assert out['image'].dtype == np.uint8 and out['image'].shape == (5, 5, 3)

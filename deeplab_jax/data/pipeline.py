@@ -1,7 +1,8 @@
 """TFDS ArrayRecord source -> Grain -> per-host batches.
 
 Training: one seeded global order of (augmented) examples; each host reads
-only its slice of every global batch, in Grain workers. The data state is
+only its slice of every global batch, in Grain workers, as uint8 images and
+labels (the train step normalises on the device). The data state is
 the step, so a resumed run sees exactly the batches an uninterrupted one
 would, on any number of hosts, devices or workers (see `train_dataset`).
 

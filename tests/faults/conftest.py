@@ -3,16 +3,12 @@ training runs, and reading a run's final weights."""
 
 import os
 import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
-from flax import nnx
 
-from configs import synthetic_demo
-from deeplab_jax import checkpointing
 from deeplab_jax.data import datasets
+from tests import run_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -35,40 +31,7 @@ def data_dir(tmp_path_factory):
 
 def config(data_dir, **overrides):
   """`synthetic_demo.py:smoke` with BASE and dotted-key overrides."""
-  c = synthetic_demo.get_config('smoke')
-  c.unlock()
-  c.data.data_dir = data_dir
-  for key, value in {**BASE, **overrides}.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  c.lock()
-  return c
-
-
-def weights(workdir):
-  """The final parameters and BN statistics of a run, flat and on host."""
-  model, _ = checkpointing.load_model(os.path.join(workdir, 'checkpoints'))
-  tree = nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
-  out = {}
-
-  def walk(t, prefix):
-    for k, v in t.items():
-      if isinstance(v, dict):
-        walk(v, f'{prefix}{k}.')
-      else:
-        out[prefix + str(k)] = np.asarray(v)
-
-  walk(tree, '')
-  return out
-
-
-def assert_bitwise_equal(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  return run_helpers.config(data_dir, **{**BASE, **overrides})
 
 
 def train_cmd(workdir, data_dir, *overrides):
@@ -78,18 +41,11 @@ def train_cmd(workdir, data_dir, *overrides):
     for k, v in BASE.items()
     if not any(o.startswith(f'--config.{k}=') for o in overrides)
   ]
-  return [
-    sys.executable,
-    '-m',
-    'scripts.train',
-    '--config',
-    'configs/synthetic_demo.py:smoke',
-    '--workdir',
-    workdir,
-    f'--config.data.data_dir={data_dir}',
-    *flags,
-    *overrides,
-  ]
+  return run_helpers.train_cmd(workdir, data_dir, *flags, *overrides)
+
+
+weights = run_helpers.weights
+assert_bitwise_equal = run_helpers.assert_bitwise_equal
 
 
 def env(devices=1):

@@ -1,0 +1,65 @@
+"""Helpers shared by the training tests and the fault suite: configs with
+dotted-key overrides, the training command line, a run's final weights."""
+
+import os
+import sys
+
+import numpy as np
+from flax import nnx
+
+from configs import synthetic_demo
+from deeplab_jax import checkpointing
+
+
+def config(data_dir, **overrides):
+  """`synthetic_demo.py:smoke` reading `data_dir`, with dotted-key
+  overrides (`**{'train.batch_size': 8}`)."""
+  c = synthetic_demo.get_config('smoke')
+  c.unlock()
+  c.data.data_dir = data_dir
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+def train_cmd(workdir, data_dir, *flags):
+  """`python -m scripts.train` on the smoke config, with extra flags."""
+  return [
+    sys.executable,
+    '-m',
+    'scripts.train',
+    '--config',
+    'configs/synthetic_demo.py:smoke',
+    '--workdir',
+    workdir,
+    f'--config.data.data_dir={data_dir}',
+    *flags,
+  ]
+
+
+def weights(workdir):
+  """The final parameters and BN statistics of a run: `'a.b.c' -> array`."""
+  model, _ = checkpointing.load_model(os.path.join(workdir, 'checkpoints'))
+  tree = nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+  out = {}
+
+  def walk(t, prefix):
+    for k, v in t.items():
+      if isinstance(v, dict):
+        walk(v, f'{prefix}{k}.')
+      else:
+        out[prefix + str(k)] = np.asarray(v)
+
+  walk(tree, '')
+  return out
+
+
+def assert_bitwise_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
