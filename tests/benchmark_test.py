@@ -131,3 +131,69 @@ def test_matmul_flops_hand_counted():
   nested = jax.jit(lambda a: jax.checkpoint(lambda a: a @ a)(a) @ a)
   jaxpr = jax.make_jaxpr(nested)(jnp.ones((4, 5, 5))).jaxpr
   assert benchmarking.matmul_flops(jaxpr) == 2 * (2 * 4 * 5 * 5 * 5)
+
+
+def test_kernel_time_summary_of_hand_built_traces(tmp_path):
+  import gzip
+
+  from deeplab_jax import benchmarking
+
+  def write(folder, name, events):
+    d = tmp_path / folder / 'plugins'
+    d.mkdir(parents=True)
+    with gzip.open(d / f'{name}_trace.json.gz', 'wt') as f:
+      json.dump({'traceEvents': events}, f)
+    return str(tmp_path / folder)
+
+  gpu, host = {'pid': 1}, {'pid': 2}
+  jax_events = [
+    {'ph': 'M', 'name': 'process_name', 'args': {'name': '/device:GPU:0'}},
+    {'ph': 'M', 'name': 'process_name', 'args': {'name': '/host:CPU'}},
+    {'ph': 'X', 'name': 'sm90_xmma_wgrad_implicit_gemm', 'dur': 3000.0},
+    {'ph': 'X', 'name': 'nvjet_sm90_tst_256x128', 'dur': 1000.0},
+    {'ph': 'X', 'name': 'loop_add_fusion', 'dur': 500.0},
+    {'ph': 'X', 'name': 'input_transpose_fusion', 'dur': 250.0},
+  ]
+  for e, pid in zip(jax_events, [gpu, host, gpu, gpu, gpu, gpu], strict=True):
+    e.update(pid)
+  jax_events.append({'ph': 'X', 'name': 'cudnn-conv.3', 'dur': 9e6, **host})
+  summary = benchmarking.kernel_time_summary(
+    write('jax', 'perfetto', jax_events), steps=2
+  )
+  ms = summary['kernel_ms_per_step']
+  assert ms == {
+    'conv': 1.5,
+    'matmul': 0.5,
+    'other': 0.25,
+    'copy': 0.125,
+    'total': 2.375,
+  }
+  assert summary['top_kernels'][0][:3] == [
+    'sm90_xmma_wgrad_implicit_gemm',
+    'conv',
+    1.5,
+  ]
+  torch_events = [
+    {
+      'ph': 'X',
+      'cat': 'kernel',
+      'name': 'batch_norm_collect_stats',
+      'dur': 40.0,
+    },
+    {'ph': 'X', 'cat': 'gpu_memcpy', 'name': 'Memcpy DtoD', 'dur': 10.0},
+    {'ph': 'X', 'cat': 'cpu_op', 'name': 'aten::conv2d', 'dur': 1e6},
+  ]
+  summary = benchmarking.kernel_time_summary(
+    write('pt', 'torch', torch_events), 1
+  )
+  assert summary['kernel_ms_per_step'] == {
+    'norm': 0.04,
+    'copy': 0.01,
+    'total': 0.05,
+  }
+  # XLA:CPU traces hold no device kernels.
+  cpu_only = [jax_events[1], {'ph': 'X', 'name': 'dot', 'dur': 5.0, **host}]
+  assert (
+    benchmarking.kernel_time_summary(write('cpu', 'perfetto', cpu_only), 1)
+    == {}
+  )

@@ -17,6 +17,7 @@ from torchvision.models.segmentation import deeplabv3_resnet50
 from configs import base
 from deeplab_jax import optim, train
 from deeplab_jax.convert import torch as torch_convert
+from deeplab_jax.data import transforms
 from tests.torch_refs import nchw, randomize_batchnorm, rel_err
 
 LR, MOMENTUM, WD, AUX = 0.01, 0.9, 1e-4, 0.4
@@ -34,7 +35,11 @@ def test_sgd_step_matches_pytorch():
   model = torch_convert.load('deeplabv3_resnet50', tm.state_dict())
   before_sd = {k: v.numpy().copy() for k, v in tm.state_dict().items()}
   rng = np.random.RandomState(0)
-  x = rng.randn(2, 65, 73, 3).astype(np.float32)
+  # The train step takes uint8 pixels and normalises them on the device;
+  # PyTorch gets the same pixels normalised on the host.
+  c = base.get_base_config()
+  pixels = rng.randint(0, 256, (2, 65, 73, 3)).astype(np.uint8)
+  x = transforms.normalize(pixels, c.data.mean, c.data.std)
   y = rng.randint(0, 5, (2, 65, 73))
   y[:, :5] = 255
 
@@ -59,7 +64,6 @@ def test_sgd_step_matches_pytorch():
   loss_t.backward()
   opt.step()
 
-  c = base.get_base_config()
   c.optim.name, c.optim.lr = 'sgd', LR
   c.optim.momentum, c.optim.weight_decay = MOMENTUM, WD
   c.loss.aux_weight = AUX
@@ -82,7 +86,7 @@ def test_sgd_step_matches_pytorch():
     'opt_state': tx.init(params),
   }
   new, logs = jax.jit(step)(
-    state, {'image': jnp.asarray(x), 'label': jnp.asarray(y)}
+    state, {'image': jnp.asarray(pixels), 'label': jnp.asarray(y, jnp.uint8)}
   )
   np.testing.assert_allclose(logs['loss'], loss_t.item(), rtol=1e-5)
 

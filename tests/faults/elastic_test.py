@@ -12,11 +12,15 @@ SGD = {'optim.name': 'sgd', 'optim.lr': 0.01}
 def test_resume_on_8_then_1_then_2_devices(data_dir, tmp_path):
   ref = str(tmp_path / 'ref')
   train.train_and_evaluate(
-    config(data_dir, **SGD, **{'mesh.shape': (8,), 'train.num_steps': 6}),
+    config(data_dir, **SGD, **{'mesh.shape': (8,), 'train.num_steps': 3}),
     ref,
   )
   workdir = str(tmp_path / 'elastic')
-  for devices, workers, steps in ((8, 0, 2), (1, 1, 4), (2, 0, 6)):
+  # One step per segment: on this tiny model, runs on different device
+  # counts agree to ~1% of the tolerance after 3 steps, but drift past it
+  # by step 6 (BN over small batches amplifies rounding), while a resume
+  # that lost data position or optimizer state is off by a whole update.
+  for devices, workers, steps in ((8, 0, 1), (1, 1, 2), (2, 0, 3)):
     summary = train.train_and_evaluate(
       config(
         data_dir,
