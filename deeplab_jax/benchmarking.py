@@ -66,8 +66,9 @@ PROFILE_STEPS = 3
 KERNEL_KINDS = (
   ('norm', ('bn_', 'batch_norm', 'batchnorm')),
   ('conv', ('conv', 'xmma', 'implicit', 'fprop', 'dgrad', 'wgrad', 'cudnn')),
-  ('matmul', ('gemm', 'cublas', 'cutlass', 'matmul', 'nvjet')),
-  ('copy', ('transpose', 'copy', 'memcpy', 'memset', 'nchwtonhwc')),
+  ('matmul', ('gemm', 'cublas', 'cutlass', 'matmul', 'nvjet', 'ynn', 'dot')),
+  ('copy', ('transpose', 'copy', 'memcpy', 'memset', 'nchwtonhwc', 'slice')),
+  ('copy', ('concatenate', 'pad')),
 )
 
 
@@ -82,7 +83,9 @@ def _kernel_kind(name: str) -> str:
 def _device_kernels(events: list[dict]) -> list[tuple[str, float]]:
   """`(name, microseconds)` of the device kernels in a Chrome/Perfetto trace:
   PyTorch's `kernel`/`gpu_mem*` events, or JAX's events on a device process
-  (`/device:GPU:0`, TPU); host events are left out."""
+  (`/device:GPU:0`, TPU); other host events are left out. On XLA:CPU, whose
+  ops run on host threads, the ops' own events (`hlo_op` in their args)
+  stand for kernels: their times add up the threads' busy time."""
   device_pids = {
     e['pid']
     for e in events
@@ -99,6 +102,10 @@ def _device_kernels(events: list[dict]) -> list[tuple[str, float]]:
       not cat and e.get('pid') in device_pids
     ):
       kernels.append((str(e.get('name', '')), float(e['dur'])))
+  if not kernels and not device_pids:  # XLA:CPU
+    for e in events:
+      if e.get('ph') == 'X' and 'hlo_op' in (e.get('args') or {}):
+        kernels.append((str(e.get('name', '')), float(e['dur'])))
   return kernels
 
 
@@ -107,7 +114,7 @@ def kernel_time_summary(profile_dir: str, steps: int) -> dict[str, Any]:
 
   Reads the newest trace under `profile_dir` (JAX's
   `perfetto_trace.json.gz` or PyTorch's `torch_trace.json.gz`). Returns
-  `{}` where the trace holds no device kernels (XLA:CPU).
+  `{}` where the trace holds no kernels (PyTorch on CPU).
   """
   import glob
   import gzip

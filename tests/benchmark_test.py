@@ -191,9 +191,22 @@ def test_kernel_time_summary_of_hand_built_traces(tmp_path):
     'copy': 0.01,
     'total': 0.05,
   }
-  # XLA:CPU traces hold no device kernels.
-  cpu_only = [jax_events[1], {'ph': 'X', 'name': 'dot', 'dur': 5.0, **host}]
-  assert (
-    benchmarking.kernel_time_summary(write('cpu', 'perfetto', cpu_only), 1)
-    == {}
+
+  # XLA:CPU: the ops' own events on host threads (hlo_op in their args).
+  def op(name, dur):
+    return {'ph': 'X', 'name': name, 'dur': dur, 'args': {'hlo_op': name}}
+
+  cpu = [op('ynn_fusion.3', 6000.0), op('pad_slice_fusion', 2e3)]
+  cpu += [op('add_rsqrt_fusion', 1000.0), {'ph': 'X', 'name': 'Execute'}]
+  for e in cpu:
+    e.update(host)
+  summary = benchmarking.kernel_time_summary(
+    write('cpu', 'perfetto', [jax_events[1], *cpu]), 2
   )
+  assert summary['kernel_ms_per_step'] == {
+    'copy': 1.0,
+    'matmul': 3.0,
+    'other': 0.5,
+    'total': 4.5,
+  }
+  assert benchmarking.kernel_time_summary(write('none', 'torch', []), 1) == {}
