@@ -95,7 +95,9 @@ def test_faults_in_one_run_end_equal_to_uninterrupted(data_dir, tmp_path):
     else:
       proc.send_signal(signal.SIGKILL)
       proc.communicate()
-    assert steps_in(ckpts)[-1] < 45 if steps_in(ckpts) else True
+      # The fault hit a live run: killed by the signal, not finished.
+      assert proc.returncode == -signal.SIGKILL, fault
+    assert not steps_in(ckpts) or steps_in(ckpts)[-1] < 45, fault
 
   r = run(train_cmd(workdir, data_dir, *FLAGS))
   assert r.returncode == 0, r.stderr[-2000:]
