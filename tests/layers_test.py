@@ -149,3 +149,22 @@ def test_max_pool_and_global_pool_match_torch():
   np.testing.assert_allclose(
     layers.global_avg_pool(jnp.asarray(x)), gap, atol=1e-6
   )
+
+
+@pytest.mark.parametrize('k,n', [(36, 8), (8, 36)])
+def test_matmul_weight_gradient_form_gives_autodiff_gradients(k, n):
+  # On CPU with K > N the weight gradient transposes the output gradient
+  # first (a custom VJP); both gradients must equal plain autodiff's.
+  rng = np.random.RandomState(k)
+  x = jnp.asarray(rng.randn(2, 5, 7, k), jnp.float32)
+  w = jnp.asarray(rng.randn(k, n), jnp.float32)
+  g = jnp.asarray(rng.randn(2, 5, 7, n), jnp.float32)
+  loss = lambda x, w, matmul: jnp.sum(matmul(x, w) * g)
+  got = jax.grad(loss, argnums=(0, 1))(x, w, layers._matmul)
+  want = jax.grad(loss, argnums=(0, 1))(x, w, layers._einsum_matmul)
+  np.testing.assert_allclose(layers._matmul(x, w), x @ w, rtol=1e-5)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Reference in float64 NumPy for the weight gradient.
+  dw = np.einsum('bhwk,bhwn->kn', np.float64(x), np.float64(g))
+  np.testing.assert_allclose(got[1], dw, rtol=1e-5, atol=1e-4)

@@ -134,8 +134,44 @@ def _native(x, kernel, stride, dilation, padding, groups):
   )
 
 
-def _matmul(x, w):
+def _einsum_matmul(x, w):
   return jnp.einsum('bhwc,cd->bhwd', x, w)
+
+
+@jax.custom_vjp
+def _matmul_transposed_grad(x, w):
+  return _einsum_matmul(x, w)
+
+
+def _matmul_transposed_grad_fwd(x, w):
+  return _einsum_matmul(x, w), (x, w)
+
+
+def _matmul_transposed_grad_bwd(res, g):
+  x, w = res
+  k, n = w.shape
+  dx = jnp.einsum('bhwd,cd->bhwc', g, w)
+  # The weight gradient contracts the pixel axis of both operands. XLA:CPU
+  # passes a matmul to its fast library only as [M, K] x [K, N] and would
+  # transpose the (larger) patches to get there; transposing the output
+  # gradient instead (the barriers keep XLA from folding it back) moves
+  # less memory.
+  g_t = jax.lax.optimization_barrier(g.reshape(-1, n).T)
+  dw_t = jax.lax.optimization_barrier(g_t @ x.reshape(-1, k))
+  return dx, dw_t.T
+
+
+_matmul_transposed_grad.defvjp(
+  _matmul_transposed_grad_fwd, _matmul_transposed_grad_bwd
+)
+
+
+def _matmul(x, w):
+  """`[B, H, W, K] @ [K, N]`; on XLA:CPU with K > N, a weight gradient that
+  transposes the smaller operand (docs/benchmarks.md, measured)."""
+  if jax.default_backend() == 'cpu' and w.shape[0] > w.shape[1]:
+    return _matmul_transposed_grad(x, w)
+  return _einsum_matmul(x, w)
 
 
 def _im2col(x, kernel, stride, dilation, padding, out_hw):
