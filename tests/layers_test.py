@@ -50,6 +50,9 @@ CONV_CASES = [
   (12, 10, 6, 12, 3, 1, 1, None, 3),  # grouped
   (10, 10, 5, 3, 1, 2, 1, 0, 1),  # strided 1x1 (downsample)
   (6, 6, 2, 3, 5, 1, 1, 1, 1),  # padding smaller than 'same'
+  (7, 6, 3, 4, 3, 1, 3, None, 1),  # outputs not a whole number of tiles
+  (9, 8, 3, 4, 3, 1, 2, 0, 1),  # no padding
+  (10, 7, 2, 3, 3, 1, 1, 2, 1),  # more padding than 'same'
 ]
 
 
@@ -99,7 +102,14 @@ def test_prune_plan_hand_computed():
 
 
 def test_choose_lowering_defaults():
-  assert layers.choose_lowering((3, 3, 8, 8), 1, 'cpu') == 'im2col'
+  # XLA:CPU: Winograd for float32 3x3 stride 1 (any dilation), else im2col.
+  assert layers.choose_lowering((3, 3, 8, 8), 1, 'cpu') == 'winograd'
+  assert layers.choose_lowering((3, 3, 8, 8), 1, 'cpu', 12) == 'winograd'
+  assert layers.choose_lowering((3, 3, 8, 8), 1, 'cpu', stride=2) == 'im2col'
+  assert layers.choose_lowering((1, 3, 8, 8), 1, 'cpu', 12) == 'im2col'
+  assert layers.choose_lowering((7, 7, 3, 8), 1, 'cpu', stride=2) == 'im2col'
+  bf16 = layers.choose_lowering((3, 3, 8, 8), 1, 'cpu', dtype=jnp.bfloat16)
+  assert bf16 == 'im2col'
   assert layers.choose_lowering((3, 3, 1, 8), 8, 'cpu') == 'taps'
   assert layers.choose_lowering((3, 3, 8, 8), 1, 'gpu') == 'native'
   # Dense dilated convolutions on GPU: one matmul over patches.
@@ -168,3 +178,52 @@ def test_matmul_weight_gradient_form_gives_autodiff_gradients(k, n):
   # Reference in float64 NumPy for the weight gradient.
   dw = np.einsum('bhwk,bhwn->kn', np.float64(x), np.float64(g))
   np.testing.assert_allclose(got[1], dw, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  'hw,dilation,padding',
+  [((12, 12), 1, 1), ((11, 9), 2, 2), ((13, 10), 5, 5), ((9, 9), 3, (1, 4))],
+)
+def test_winograd_values_and_gradients_match_float64(hw, dilation, padding):
+  # Winograd F(2x2, 3x3) against a float64 NumPy convolution, and its
+  # gradients (through the tile transforms and the transposed weight
+  # gradient) against float64 NumPy ones.
+  rng = np.random.RandomState(sum(hw) + dilation)
+  x = rng.randn(2, *hw, 6).astype(np.float32)
+  k = rng.randn(3, 3, 6, 5).astype(np.float32)
+  ph, pw = layers._pair(padding)
+  xp = np.pad(np.float64(x), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  oh = hw[0] + 2 * ph - 2 * dilation
+  ow = hw[1] + 2 * pw - 2 * dilation
+  taps = {
+    (i, j): xp[:, i * dilation : i * dilation + oh, j * dilation :][:, :, :ow]
+    for i in range(3)
+    for j in range(3)
+  }
+  want = sum(t @ np.float64(k[i, j]) for (i, j), t in taps.items())
+  g = rng.randn(*want.shape)
+  want_dk = np.stack(
+    [np.einsum('bhwc,bhwn->cn', taps[i, j], g) for i, j in taps]
+  ).reshape(k.shape)
+
+  def loss(x, k):
+    y = layers.conv2d(
+      x, k, dilation=dilation, padding=padding, lowering='winograd'
+    )
+    return jnp.sum(y * jnp.asarray(g, jnp.float32)), y
+
+  (_, y), (dx, dk) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+    jnp.asarray(x), jnp.asarray(k)
+  )
+  assert rel_err(y, want) < 2e-6
+  assert rel_err(dk, want_dk) < 2e-6
+  # dx from autodiff of the float64 reference: the transposed convolution.
+  native = lambda x: layers.conv2d(
+    x,
+    jnp.asarray(k, jnp.float32),
+    dilation=dilation,
+    padding=padding,
+    lowering='native',
+  )
+  _, vjp = jax.vjp(native, jnp.asarray(x))
+  assert rel_err(dx, vjp(jnp.asarray(g, jnp.float32))[0]) < 2e-6

@@ -7,10 +7,10 @@ by default, as `torch.nn.Conv2d(padding=p)`; never `'SAME'`, which pads a
 stride-2 convolution asymmetrically.
 
 `conv2d` picks how a convolution is lowered (XLA's native convolution, one
-big matmul over gathered patches, or one matmul per kernel tap) from static
-shapes, and first drops the dilated taps that can only ever read padding.
-All lowerings give the same numbers up to float summation order; on XLA:CPU
-the choice changes speed about 2x (see docs/benchmarks.md).
+big matmul over gathered patches, one matmul per kernel tap, or Winograd's
+minimal filtering) from static shapes, and first drops the dilated taps that
+can only ever read padding. All lowerings give the same numbers up to float
+rounding; on XLA:CPU the choice changes speed 2-4x (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-LOWERINGS = ('auto', 'native', 'im2col', 'taps')
+LOWERINGS = ('auto', 'native', 'im2col', 'taps', 'winograd')
 
 # PyTorch BatchNorm2d defaults, written in Flax's convention: Flax keeps
 # `momentum * old + (1 - momentum) * new`, PyTorch `(1 - m) * old + m * new`.
@@ -166,12 +166,23 @@ _matmul_transposed_grad.defvjp(
 )
 
 
-def _matmul(x, w):
-  """`[B, H, W, K] @ [K, N]`; on XLA:CPU with K > N, a weight gradient that
-  transposes the smaller operand (docs/benchmarks.md, measured)."""
-  if jax.default_backend() == 'cpu' and w.shape[0] > w.shape[1]:
-    return _matmul_transposed_grad(x, w)
-  return _einsum_matmul(x, w)
+def _matmul(x, w, transpose_grad_min_k: int | None = None):
+  """`[..., K] @ [K, N]`.
+
+  On XLA:CPU with `K >= transpose_grad_min_k` (default: K > N) the weight
+  gradient transposes the output gradient rather than `x`
+  (docs/benchmarks.md, measured).
+  """
+  k, n = w.shape
+  lead = x.shape[:-1]
+  if x.ndim != 4:  # the custom VJP is written for [B, H, W, K]
+    x = x.reshape(1, 1, -1, k)
+  min_k = n + 1 if transpose_grad_min_k is None else transpose_grad_min_k
+  if jax.default_backend() == 'cpu' and k >= min_k:
+    y = _matmul_transposed_grad(x, w)
+  else:
+    y = _einsum_matmul(x, w)
+  return y.reshape(lead + (n,))
 
 
 def _im2col(x, kernel, stride, dilation, padding, out_hw):
@@ -192,21 +203,155 @@ def _per_tap(x, kernel, stride, dilation, padding, out_hw, depthwise):
   return out
 
 
+# Winograd's minimal filtering F(2, 3) (Lavin & Gray, "Fast Algorithms for
+# Convolutional Neural Networks", CVPR 2016): 2 outputs of a 3-tap filter
+# from 4 inputs with 4 multiplies instead of 6, i.e. 16 instead of 36 per
+# 2x2 output tile in 2-D. All coefficients are 0, +-1 or +-1/2, so the
+# transforms round no worse than a re-ordered sum.
+_WINOGRAD_G = np.array(
+  [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32
+)
+
+
+def _winograd_in(r):
+  """`B^T r` for the 4 input rows of a tile."""
+  r0, r1, r2, r3 = r
+  return [r0 - r2, r1 + r2, r2 - r1, r1 - r3]
+
+
+def _winograd_out(m):
+  """`A^T m`: the tile's 2 outputs from its 4 products."""
+  m0, m1, m2, m3 = m
+  return [m0 + m1 + m2, m1 - m2 - m3]
+
+
+def _winograd_rows(xp, axis: int, d: int, tiles: int):
+  """The 4 input rows of every tile along `axis`, each `[.., tiles, d, ..]`.
+
+  With dilation `d`, the tile `t` of phase `p` (`0 <= p < d`) computes
+  outputs `2dt + p` and `2dt + p + d` from inputs `2dt + p + a d`,
+  `a = 0..3`: seen as `[tiles + 1, 2, d]`, input `a` of every tile is one
+  plain slice, so no gather is needed and the phases stay interleaved.
+  """
+  p = xp.reshape(xp.shape[:axis] + (tiles + 1, 2, d) + xp.shape[axis + 1 :])
+
+  def row(a):
+    index = [slice(None)] * p.ndim
+    index[axis] = slice(a // 2, a // 2 + tiles)
+    index[axis + 1] = a % 2
+    return p[tuple(index)]
+
+  return [row(a) for a in range(4)]
+
+
+def _winograd(x, kernel, dilation, padding, out_hw):
+  """3x3 stride-1 convolution, any dilation, as 16 matmuls on 2x2 tiles."""
+  b, h, w, _ = x.shape
+  (dh, dw), (oh, ow), ((top, _), (left, _)) = dilation, out_hw, padding
+  th, tw = -(-oh // (2 * dh)), -(-ow // (2 * dw))
+  # Pad to whole tiles: the extra outputs are computed and cropped.
+  xp = _pad(
+    x,
+    ((top, 2 * dh * (th + 1) - h - top), (left, 2 * dw * (tw + 1) - w - left)),
+  )
+  inputs = []
+  for v in _winograd_in(_winograd_rows(xp, 1, dh, th)):
+    inputs.extend(_winograd_in(_winograd_rows(v, 3, dw, tw)))
+  g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
+  u = jnp.einsum(
+    'ai,bj,ijcd->abcd', g, g, kernel, precision=jax.lax.Precision.HIGHEST
+  )
+  # One matmul per tile element: a batched matmul would need the 16 inputs
+  # concatenated into one buffer first (an extra copy on XLA:CPU). The
+  # transposed weight gradient was faster for every layer shape measured.
+  prods = [_matmul(v, u[t // 4, t % 4], 0) for t, v in enumerate(inputs)]
+  y = _winograd_output(tuple(prods))
+  return y[:, :oh, :ow]
+
+
+def _winograd_tiles_to_image(prods):
+  """`A^T m A` of every tile: the 16 products `[b, th, dh, tw, dw, n]` to
+  `[b, 2 dh th, 2 dw tw, n]` outputs."""
+  b, th, dh, tw, dw, n = prods[0].shape
+  rows = [_winograd_out(prods[4 * a : 4 * a + 4]) for a in range(4)]
+  tiles = [
+    [_winograd_out([rows[a][ew] for a in range(4)])[eh] for ew in range(2)]
+    for eh in range(2)
+  ]
+  y = jnp.stack([jnp.stack(r) for r in tiles])  # [2, 2, b, th, dh, tw, dw, n]
+  y = y.transpose(2, 3, 0, 4, 5, 1, 6, 7)
+  return y.reshape(b, 2 * dh * th, 2 * dw * tw, n)
+
+
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+@jax.custom_vjp
+def _winograd_output(prods):
+  return _winograd_tiles_to_image(prods)
+
+
+def _winograd_output_fwd(prods):
+  return _winograd_tiles_to_image(prods), prods[0].shape
+
+
+def _winograd_output_bwd(shape, g):
+  # The 16 product gradients as one small matmul over the output tiles.
+  # Written elementwise, XLA:CPU fuses the producer of `g` (BatchNorm's
+  # backward, say) into each of the 16 consumers and recomputes it there.
+  b, th, dh, tw, dw, n = shape
+  g = g.reshape(b, th, 2, dh, tw, 2, dw, n)
+  at = jnp.asarray(_WINOGRAD_AT, g.dtype)
+  dm = jnp.einsum(
+    'ea,fb,xtepsfqn->abxtpsqn',
+    at,
+    at,
+    g,
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  return (tuple(dm[t // 4, t % 4] for t in range(16)),)
+
+
+_winograd_output.defvjp(_winograd_output_fwd, _winograd_output_bwd)
+
+
+# Above this share of padded-tile work Winograd's 2.25x fewer multiplies no
+# longer pay for its transforms (docs/benchmarks.md).
+WINOGRAD_MAX_WASTE = 1.5
+
+
+def _winograd_waste(out_hw: Sequence[int], dilation) -> float:
+  """Outputs computed in whole `2 d` tiles over outputs needed."""
+  waste = 1.0
+  for o, d in zip(out_hw, _pair(dilation), strict=True):
+    waste *= -(-o // (2 * d)) * 2 * d / o
+  return waste
+
+
 def choose_lowering(
   kernel_shape: Sequence[int],
   groups: int,
   backend: str | None = None,
   dilation: int | Sequence[int] = 1,
+  stride: int | Sequence[int] = 1,
+  dtype=jnp.float32,
+  out_hw: Sequence[int] | None = None,
 ) -> str:
   """The lowering `'auto'` resolves to, from static shapes and the backend.
 
   On XLA:CPU a dense convolution runs about 2x faster as one matmul over
-  gathered patches, and a depthwise one as a sum of per-tap multiplies.
-  GPUs and TPUs keep their native convolutions (cuDNN, the TPU MXU path),
-  except dense dilated ones on GPU: cuDNN's kernels for their weight
-  gradient are slow, and one matmul over patches made forward + backward
-  2.3-3.5x faster on an H200 (docs/benchmarks.md, measured; `dilation` is
-  the one left after padding-only taps are pruned).
+  gathered patches than natively, a 3x3 stride-1 one (dilated or not) in
+  float32 another 1.5-3x faster with Winograd's F(2x2, 3x3) (2.25x fewer
+  multiplies, 4x instead of 9x the input in buffers), and a depthwise one as
+  a sum of per-tap multiplies. GPUs and TPUs keep their native convolutions
+  (cuDNN, the TPU MXU path), except dense dilated ones on GPU: cuDNN's
+  kernels for their weight gradient are slow, and one matmul over patches
+  made forward + backward 2.3-3.5x faster on an H200 (docs/benchmarks.md,
+  measured). `kernel_shape` and `dilation` are those left after
+  padding-only taps are pruned. Winograd computes whole tiles of `2 d`
+  outputs per dimension: where rounding `out_hw` up to them wastes more
+  than `WINOGRAD_MAX_WASTE` of the work (large dilations on small maps),
+  im2col is used.
   """
   backend = backend or jax.default_backend()
   kh, kw, cin_per_group, cout = kernel_shape
@@ -214,7 +359,10 @@ def choose_lowering(
     depthwise = cin_per_group == 1 and cout == groups
     return 'taps' if backend == 'cpu' and depthwise else 'native'
   if backend == 'cpu':
-    return 'im2col'
+    winograd = (kh, kw) == (3, 3) and _pair(stride) == (1, 1)
+    if winograd and out_hw is not None:
+      winograd = _winograd_waste(out_hw, dilation) <= WINOGRAD_MAX_WASTE
+    return 'winograd' if winograd and dtype == jnp.float32 else 'im2col'
   dh, dw = _pair(dilation)
   dilated = (kh > 1 and dh > 1) or (kw > 1 and dw > 1)
   return 'im2col' if backend == 'gpu' and dilated else 'native'
@@ -241,7 +389,8 @@ def conv2d(
     padding: symmetric zero padding per side, an int or `(ph, pw)`; `None`
       gives `dilation * (k - 1) // 2`, which keeps the size at stride 1.
     groups: feature groups (`C_in` for a depthwise convolution).
-    lowering: `'auto'`, `'native'`, `'im2col'` or `'taps'`.
+    lowering: `'auto'`, `'native'`, `'im2col'`, `'taps'` or `'winograd'`
+      (3x3 stride-1 kernels after pruning; others fall back to `'im2col'`).
     prune: drop kernel taps that can only read padding (exact).
 
   Returns:
@@ -272,13 +421,22 @@ def conv2d(
     )
   )
   if lowering == 'auto':
-    lowering = choose_lowering(kernel.shape, groups, dilation=dilation)
+    lowering = choose_lowering(
+      kernel.shape,
+      groups,
+      dilation=dilation,
+      stride=stride,
+      dtype=x.dtype,
+      out_hw=out_hw,
+    )
   depthwise = groups > 1 and cin_g == 1 and cout == groups
   if lowering == 'native' or (groups > 1 and not depthwise):
     return _native(x, kernel, stride, dilation, pads, groups)
   if depthwise:
     return _per_tap(x, kernel, stride, dilation, pads, out_hw, True)
-  if (kh, kw) == (1, 1) or lowering == 'im2col':
+  if lowering == 'winograd' and (kh, kw) == (3, 3) and stride == (1, 1):
+    return _winograd(x, kernel, dilation, pads, out_hw)
+  if (kh, kw) == (1, 1) or lowering in ('im2col', 'winograd'):
     return _im2col(x, kernel, stride, dilation, pads, out_hw)
   return _per_tap(x, kernel, stride, dilation, pads, out_hw, False)
 
