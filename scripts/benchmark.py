@@ -37,7 +37,14 @@ _SIZE = flags.DEFINE_string('size', '512x512', 'Input HxW.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], '')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also run the PyTorch reference.')
-_LOWERING = flags.DEFINE_string('conv_lowering', 'auto', 'JAX conv lowering.')
+_LOWERING = flags.DEFINE_enum(
+  'conv_lowering',
+  'auto',
+  # models.layers.LOWERINGS, spelled out: importing it would start JAX
+  # before --devices can set JAX_NUM_CPU_DEVICES.
+  ['auto', 'native', 'im2col', 'taps', 'winograd'],
+  'JAX convolution lowering (models.layers.conv2d); auto picks per shape.',
+)
 _MALLOC = flags.DEFINE_bool(
   'tune_malloc',
   True,

@@ -210,3 +210,14 @@ def test_kernel_time_summary_of_hand_built_traces(tmp_path):
     'total': 4.5,
   }
   assert benchmarking.kernel_time_summary(write('none', 'torch', []), 1) == {}
+
+
+def test_lowering_flag_offers_every_lowering():
+  # The script spells the list out (importing layers would start JAX early).
+  from absl import flags
+
+  from deeplab_jax.models import layers
+  from scripts import benchmark
+
+  flag = flags.FLAGS[benchmark._LOWERING.name]
+  assert flag.parser.enum_values == list(layers.LOWERINGS)

@@ -113,7 +113,7 @@ def test_lowering_view_switches_every_conv():
   )
   x = jnp.asarray(np.random.RandomState(0).randn(1, 41, 37, 3), jnp.float32)
   outs = {}
-  for lowering in ('native', 'im2col', 'taps'):
+  for lowering in ('native', 'im2col', 'taps', 'winograd'):
     view = nnx.view(
       model,
       conv_lowering=lowering,
@@ -122,7 +122,7 @@ def test_lowering_view_switches_every_conv():
     )
     outs[lowering] = np.asarray(_forward(view, x)['out'])
   scale = np.abs(outs['native']).max()
-  for lowering in ('im2col', 'taps'):
+  for lowering in ('im2col', 'taps', 'winograd'):
     assert np.abs(outs[lowering] - outs['native']).max() / scale < 1e-5
 
 

@@ -175,8 +175,12 @@ def _matmul(x, w, transpose_grad_min_k: int | None = None):
   """
   k, n = w.shape
   lead = x.shape[:-1]
-  if x.ndim != 4:  # the custom VJP is written for [B, H, W, K]
-    x = x.reshape(1, 1, -1, k)
+  # The custom VJP is written for [B, H, W, K]; the batch axis stays apart
+  # so that a batch-sharded input keeps its sharding.
+  if x.ndim > 4:
+    x = x.reshape(x.shape[0], 1, -1, k)
+  elif x.ndim < 4:
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
   min_k = n + 1 if transpose_grad_min_k is None else transpose_grad_min_k
   if jax.default_backend() == 'cpu' and k >= min_k:
     y = _matmul_transposed_grad(x, w)

@@ -16,10 +16,13 @@ def test_resume_on_8_then_1_then_2_devices(data_dir, tmp_path):
     ref,
   )
   workdir = str(tmp_path / 'elastic')
-  # One step per segment: on this tiny model, runs on different device
-  # counts agree to ~1% of the tolerance after 3 steps, but drift past it
-  # by step 6 (BN over small batches amplifies rounding), while a resume
-  # that lost data position or optimizer state is off by a whole update.
+  # One step per segment. Runs on different device counts sum in different
+  # orders, and BN over small batches amplifies the rounding from step to
+  # step (on this tiny model to ~1-2% of an update by step 3, more later),
+  # while a resume that lost data position or optimizer state is off by a
+  # whole update: so the error is measured against how far the last two
+  # updates moved each tensor.
+  after_first = None
   for devices, workers, steps in ((8, 0, 1), (1, 1, 2), (2, 0, 3)):
     summary = train.train_and_evaluate(
       config(
@@ -34,6 +37,9 @@ def test_resume_on_8_then_1_then_2_devices(data_dir, tmp_path):
       workdir,
     )
     assert summary['step'] == steps
+    after_first = after_first or weights(workdir)
   a, b = weights(ref), weights(workdir)
-  for k in a:  # float summation order differs between device counts
-    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+  for k in a:
+    moved = np.abs(a[k] - after_first[k]).max()
+    error = np.abs(a[k] - b[k]).max()
+    assert error <= 0.1 * moved + 1e-7, (k, error, moved)
