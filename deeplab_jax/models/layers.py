@@ -154,8 +154,9 @@ def _matmul_transposed_grad_bwd(res, g):
   # The weight gradient contracts the pixel axis of both operands. XLA:CPU
   # passes a matmul to its fast library only as [M, K] x [K, N] and would
   # transpose the (larger) patches to get there; transposing the output
-  # gradient instead (the barriers keep XLA from folding it back) moves
-  # less memory.
+  # gradient instead moves less memory. (The barriers guard the form in
+  # JAX's and XLA's early passes; XLA:CPU's optimised HLO holds none, so
+  # they cannot stop fusion: see `_winograd_output_bwd`.)
   g_t = jax.lax.optimization_barrier(g.reshape(-1, n).T)
   dw_t = jax.lax.optimization_barrier(g_t @ x.reshape(-1, k))
   return dx, dw_t.T
