@@ -67,8 +67,19 @@ KERNEL_KINDS = (
   ('norm', ('bn_', 'batch_norm', 'batchnorm')),
   ('conv', ('conv', 'xmma', 'implicit', 'fprop', 'dgrad', 'wgrad', 'cudnn')),
   ('matmul', ('gemm', 'cublas', 'cutlass', 'matmul', 'nvjet', 'ynn', 'dot')),
-  ('copy', ('transpose', 'copy', 'memcpy', 'memset', 'nchwtonhwc', 'slice')),
-  ('copy', ('concatenate', 'pad')),
+  (
+    'copy',
+    (
+      'transpose',
+      'copy',
+      'memcpy',
+      'memset',
+      'nchwtonhwc',
+      'slice',
+      'concatenate',
+      'pad',
+    ),
+  ),
 )
 
 
