@@ -217,7 +217,7 @@ def test_winograd_values_and_gradients_match_float64(hw, dilation, padding):
   )
   assert rel_err(y, want) < 2e-6
   assert rel_err(dk, want_dk) < 2e-6
-  # dx from autodiff of the float64 reference: the transposed convolution.
+  # dx against the transpose of XLA's own convolution (float32 autodiff).
   native = lambda x: layers.conv2d(
     x,
     jnp.asarray(k, jnp.float32),
