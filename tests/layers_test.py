@@ -86,6 +86,41 @@ def test_conv_lowerings_match_torch(case):
     assert rel_err(out, ref) < 2e-6, (lowering, prune)
 
 
+@pytest.mark.parametrize(
+  'case',
+  [
+    (9, 11, 4, 6, 3, 1, 6, None),  # taps reach part of the outputs
+    (30, 26, 3, 5, 3, 1, 18, None),  # bands with 2, 1 and 2 live taps
+    (11, 6, 3, 5, 3, 2, 4, None),  # strided and dilated
+    (10, 7, 2, 3, 3, 1, 1, 2),  # more padding than 'same'
+  ],
+  ids=str,
+)
+def test_conv_lowering_gradients_match_torch(case):
+  # Input and weight gradients of every dense lowering against autograd.
+  h, w, cin, cout, k, s, d, p = case
+  rng = np.random.RandomState(h + w)
+  x = rng.randn(2, h, w, cin).astype(np.float32)
+  wt = rng.randn(cout, cin, k, k).astype(np.float32)
+  tx = nchw(x).requires_grad_(True)
+  tw = torch.from_numpy(wt).requires_grad_(True)
+  pad = d * (k - 1) // 2 if p is None else p
+  ty = F.conv2d(tx, tw, stride=s, padding=pad, dilation=d)
+  g = rng.randn(*ty.shape).astype(np.float32)
+  (ty * torch.from_numpy(g)).sum().backward()
+  want_dx, want_dk = nhwc(tx.grad), tw.grad.numpy().transpose(2, 3, 1, 0)
+  for lowering in layers.LOWERINGS:
+    loss = lambda x, kern, lowering=lowering: jnp.sum(
+      layers.conv2d(x, kern, stride=s, dilation=d, padding=p, lowering=lowering)
+      * nhwc(torch.from_numpy(g))
+    )
+    dx, dk = jax.jit(jax.grad(loss, (0, 1)))(
+      jnp.asarray(x), jnp.asarray(wt.transpose(2, 3, 1, 0))
+    )
+    assert rel_err(dx, want_dx) < 2e-6, lowering
+    assert rel_err(dk, want_dk) < 2e-6, lowering
+
+
 def test_prune_plan_hand_computed():
   # 5 rows, 3 taps at dilation 6, padding 6: taps 0 and 2 read rows -6..-2
   # and 6..10 only, i.e. padding; the centre tap alone survives.
@@ -111,6 +146,39 @@ def test_choose_lowering_defaults():
   bf16 = layers.choose_lowering((3, 3, 8, 8), 1, 'cpu', dtype=jnp.bfloat16)
   assert bf16 == 'im2col'
   assert layers.choose_lowering((3, 3, 1, 8), 8, 'cpu') == 'taps'
+  # Dense per-tap matmuls where large dilations leave taps partly in the
+  # padding (ASPP at output stride 8, 64x64 maps): rate 24 reaches 2.25
+  # taps per output in each dimension, 5.06 in all, against Winograd's 9
+  # (2x2-tile padding 2.25x) and im2col's 9.
+  aspp = dict(dilation=24, out_hw=(64, 64))
+  live = layers.live_taps_per_output(
+    (64, 64), (3, 3), (1, 1), (24, 24), ((24, 24), (24, 24))
+  )
+  assert live == pytest.approx(2.25**2)
+  assert (
+    layers.choose_lowering((3, 3, 8, 8), 1, 'cpu', live_taps=live, **aspp)
+    == 'taps'
+  )
+  # Rate 3 keeps 8.4 of 9 taps: Winograd; strided 8.4: im2col.
+  live3 = layers.live_taps_per_output(
+    (64, 64), (3, 3), (1, 1), (3, 3), ((3, 3), (3, 3))
+  )
+  assert live3 == pytest.approx((186 / 64) ** 2)
+  wino = layers.choose_lowering((3, 3, 8, 8), 1, 'cpu', 3, live_taps=live3)
+  assert wino == 'winograd'
+  strided = layers.choose_lowering(
+    (3, 3, 8, 8), 1, 'cpu', 3, 2, live_taps=live3
+  )
+  assert strided == 'im2col'
+  # No Winograd in bfloat16: taps against im2col alone.
+  bf16_aspp = layers.choose_lowering(
+    (3, 3, 8, 8), 1, 'cpu', dtype=jnp.bfloat16, live_taps=live, **aspp
+  )
+  assert bf16_aspp == 'taps'
+  gpu_aspp = layers.choose_lowering(
+    (3, 3, 8, 8), 1, 'gpu', live_taps=live, **aspp
+  )
+  assert gpu_aspp == 'im2col'
   assert layers.choose_lowering((3, 3, 8, 8), 1, 'gpu') == 'native'
   # Dense dilated convolutions on GPU: one matmul over patches.
   assert layers.choose_lowering((3, 3, 8, 8), 1, 'gpu', 2) == 'im2col'

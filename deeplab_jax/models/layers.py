@@ -196,13 +196,69 @@ def _im2col(x, kernel, stride, dilation, padding, out_hw):
   return _matmul(patches, kernel.reshape(kh * kw * cin, cout))
 
 
-def _per_tap(x, kernel, stride, dilation, padding, out_hw, depthwise):
+def _tap_region(size, out, k_index, s, d, lo):
+  """Outputs `[o0, o1)` whose tap `k_index` reads real input, and the first
+  input index read. Output `o` reads `o * s + k_index * d - lo`."""
+  first = k_index * d - lo
+  o0 = max(0, -(first // s))  # ceil(-first / s), the first read >= 0
+  o1 = min(out, (size - 1 - first) // s + 1)
+  return o0, max(o0, o1), o0 * s + first
+
+
+def _depthwise(x, kernel, stride, dilation, padding, out_hw):
+  """Depthwise convolution as a sum of per-tap elementwise products."""
   kh, kw = kernel.shape[:2]
   xp = _pad(x, padding)
   out = None
   for i, j, t in _tap_slices(xp, kh, kw, out_hw, stride, dilation):
-    y = t * kernel[i, j, 0] if depthwise else _matmul(t, kernel[i, j])
+    y = t * kernel[i, j, 0]
     out = y if out is None else out + y
+  return out
+
+
+def live_taps_per_output(in_hw, kernel_hw, stride, dilation, padding) -> float:
+  """Mean number of kernel taps per output that read real input."""
+  mean = 1.0
+  for size, k, s, d, (lo, hi) in zip(
+    in_hw, kernel_hw, stride, dilation, padding, strict=True
+  ):
+    out = _conv_out_size(size, k, s, d, lo, hi)
+    reach = [_tap_region(size, out, i, s, d, lo) for i in range(k)]
+    mean *= sum(o1 - o0 for o0, o1, _ in reach) / out
+  return mean
+
+
+def _per_tap(x, kernel, stride, dilation, padding, out_hw):
+  """Sum over kernel taps of (input slice) @ (tap weights).
+
+  Each tap is computed only on the outputs where it reads real input, from
+  an unpadded slice of `x`, and padded into place: with a dilation that is
+  large next to the map (ASPP), most taps lie partly in the padding, and
+  their zeros are neither gathered nor multiplied (exact). (For depthwise
+  convolutions the same restriction made XLA:CPU's backward 2-3x slower:
+  `_depthwise` keeps whole padded taps.)
+  """
+  kh, kw = kernel.shape[:2]
+  (sh, sw), (dh, dw), ((top, _), (left, _)) = stride, dilation, padding
+  b, h, w, c = x.shape
+  out = None
+  for i in range(kh):
+    r0, r1, hi0 = _tap_region(h, out_hw[0], i, sh, dh, top)
+    for j in range(kw):
+      c0, c1, wi0 = _tap_region(w, out_hw[1], j, sw, dw, left)
+      if r1 == r0 or c1 == c0:
+        continue
+      start = (0, hi0, wi0, 0)
+      limit = (b, hi0 + (r1 - r0 - 1) * sh + 1, wi0 + (c1 - c0 - 1) * sw + 1, c)
+      y = _matmul(jax.lax.slice(x, start, limit, (1, sh, sw, 1)), kernel[i, j])
+      config = (
+        (0, 0, 0),
+        (r0, out_hw[0] - r1, 0),
+        (c0, out_hw[1] - c1, 0),
+        (0, 0, 0),
+      )
+      y = jax.lax.pad(y, jnp.zeros((), y.dtype), config)
+      out = y if out is None else out + y
   return out
 
 
@@ -374,6 +430,13 @@ _winograd_output.defvjp(_winograd_output_fwd, _winograd_output_bwd)
 # Above this share of padded-tile work Winograd's 2.25x fewer multiplies no
 # longer pay for its transforms (docs/benchmarks.md).
 WINOGRAD_MAX_WASTE = 1.5
+# Per-tap matmuls restricted to the outputs each tap reaches need no patch
+# buffer and no transforms: on XLA:CPU they beat Winograd wherever they
+# need at most this many times its multiplies (counting Winograd's padded
+# tiles), and im2col wherever they skip a fifth of its multiplies
+# (docs/benchmarks.md, per-layer table).
+TAPS_OVER_WINOGRAD = 1.4
+TAPS_OVER_IM2COL = 0.8
 
 
 def _winograd_waste(out_hw: Sequence[int], dilation) -> float:
@@ -392,6 +455,7 @@ def choose_lowering(
   stride: int | Sequence[int] = 1,
   dtype=jnp.float32,
   out_hw: Sequence[int] | None = None,
+  live_taps: float | None = None,
 ) -> str:
   """The lowering `'auto'` resolves to, from static shapes and the backend.
 
@@ -399,15 +463,20 @@ def choose_lowering(
   gathered patches than natively, a 3x3 stride-1 one (dilated or not) in
   float32 another 1.5-3x faster with Winograd's F(2x2, 3x3) (2.25x fewer
   multiplies, 4x instead of 9x the input in buffers), and a depthwise one as
-  a sum of per-tap multiplies. GPUs and TPUs keep their native convolutions
-  (cuDNN, the TPU MXU path), except dense dilated ones on GPU: cuDNN's
-  kernels for their weight gradient are slow, and one matmul over patches
-  made forward + backward 2.3-3.5x faster on an H200 (docs/benchmarks.md,
-  measured). `kernel_shape` and `dilation` are those left after
-  padding-only taps are pruned. Winograd computes whole tiles of `2 d`
-  outputs per dimension: where rounding `out_hw` up to them wastes more
-  than `WINOGRAD_MAX_WASTE` of the work (large dilations on small maps),
-  im2col is used.
+  a sum of per-tap multiplies. Where a dilation is large next to the map
+  (ASPP), many taps read padding for part of the outputs: one matmul per
+  tap on just the outputs it reaches (`'taps'`) then does the fewest
+  multiplies and runs 1.5-2.6x faster than either (`live_taps`, the mean
+  number of taps per output that read real input, from
+  `live_taps_per_output`; `TAPS_OVER_WINOGRAD`, `TAPS_OVER_IM2COL`).
+  GPUs and TPUs keep their native convolutions (cuDNN, the TPU MXU path),
+  except dense dilated ones on GPU: cuDNN's kernels for their weight
+  gradient are slow, and one matmul over patches made forward + backward
+  2.3-3.5x faster on an H200 (docs/benchmarks.md, measured).
+  `kernel_shape` and `dilation` are those left after padding-only taps are
+  pruned. Winograd computes whole tiles of `2 d` outputs per dimension:
+  where rounding `out_hw` up to them wastes more than `WINOGRAD_MAX_WASTE`
+  of the work (large dilations on small maps), it is not used.
   """
   backend = backend or jax.default_backend()
   kh, kw, cin_per_group, cout = kernel_shape
@@ -416,9 +485,13 @@ def choose_lowering(
     return 'taps' if backend == 'cpu' and depthwise else 'native'
   if backend == 'cpu':
     winograd = (kh, kw) == (3, 3) and _pair(stride) == (1, 1)
-    if winograd and out_hw is not None:
-      winograd = _winograd_waste(out_hw, dilation) <= WINOGRAD_MAX_WASTE
-    return 'winograd' if winograd and dtype == jnp.float32 else 'im2col'
+    winograd = winograd and dtype == jnp.float32
+    waste = _winograd_waste(out_hw, dilation) if out_hw is not None else 1.0
+    if live_taps is not None and (kh, kw) != (1, 1):
+      cheapest = min(kh * kw * TAPS_OVER_IM2COL, 4 * waste * TAPS_OVER_WINOGRAD)
+      if live_taps <= (cheapest if winograd else kh * kw * TAPS_OVER_IM2COL):
+        return 'taps'
+    return 'winograd' if winograd and waste <= WINOGRAD_MAX_WASTE else 'im2col'
   dh, dw = _pair(dilation)
   dilated = (kh > 1 and dh > 1) or (kw > 1 and dw > 1)
   return 'im2col' if backend == 'gpu' and dilated else 'native'
@@ -484,17 +557,18 @@ def conv2d(
       stride=stride,
       dtype=x.dtype,
       out_hw=out_hw,
+      live_taps=live_taps_per_output(in_hw, (kh, kw), stride, dilation, pads),
     )
   depthwise = groups > 1 and cin_g == 1 and cout == groups
   if lowering == 'native' or (groups > 1 and not depthwise):
     return _native(x, kernel, stride, dilation, pads, groups)
   if depthwise:
-    return _per_tap(x, kernel, stride, dilation, pads, out_hw, True)
+    return _depthwise(x, kernel, stride, dilation, pads, out_hw)
   if lowering == 'winograd' and (kh, kw) == (3, 3) and stride == (1, 1):
     return _winograd(x, kernel, dilation, pads, out_hw)
   if (kh, kw) == (1, 1) or lowering in ('im2col', 'winograd'):
     return _im2col(x, kernel, stride, dilation, pads, out_hw)
-  return _per_tap(x, kernel, stride, dilation, pads, out_hw, False)
+  return _per_tap(x, kernel, stride, dilation, pads, out_hw)
 
 
 def _kaiming_fan_out(key, shape, dtype=jnp.float32):
