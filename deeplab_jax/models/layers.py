@@ -138,41 +138,47 @@ def _einsum_matmul(x, w):
   return jnp.einsum('bhwc,cd->bhwd', x, w)
 
 
-@jax.custom_vjp
-def _matmul_transposed_grad(x, w):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_explicit_grad(x, w, transpose_output_grad):
   return _einsum_matmul(x, w)
 
 
-def _matmul_transposed_grad_fwd(x, w):
+def _matmul_explicit_grad_fwd(x, w, transpose_output_grad):
   return _einsum_matmul(x, w), (x, w)
 
 
-def _matmul_transposed_grad_bwd(res, g):
+def _matmul_explicit_grad_bwd(transpose_output_grad, res, g):
   x, w = res
   k, n = w.shape
   dx = jnp.einsum('bhwd,cd->bhwc', g, w)
   # The weight gradient contracts the pixel axis of both operands. XLA:CPU
-  # passes a matmul to its fast library only as [M, K] x [K, N] and would
-  # transpose the (larger) patches to get there; transposing the output
-  # gradient instead moves less memory. (The barriers guard the form in
-  # JAX's and XLA's early passes; XLA:CPU's optimised HLO holds none, so
-  # they cannot stop fusion: see `_winograd_output_bwd`.)
-  g_t = jax.lax.optimization_barrier(g.reshape(-1, n).T)
-  dw_t = jax.lax.optimization_barrier(g_t @ x.reshape(-1, k))
-  return dx, dw_t.T
+  # passes a matmul to its fast library only as [M, K] x [K, N], so one
+  # operand must be transposed in memory first: this picks which. Left to
+  # autodiff, XLA transposed the output gradient even where it was the
+  # larger operand, inside the (then much slower) fusion that produced it.
+  # (The barriers guard the form in JAX's and XLA's early passes; XLA:CPU's
+  # optimised HLO holds none, so they cannot stop fusion: see
+  # `_winograd_output_bwd`.)
+  if transpose_output_grad:
+    g_t = jax.lax.optimization_barrier(g.reshape(-1, n).T)
+    dw = jax.lax.optimization_barrier(g_t @ x.reshape(-1, k)).T
+  else:
+    x_t = jax.lax.optimization_barrier(x.reshape(-1, k).T)
+    dw = jax.lax.optimization_barrier(x_t @ g.reshape(-1, n))
+  return dx, dw
 
 
-_matmul_transposed_grad.defvjp(
-  _matmul_transposed_grad_fwd, _matmul_transposed_grad_bwd
+_matmul_explicit_grad.defvjp(
+  _matmul_explicit_grad_fwd, _matmul_explicit_grad_bwd
 )
 
 
 def _matmul(x, w, transpose_grad_min_k: int | None = None):
   """`[B, ..., K] @ [K, N]`, at least 4-D.
 
-  On XLA:CPU with `K >= transpose_grad_min_k` (default: K > N) the weight
-  gradient transposes the output gradient rather than `x`
-  (docs/benchmarks.md, measured).
+  On XLA:CPU the weight gradient transposes the smaller operand in memory:
+  the output gradient where `K >= transpose_grad_min_k` (default: K > N),
+  else `x` (docs/benchmarks.md, measured).
   """
   k, n = w.shape
   lead = x.shape[:-1]
@@ -181,8 +187,8 @@ def _matmul(x, w, transpose_grad_min_k: int | None = None):
   if x.ndim > 4:
     x = x.reshape(x.shape[0], 1, -1, k)
   min_k = n + 1 if transpose_grad_min_k is None else transpose_grad_min_k
-  if jax.default_backend() == 'cpu' and k >= min_k:
-    y = _matmul_transposed_grad(x, w)
+  if jax.default_backend() == 'cpu':
+    y = _matmul_explicit_grad(x, w, k >= min_k)
   else:
     y = _einsum_matmul(x, w)
   return y.reshape(lead + (n,))
