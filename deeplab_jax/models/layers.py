@@ -138,57 +138,46 @@ def _einsum_matmul(x, w):
   return jnp.einsum('bhwc,cd->bhwd', x, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_explicit_grad(x, w, transpose_output_grad):
+@jax.custom_vjp
+def _matmul_2d_weight_grad(x, w):
   return _einsum_matmul(x, w)
 
 
-def _matmul_explicit_grad_fwd(x, w, transpose_output_grad):
+def _matmul_2d_weight_grad_fwd(x, w):
   return _einsum_matmul(x, w), (x, w)
 
 
-def _matmul_explicit_grad_bwd(transpose_output_grad, res, g):
+def _matmul_2d_weight_grad_bwd(res, g):
   x, w = res
   k, n = w.shape
   dx = jnp.einsum('bhwd,cd->bhwc', g, w)
-  # The weight gradient contracts the pixel axis of both operands. XLA:CPU
-  # passes a matmul to its fast library only as [M, K] x [K, N], so one
-  # operand must be transposed in memory first: this picks which. Left to
-  # autodiff, XLA transposed the output gradient even where it was the
-  # larger operand, inside the (then much slower) fusion that produced it.
-  # (The barriers guard the form in JAX's and XLA's early passes; XLA:CPU's
-  # optimised HLO holds none, so they cannot stop fusion: see
-  # `_winograd_output_bwd`.)
-  if transpose_output_grad:
-    g_t = jax.lax.optimization_barrier(g.reshape(-1, n).T)
-    dw = jax.lax.optimization_barrier(g_t @ x.reshape(-1, k)).T
-  else:
-    x_t = jax.lax.optimization_barrier(x.reshape(-1, k).T)
-    dw = jax.lax.optimization_barrier(x_t @ g.reshape(-1, n))
+  # The weight gradient as a 2-D product contracting the leading axis of
+  # both operands, which XLA:CPU runs in its own dot emitter without moving
+  # either operand. Autodiff's 4-D contraction is canonicalised to
+  # [M, K] x [K, N] instead, and XLA transposes an operand in memory inside
+  # the fusion that produces it, with strided reads of every input of that
+  # fusion (1.8 s of one DenseASPP step for a single dense block's
+  # gradient). Paired, train step: DenseASPP-161 +20%, DeepLabV3-R50 +16%
+  # (docs/benchmarks.md).
+  dw = jnp.einsum('mk,mn->kn', x.reshape(-1, k), g.reshape(-1, n))
   return dx, dw
 
 
-_matmul_explicit_grad.defvjp(
-  _matmul_explicit_grad_fwd, _matmul_explicit_grad_bwd
+_matmul_2d_weight_grad.defvjp(
+  _matmul_2d_weight_grad_fwd, _matmul_2d_weight_grad_bwd
 )
 
 
-def _matmul(x, w, transpose_grad_min_k: int | None = None):
-  """`[B, ..., K] @ [K, N]`, at least 4-D.
-
-  On XLA:CPU the weight gradient transposes the smaller operand in memory:
-  the output gradient where `K >= transpose_grad_min_k` (default: K > N),
-  else `x` (docs/benchmarks.md, measured).
-  """
+def _matmul(x, w):
+  """`[B, ..., K] @ [K, N]`, at least 4-D (see `_matmul_2d_weight_grad`)."""
   k, n = w.shape
   lead = x.shape[:-1]
   # The custom VJP is written for [B, H, W, K]; the batch axis stays apart
   # so that a batch-sharded input keeps its sharding.
   if x.ndim > 4:
     x = x.reshape(x.shape[0], 1, -1, k)
-  min_k = n + 1 if transpose_grad_min_k is None else transpose_grad_min_k
   if jax.default_backend() == 'cpu':
-    y = _matmul_explicit_grad(x, w, k >= min_k)
+    y = _matmul_2d_weight_grad(x, w)
   else:
     y = _einsum_matmul(x, w)
   return y.reshape(lead + (n,))
@@ -379,9 +368,8 @@ def _winograd(x, kernel, dilation, padding, out_hw):
   kg = [_winograd_filter(list(kernel[i])) for i in range(3)]  # kg[i][b]
   u = [_winograd_filter([kg[i][b] for i in range(3)]) for b in range(4)]
   # One matmul per tile element: a batched matmul would need the 16 inputs
-  # concatenated into one buffer first (an extra copy on XLA:CPU). The
-  # transposed weight gradient was faster for every layer shape measured.
-  prods = [_matmul(v, u[t % 4][t // 4], 0) for t, v in enumerate(inputs)]
+  # concatenated into one buffer first (an extra copy on XLA:CPU).
+  prods = [_matmul(v, u[t % 4][t // 4]) for t, v in enumerate(inputs)]
   y = _winograd_output(tuple(prods))
   return y[:, :oh, :ow]
 
