@@ -157,7 +157,7 @@ def _matmul_2d_weight_grad_bwd(res, g):
   # [M, K] x [K, N] instead, and XLA transposes an operand in memory inside
   # the fusion that produces it, with strided reads of every input of that
   # fusion (1.8 s of one DenseASPP step for a single dense block's
-  # gradient). Paired, train step: DenseASPP-161 +20%, DeepLabV3-R50 +16%
+  # gradient). Paired, train step: DenseASPP-161 +14%, DeepLabV3-R50 +16%
   # (docs/benchmarks.md).
   dw = jnp.einsum('mk,mn->kn', x.reshape(-1, k), g.reshape(-1, n))
   return dx, dw
