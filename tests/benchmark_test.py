@@ -119,14 +119,15 @@ def test_matmul_flops_hand_counted():
 
   x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 4))
   conv = 2 * (2 * 16 * 16 * 4) * (8 * 9)  # 2 x outputs x multiply-adds each
-  for lowering in ('native', 'im2col', 'taps'):
+  # Per-tap matmuls skip the padding: per dimension the 3 taps reach 15,
+  # 16 and 15 of the 16 outputs.
+  taps = 2 * (2 * 46 * 46 * 4) * 8
+  for lowering, want in (('native', conv), ('im2col', conv), ('taps', taps)):
     loss = lambda x, k, low=lowering: layers.conv2d(x, k, lowering=low).sum()
     fwd = jax.make_jaxpr(loss)(x, k).jaxpr
     bwd = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k).jaxpr
-    assert benchmarking.matmul_flops(fwd) == conv
-    assert (
-      benchmarking.matmul_flops(bwd) == 3 * conv
-    )  # + input and weight grads
+    assert benchmarking.matmul_flops(fwd) == want
+    assert benchmarking.matmul_flops(bwd) == 3 * want  # + both gradients
   # Nested (jit, checkpoint) calls are counted too.
   nested = jax.jit(lambda a: jax.checkpoint(lambda a: a @ a)(a) @ a)
   jaxpr = jax.make_jaxpr(nested)(jnp.ones((4, 5, 5))).jaxpr
