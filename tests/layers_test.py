@@ -231,9 +231,9 @@ def test_max_pool_and_global_pool_match_torch():
 
 @pytest.mark.parametrize('k,n', [(36, 8), (8, 36)])
 def test_matmul_weight_gradient_form_gives_autodiff_gradients(k, n):
-  # On CPU the weight gradient transposes the smaller operand first (the
-  # output gradient where K > N, else x; a custom VJP); both gradients must
-  # equal plain autodiff's.
+  # On CPU the weight gradient is a 2-D product contracting the pixel axis
+  # of both operands (a custom VJP); both gradients must equal plain
+  # autodiff's, for K > N and K < N.
   rng = np.random.RandomState(k)
   x = jnp.asarray(rng.randn(2, 5, 7, k), jnp.float32)
   w = jnp.asarray(rng.randn(k, n), jnp.float32)

@@ -43,8 +43,11 @@ def _logged_lines(workdir):
 
 
 def _trash(ckpts):
-  path = os.path.join(ckpts, 'trash')
-  return os.listdir(path) if os.path.isdir(path) else []
+  # The training process empties and removes trash/ while this polls.
+  try:
+    return os.listdir(os.path.join(ckpts, 'trash'))
+  except FileNotFoundError:
+    return []
 
 
 def test_faults_in_one_run_end_equal_to_uninterrupted(data_dir, tmp_path):
