@@ -1,11 +1,12 @@
 """DenseASPP: official-layout and torchvision DenseNet conversion parity."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-from torchvision.models import densenet121, densenet161
+from torchvision.models import DenseNet, densenet121, densenet161
 
 from deeplab_jax import models, predict
 from deeplab_jax.convert import torch as torch_convert
@@ -54,6 +55,55 @@ def test_torchvision_densenet_backbone_parity(ctor, arch, hw):
   ours = _forward(backbone, jnp.asarray(x))['out']
   assert ours.shape == ref.shape
   assert rel_err(ours, ref) < TOL
+
+
+def test_torchvision_densenet_training_mode_matches_torch():
+  # Training mode: each dense layer normalises the concatenation with batch
+  # statistics that our DenseNet computes once per feature map and shares
+  # (torchvision recomputes them per layer). Outputs, updated running
+  # statistics and gradients against autograd, on a growth-8 DenseNet.
+  torch.manual_seed(0)
+  tm = DenseNet(8, (2, 2, 2, 2), 16)
+  tm = _dilate_torchvision(tm)
+  randomize_batchnorm(tm, 3)
+  tm.train()
+  model = torch_convert.load(
+    'denseaspp_tiny', tm.state_dict(), num_classes=19, transition4=False
+  )
+  rng = np.random.RandomState(1)
+  x = rng.randn(2, 64, 48, 3).astype(np.float32)
+  tx = nchw(x).requires_grad_(True)
+  ref = tm.features(tx)
+  g = rng.randn(*ref.shape).astype(np.float32)
+  (ref * torch.from_numpy(g)).sum().backward()
+  graph, params, rest = nnx.split(model.backbone, nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+  def loss(params, x):
+    backbone = nnx.merge(graph, params, rest)
+    out = backbone(x)['out']
+    stats = nnx.to_pure_dict(nnx.state(backbone, nnx.BatchStat))
+    return jnp.sum(out * nhwc(torch.from_numpy(g))), (out, stats)
+
+  (_, (out, stats)), (dparams, dx) = jax.value_and_grad(
+    loss, argnums=(0, 1), has_aux=True
+  )(params, jnp.asarray(x))
+  assert rel_err(out, nhwc(ref.detach())) < TOL
+  assert rel_err(dx, nhwc(tx.grad)) < TOL
+  f = tm.features
+  for ours, theirs in [
+    (stats['denseblock3'][1]['norm1'], f.denseblock3.denselayer2.norm1),
+    (stats['transition2']['norm'], f.transition2.norm),
+    (stats['norm5'], f.norm5),
+  ]:
+    assert rel_err(ours['mean'], theirs.running_mean.numpy()) < TOL
+    assert rel_err(ours['var'], theirs.running_var.numpy()) < TOL
+  for ours, theirs in [
+    (dparams['denseblock1'][0]['conv1']['kernel'], f.denseblock1.denselayer1),
+    (dparams['denseblock4'][1]['conv1']['kernel'], f.denseblock4.denselayer2),
+  ]:
+    want = theirs.conv1.weight.grad.numpy().transpose(2, 3, 1, 0)
+    assert rel_err(ours, want) < TOL
 
 
 def test_torchvision_densenet_with_transition4_starts_it_fresh():

@@ -18,6 +18,7 @@ The output is `norm5`'s, before any ReLU, as torchvision's `features`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,21 @@ class DenseLayer(nnx.Module):
       mid, growth_rate, 3, dilation=dilation, rngs=rngs
     )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.conv1(jax.nn.relu(self.norm1(x)))
+  def __call__(
+    self,
+    features: Sequence[jax.Array],
+    stats: Sequence[tuple[jax.Array, jax.Array]],
+  ) -> jax.Array:
+    """The new features from the block's feature maps so far (to be read
+    concatenated) and their `layers.batch_stats`."""
+    x = _concat(features)
+    mean, var = (_concat(s) for s in zip(*stats, strict=True))
+    y = self.conv1(jax.nn.relu(self.norm1(x, (mean, var))))
     return self.conv2(jax.nn.relu(self.norm2(y)))
+
+
+def _concat(arrays: Sequence[jax.Array]) -> jax.Array:
+  return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=-1)
 
 
 class Transition(nnx.Module):
@@ -91,8 +104,11 @@ class Transition(nnx.Module):
     self.conv = layers.Conv2d(in_channels, out_channels, 1, rngs=rngs)
     self.pool = pool
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.conv(jax.nn.relu(self.norm(x)))
+  def __call__(
+    self, x: jax.Array, stats: tuple[jax.Array, jax.Array] | None = None
+  ) -> jax.Array:
+    """`stats`: `x`'s `layers.batch_stats`, where the caller has them."""
+    y = self.conv(jax.nn.relu(self.norm(x, stats)))
     return layers.avg_pool(y, 2, 2) if self.pool else y
 
 
@@ -136,12 +152,22 @@ class DenseNet(layers.RematBlocks, nnx.Module):
     x = layers.max_pool(x, 3, 2, 1)
     feats = {}
     for i in range(1, 5):
+      # Every layer normalises the concatenation of all maps so far, whose
+      # channels' batch statistics never change: each map's are computed
+      # once and shared (the same numbers; torchvision recomputes them per
+      # layer). Unused, and removed by XLA, when BatchNorm runs on its
+      # running averages.
+      features = [x]
+      stats = [layers.batch_stats(x)]
       for layer in getattr(self, f'denseblock{i}'):
-        x = jnp.concatenate([x, self.block(layer, x)], axis=-1)
+        features.append(self.block(layer, features, stats))
+        stats.append(layers.batch_stats(features[-1]))
+      x = _concat(features)
+      block_stats = tuple(_concat(s) for s in zip(*stats, strict=True))
       if i == 1:
         feats['layer1'] = x
       transition = getattr(self, f'transition{i}')
       if transition is not None:
-        x = transition(x)
-    feats['out'] = self.norm5(x)
+        x = transition(x, block_stats)
+    feats['out'] = self.norm5(x, None if transition else block_stats)
     return feats

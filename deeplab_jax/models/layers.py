@@ -630,6 +630,15 @@ class Conv2d(nnx.Module):
     return y
 
 
+def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Float32 mean and biased variance per channel (last axis), as training
+  BatchNorm normalises with."""
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(xf, axes)
+  return mean, jnp.mean(jnp.square(xf - mean), axes)
+
+
 class BatchNorm(nnx.Module):
   """`torch.nn.BatchNorm2d` over the last axis of an NHWC array.
 
@@ -660,15 +669,17 @@ class BatchNorm(nnx.Module):
     if use_running_average is not None:
       self.use_running_average = use_running_average
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, stats: tuple[jax.Array, jax.Array] | None = None
+  ) -> jax.Array:
+    """Normalises `x`; in training, `stats` (its `batch_stats`, computed
+    once by the caller) saves recomputing them (DenseNet's concatenations,
+    whose channels' statistics every later layer shares)."""
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
-      xf = x.astype(jnp.float32)
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)
-      n = int(np.prod([x.shape[a] for a in axes]))
+      mean, var = batch_stats(x) if stats is None else stats
+      n = int(np.prod(x.shape[:-1]))
       unbiased = var * (n / (n - 1)) if n > 1 else var
       m = self.momentum
       self.mean[...] = m * self.mean[...] + (1 - m) * mean
