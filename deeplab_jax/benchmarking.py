@@ -77,6 +77,7 @@ KERNEL_KINDS = (
       'nchwtonhwc',
       'slice',
       'concatenate',
+      'aten::cat',
       'pad',
     ),
   ),
@@ -117,15 +118,43 @@ def _device_kernels(events: list[dict]) -> list[tuple[str, float]]:
     for e in events:
       if e.get('ph') == 'X' and 'hlo_op' in (e.get('args') or {}):
         kernels.append((str(e.get('name', '')), float(e['dur'])))
+  if not kernels:  # PyTorch on CPU: its operators' self times
+    kernels = _self_times([e for e in events if e.get('cat') == 'cpu_op'])
   return kernels
+
+
+def _self_times(ops: list[dict]) -> list[tuple[str, float]]:
+  """`(name, microseconds)` of each operator less the operators nested in
+  it on the same thread, so `aten::conv2d` -> `aten::mkldnn_convolution`
+  counts once, and a backward node's time goes to the kernels it ran."""
+  out = []
+  by_thread: dict[Any, list[dict]] = {}
+  for e in ops:
+    if e.get('ph') == 'X' and 'dur' in e:
+      by_thread.setdefault(e.get('tid'), []).append(e)
+  for events in by_thread.values():
+    events.sort(key=lambda e: (float(e['ts']), -float(e['dur'])))
+    stack: list[list] = []  # [end, name, self time]
+    for e in events:
+      start, dur = float(e['ts']), float(e['dur'])
+      while stack and stack[-1][0] <= start:
+        _, name, self_us = stack.pop()
+        out.append((name, self_us))
+      if stack:
+        stack[-1][2] -= dur
+      stack.append([start + dur, str(e.get('name', '')), dur])
+    out.extend((name, self_us) for _, name, self_us in stack)
+  return out
 
 
 def kernel_time_summary(profile_dir: str, steps: int) -> dict[str, Any]:
   """Device kernel milliseconds per step by kind, and the top kernels.
 
   Reads the newest trace under `profile_dir` (JAX's
-  `perfetto_trace.json.gz` or PyTorch's `torch_trace.json.gz`). Returns
-  `{}` where the trace holds no kernels (PyTorch on CPU).
+  `perfetto_trace.json.gz` or PyTorch's `torch_trace.json.gz`). On CPU
+  the "kernels" are XLA's ops (their threads' busy time) and PyTorch's
+  operators (self time on the calling thread, each running on all cores).
+  Returns `{}` where the trace holds none.
   """
   import glob
   import gzip

@@ -210,6 +210,32 @@ def test_kernel_time_summary_of_hand_built_traces(tmp_path):
     'other': 0.5,
     'total': 4.5,
   }
+
+  # PyTorch on CPU: operators' self times (nested ones subtracted).
+  def cpu_op(name, ts, dur, tid=1):
+    return {
+      'ph': 'X',
+      'cat': 'cpu_op',
+      'name': name,
+      'ts': ts,
+      'dur': dur,
+      'tid': tid,
+    }
+
+  torch_cpu = [
+    cpu_op('aten::conv2d', 0.0, 100.0),
+    cpu_op('aten::mkldnn_convolution', 10.0, 80.0),
+    cpu_op('autograd::engine::evaluate_function: ReluBackward0', 0.0, 40.0, 2),
+    cpu_op('aten::threshold_backward', 5.0, 30.0, 2),
+    cpu_op('aten::native_batch_norm', 100.0, 20.0),
+    cpu_op('aten::cat', 120.0, 60.0),
+  ]
+  summary = benchmarking.kernel_time_summary(write('tc', 'torch', torch_cpu), 2)
+  assert summary['kernel_ms_per_step'] == pytest.approx(
+    {'conv': 0.05, 'copy': 0.03, 'norm': 0.01, 'other': 0.02, 'total': 0.11}
+  )
+  assert summary['top_kernels'][0][:2] == ['aten::mkldnn_convolution', 'conv']
+  assert summary['top_kernels'][0][2] == pytest.approx(0.04)
   assert benchmarking.kernel_time_summary(write('none', 'torch', []), 1) == {}
 
 
