@@ -169,5 +169,5 @@ class DenseNet(layers.RematBlocks, nnx.Module):
       transition = getattr(self, f'transition{i}')
       if transition is not None:
         x = transition(x, block_stats)
-    feats['out'] = self.norm5(x, None if transition else block_stats)
+    feats['out'] = self.norm5(x, block_stats if transition is None else None)
     return feats
