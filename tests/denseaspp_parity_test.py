@@ -154,6 +154,49 @@ def test_official_denseaspp121_parity(official_121, hw):
   assert rel_err(predict.logits(model, x), expect) < TOL
 
 
+def test_official_denseaspp_training_mode_matches_torch():
+  # The whole official-layout model in training mode (batch statistics,
+  # the head's BatchNorm momentum, the first block's in-place ReLU) with
+  # dropout off on both sides: logits and gradients against autograd.
+  torch.manual_seed(2)
+  ref = OfficialDenseASPP(8, 16, (2, 2, 2, 2), 16, 8, n_class=5)
+  randomize_batchnorm(ref, 4)
+  ref.train()
+  for m in ref.modules():
+    if isinstance(m, torch.nn.Dropout2d):
+      m.eval()
+  model = torch_convert.load('denseaspp_tiny', official_state_dict(ref))
+  model = nnx.view(model, deterministic=True)
+  rng = np.random.RandomState(3)
+  x = rng.randn(2, 64, 48, 3).astype(np.float32)
+  tx = nchw(x).requires_grad_(True)
+  expect = ref(tx)
+  g = rng.randn(*expect.shape).astype(np.float32)
+  (expect * torch.from_numpy(g)).sum().backward()
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+  def loss(params, x):
+    out = nnx.merge(graph, params, rest)(x)['out']
+    return jnp.sum(out * nhwc(torch.from_numpy(g))), out
+
+  (_, out), (dparams, dx) = jax.value_and_grad(
+    loss, argnums=(0, 1), has_aux=True
+  )(params, jnp.asarray(x))
+  assert rel_err(out, nhwc(expect.detach())) < TOL
+  assert rel_err(dx, nhwc(tx.grad)) < TOL
+  for ours, theirs in [
+    (dparams['head']['blocks'][2]['conv2']['kernel'], ref.ASPP_12.conv2),
+    (dparams['head']['blocks'][0]['conv1']['kernel'], ref.ASPP_3.conv1),
+    (
+      dparams['backbone']['denseblock2'][1]['conv2']['kernel'],
+      ref.features.denseblock2.denselayer2.conv2,
+    ),
+  ]:
+    want = theirs.weight.grad.numpy().transpose(2, 3, 1, 0)
+    assert rel_err(ours, want) < TOL
+
+
 def test_official_denseaspp161_parity_output_stride_16():
   torch.manual_seed(1)
   ref = OfficialDenseASPP(
