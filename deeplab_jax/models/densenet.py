@@ -84,14 +84,20 @@ class DenseLayer(nnx.Module):
   ) -> jax.Array:
     """The new features from the block's feature maps so far (to be read
     concatenated) and their `layers.batch_stats`."""
-    x = _concat(features)
-    mean, var = (_concat(s) for s in zip(*stats, strict=True))
-    y = self.conv1(jax.nn.relu(self.norm1(x, (mean, var))))
+    y = self.conv1(
+      jax.nn.relu(self.norm1(_concat(features), _concat_stats(stats)))
+    )
     return self.conv2(jax.nn.relu(self.norm2(y)))
 
 
 def _concat(arrays: Sequence[jax.Array]) -> jax.Array:
   return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=-1)
+
+
+def _concat_stats(stats: Sequence[tuple[jax.Array, jax.Array]]):
+  """The `(mean, var)` of the concatenation, from its parts'."""
+  means, variances = zip(*stats, strict=True)
+  return _concat(means), _concat(variances)
 
 
 class Transition(nnx.Module):
@@ -163,7 +169,7 @@ class DenseNet(layers.RematBlocks, nnx.Module):
         features.append(self.block(layer, features, stats))
         stats.append(layers.batch_stats(features[-1]))
       x = _concat(features)
-      block_stats = tuple(_concat(s) for s in zip(*stats, strict=True))
+      block_stats = _concat_stats(stats)
       if i == 1:
         feats['layer1'] = x
       transition = getattr(self, f'transition{i}')
