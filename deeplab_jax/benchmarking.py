@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from deeplab_jax import losses, models
+from deeplab_jax.predict import inference_view
 
 # Dense peak TFLOP/s by device kind (vendor data sheets: NVIDIA H100/H200
 # SXM, A100 SXM; Google Cloud TPU system architecture pages). float32 on
@@ -306,7 +307,7 @@ def jax_model(
   )
   model = nnx.view(model, conv_lowering=conv_lowering)
   train_model = nnx.view(model, deterministic=True)
-  eval_model = nnx.view(model, deterministic=True, use_running_average=True)
+  eval_model = inference_view(model)
   graphdef, params, rest = nnx.split(train_model, nnx.Param, ...)
   eval_graphdef = nnx.split(eval_model, nnx.Param, ...)[0]
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)

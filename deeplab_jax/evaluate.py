@@ -37,6 +37,7 @@ from deeplab_jax.data import datasets, transforms
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import ConfigError
 from deeplab_jax.models.layers import resize_bilinear
+from deeplab_jax.predict import inference_view
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -226,7 +227,7 @@ def evaluate(
   )
   batch_size = -(-batch_size // len(devices)) * len(devices)
   nnx.update(model, jax.device_put(nnx.state(model), sharding.replicated(mesh)))
-  model = nnx.view(model, use_running_average=True, deterministic=True)
+  model = inference_view(model)
   data = sharding.data_sharding(mesh)
 
   n = len(source) if max_examples is None else min(len(source), max_examples)

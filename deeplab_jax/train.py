@@ -29,6 +29,7 @@ from flax import nnx
 from deeplab_jax import checkpointing, losses, metrics, models, optim, sharding
 from deeplab_jax.data import datasets, pipeline, transforms
 from deeplab_jax.errors import ConfigError, UserError
+from deeplab_jax.predict import inference_view
 
 # Config groups whose change makes a workdir's checkpoints incompatible.
 _RUN_IDENTITY = ('model', 'data.dataset', 'data.crop_size', 'train.batch_size')
@@ -336,7 +337,7 @@ def train_and_evaluate(
   if config.model.remat == 'blocks':
     model = nnx.view(model, remat_blocks=True)
   graphdef, params, stats, rest = _split(model)
-  eval_model = nnx.view(model, use_running_average=True, deterministic=True)
+  eval_model = inference_view(model)
   eval_graphdef = _split(eval_model)[0]
   rest_template = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(rest)

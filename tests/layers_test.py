@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 
+from deeplab_jax import models, predict
 from deeplab_jax.models import layers
 from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
 
@@ -191,6 +193,47 @@ def test_choose_lowering_defaults():
     layers.conv2d(
       jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), lowering='fft'
     )
+
+
+def test_forward_only_lowering_for_inference():
+  # ASPP rate 12 at output stride 8 (64x64 map): taps need 6.89 multiplies
+  # per output, Winograd 4 x 1.27 (its 2x2 tiles padded to 72x72), 1.36x
+  # fewer: taps train faster, Winograd runs the forward pass faster.
+  pads = ((12, 12), (12, 12))
+  live = layers.live_taps_per_output((64, 64), (3, 3), (1, 1), (12, 12), pads)
+  assert live == pytest.approx((168 / 64) ** 2)
+  rate12 = dict(dilation=12, out_hw=(64, 64), live_taps=live)
+  assert layers.choose_lowering((3, 3, 8, 8), 1, 'cpu', **rate12) == 'taps'
+  inference = layers.choose_lowering(
+    (3, 3, 8, 8), 1, 'cpu', forward_only=True, **rate12
+  )
+  assert inference == 'winograd'
+  # Rate 24 (5.06 against Winograd's 9): taps either way.
+  live24 = layers.live_taps_per_output(
+    (64, 64), (3, 3), (1, 1), (24, 24), ((24, 24), (24, 24))
+  )
+  rate24 = dict(dilation=24, out_hw=(64, 64), live_taps=live24)
+  assert (
+    layers.choose_lowering((3, 3, 8, 8), 1, 'cpu', forward_only=True, **rate24)
+    == 'taps'
+  )
+  # The inference view reaches every convolution; the numbers agree.
+  model = models.create(
+    'deeplabv3_resnet_tiny', num_classes=3, rngs=nnx.Rngs(0)
+  )
+  view = predict.inference_view(model)
+  convs = [m for _, m in nnx.iter_graph(view) if isinstance(m, layers.Conv2d)]
+  assert convs and all(c.forward_only for c in convs)
+  assert not any(
+    m.forward_only
+    for _, m in nnx.iter_graph(model)
+    if isinstance(m, layers.Conv2d)
+  )
+  x = jnp.asarray(np.random.RandomState(0).randn(1, 40, 40, 3), jnp.float32)
+  trained = nnx.view(model, use_running_average=True, deterministic=True)
+  np.testing.assert_allclose(
+    view(x)['out'], trained(x)['out'], rtol=1e-4, atol=1e-4
+  )
 
 
 def test_batchnorm_train_and_eval_match_torch():

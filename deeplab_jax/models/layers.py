@@ -432,6 +432,11 @@ WINOGRAD_MAX_WASTE = 1.5
 # (docs/benchmarks.md, per-layer table).
 TAPS_OVER_WINOGRAD = 1.4
 TAPS_OVER_IM2COL = 0.8
+# Forward pass alone (inference), Winograd is faster up to a smaller margin:
+# ASPP rate 12 at output stride 8 (1.36x Winograd's multiplies) ran 399 ms
+# with Winograd and 517 with taps forward, 827 and 763 forward + backward.
+# Paired, DeepLabV3-R50 inference +8% (docs/benchmarks.md, seventh session).
+TAPS_OVER_WINOGRAD_FORWARD = 1.2
 
 
 def _winograd_waste(out_hw: Sequence[int], dilation) -> float:
@@ -451,6 +456,7 @@ def choose_lowering(
   dtype=jnp.float32,
   out_hw: Sequence[int] | None = None,
   live_taps: float | None = None,
+  forward_only: bool = False,
 ) -> str:
   """The lowering `'auto'` resolves to, from static shapes and the backend.
 
@@ -472,6 +478,9 @@ def choose_lowering(
   pruned. Winograd computes whole tiles of `2 d` outputs per dimension:
   where rounding `out_hw` up to them wastes more than `WINOGRAD_MAX_WASTE`
   of the work (large dilations on small maps), it is not used.
+  `forward_only` (no gradient will be taken: inference) picks the fastest
+  forward pass instead of the fastest training step
+  (`TAPS_OVER_WINOGRAD_FORWARD`).
   """
   backend = backend or jax.default_backend()
   kh, kw, cin_per_group, cout = kernel_shape
@@ -485,7 +494,10 @@ def choose_lowering(
     if live_taps is not None and (kh, kw) != (1, 1):
       limit = kh * kw * TAPS_OVER_IM2COL
       if winograd:
-        limit = min(limit, 4 * waste * TAPS_OVER_WINOGRAD)
+        ratio = (
+          TAPS_OVER_WINOGRAD_FORWARD if forward_only else TAPS_OVER_WINOGRAD
+        )
+        limit = min(limit, 4 * waste * ratio)
       if live_taps <= limit:
         return 'taps'
     return 'winograd' if winograd and waste <= WINOGRAD_MAX_WASTE else 'im2col'
@@ -504,6 +516,7 @@ def conv2d(
   groups: int = 1,
   lowering: str = 'auto',
   prune: bool = True,
+  forward_only: bool = False,
 ) -> jax.Array:
   """2-D convolution with PyTorch's `Conv2d` semantics on NHWC arrays.
 
@@ -518,6 +531,8 @@ def conv2d(
     lowering: `'auto'`, `'native'`, `'im2col'`, `'taps'` or `'winograd'`
       (3x3 stride-1 kernels after pruning; others fall back to `'im2col'`).
     prune: drop kernel taps that can only read padding (exact).
+    forward_only: no gradient will be taken (inference): `'auto'` picks the
+      fastest forward pass rather than the fastest training step.
 
   Returns:
     `[B, Ho, Wo, C_out]`, with `Ho = (H + 2 ph - dh (kh - 1) - 1) // sh + 1`.
@@ -555,6 +570,7 @@ def conv2d(
       dtype=x.dtype,
       out_hw=out_hw,
       live_taps=live_taps_per_output(in_hw, (kh, kw), stride, dilation, pads),
+      forward_only=forward_only,
     )
   depthwise = groups > 1 and cin_g == 1 and cout == groups
   if lowering == 'native' or (groups > 1 and not depthwise):
@@ -579,7 +595,9 @@ class Conv2d(nnx.Module):
   """`torch.nn.Conv2d` on NHWC inputs; kernel `[kh, kw, C_in/groups, C_out]`.
 
   `lowering` is a static attribute: `nnx.view(model, conv_lowering='native')`
-  switches every convolution of a model at once.
+  switches every convolution of a model at once, and `nnx.view(model,
+  forward_only=True)` (`predict.inference_view`) lets `'auto'` pick the
+  fastest forward pass for a model that is not differentiated.
   """
 
   def __init__(
@@ -606,13 +624,19 @@ class Conv2d(nnx.Module):
     self.padding = padding
     self.groups = groups
     self.lowering = 'auto'
+    self.forward_only = False
 
-  def set_view(self, conv_lowering: str | None = None):
-    """Used by `nnx.view`: selects the convolution lowering."""
+  def set_view(
+    self, conv_lowering: str | None = None, forward_only: bool | None = None
+  ):
+    """Used by `nnx.view`: selects the convolution lowering, and whether
+    `'auto'` optimises the forward pass alone (inference)."""
     if conv_lowering is not None:
       if conv_lowering not in LOWERINGS:
         raise ValueError(f'conv_lowering must be one of {LOWERINGS}')
       self.lowering = conv_lowering
+    if forward_only is not None:
+      self.forward_only = forward_only
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...].astype(x.dtype)
@@ -624,6 +648,7 @@ class Conv2d(nnx.Module):
       padding=self.padding,
       groups=self.groups,
       lowering=self.lowering,
+      forward_only=self.forward_only,
     )
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
