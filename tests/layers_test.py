@@ -1,6 +1,7 @@
 """Layers against PyTorch: conv lowerings, tap pruning, BN, pooling, resize."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -234,6 +235,39 @@ def test_forward_only_lowering_for_inference():
   np.testing.assert_allclose(
     view(x)['out'], trained(x)['out'], rtol=1e-4, atol=1e-4
   )
+
+
+def _max_fusion_operands(fn, *args) -> int:
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  fusions = re.findall(r'= \S+ fusion\((.*?)\), kind=', hlo)
+  return max(len(f.split(', ')) for f in fusions)
+
+
+def test_fusion_barrier_is_exact_and_stops_residual_recomputation():
+  x = np.random.RandomState(0).randn(2, 4, 4, 8).astype(np.float32) * 1e30
+  x[0, 0, 0, :2] = (-0.0, 0.0)
+  y = np.asarray(layers.fusion_barrier(jnp.asarray(x)))
+  np.testing.assert_array_equal(y.view(np.uint32), x.view(np.uint32))
+  w = jnp.asarray(np.random.RandomState(1).randn(*x.shape), jnp.float32)
+  grad = jax.grad(lambda v: jnp.sum(layers.fusion_barrier(v) * w))(x)
+  np.testing.assert_array_equal(grad, w)
+
+  # A residual stream: out_k = relu(out_{k-1} @ w_k * s + out_{k-1}). XLA:CPU
+  # duplicates each elementwise block output into the next block's, so the
+  # last fusion reads every block's matmul; the barrier keeps each to its own.
+  def stream(barrier):
+    def run(x, ws):
+      for w in ws:
+        x = jax.nn.relu(layers._matmul(x, w) * 0.5 + x)
+        x = barrier(x)
+      return x
+
+    return run
+
+  ws = [jnp.eye(8) * (k + 1) for k in range(8)]
+  xs = jnp.ones((1, 4, 4, 8))
+  assert _max_fusion_operands(stream(lambda v: v), xs, ws) >= 8
+  assert _max_fusion_operands(stream(layers.fusion_barrier), xs, ws) <= 3
 
 
 def test_batchnorm_train_and_eval_match_torch():
