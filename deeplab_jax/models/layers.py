@@ -435,7 +435,8 @@ TAPS_OVER_IM2COL = 0.8
 # Forward pass alone (inference), Winograd is faster up to a smaller margin:
 # ASPP rate 12 at output stride 8 (1.36x Winograd's multiplies) ran 399 ms
 # with Winograd and 517 with taps forward, 827 and 763 forward + backward.
-# Paired, DeepLabV3-R50 inference +8% (docs/benchmarks.md, seventh session).
+# Paired, DeepLabV3-R50 inference +8-13% in two pairings (docs/benchmarks.md,
+# seventh session).
 TAPS_OVER_WINOGRAD_FORWARD = 1.2
 
 
