@@ -2,14 +2,23 @@
 
 Entry points wrap their absl `main` with `entry_point`: `UserError`s exit 1
 with `error: <message>` instead of a traceback (set `DEEPLAB_TRACEBACK=1` to
-see it), and Orbax's per-save INFO chatter is hidden unless `--verbosity` is
-given.
+see it), and Orbax's log records are hidden unless `--verbosity` is given.
+
+Why Orbax's records: its per-save INFO lines are chatter, and when an async
+checkpoint write fails (a full disk) every one of its background threads
+logs the same failure with a traceback, while the main thread raises it as
+a `CheckpointWriteError` that is printed as the one line. For the same
+reason asyncio's records are hidden (only Orbax runs event loops here), and
+`RuntimeError('Event loop is closed')` raised in other threads is not
+reported: TensorStore's callbacks raise it for the writes still in flight
+after Orbax closed the failed write's event loop.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 from absl import flags, logging
@@ -23,6 +32,8 @@ def entry_point(main: Callable[..., object]) -> Callable[..., object]:
   def wrapped(*args, **kwargs):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
+      logging.get_absl_handler().addFilter(_not_from_orbax)
+    sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
     try:
       return main(*args, **kwargs)
     except UserError as e:
@@ -32,3 +43,27 @@ def entry_point(main: Callable[..., object]) -> Callable[..., object]:
       sys.exit(1)
 
   return wrapped
+
+
+_ORBAX_DIR = os.sep + 'orbax' + os.sep
+
+
+def _not_from_orbax(record) -> bool:
+  return _ORBAX_DIR not in record.pathname and record.name != 'asyncio'
+
+
+def _without_closed_loop_reports(hook):
+  """`hook`, except for 'Event loop is closed' raised outside the main thread
+  (TensorStore reports those as unraisable; see module docstring)."""
+
+  def unraisablehook(unraisable):
+    value = unraisable.exc_value
+    if (
+      threading.current_thread() is not threading.main_thread()
+      and isinstance(value, RuntimeError)
+      and str(value) == 'Event loop is closed'
+    ):
+      return
+    hook(unraisable)
+
+  return unraisablehook
