@@ -397,10 +397,16 @@ class TrainCheckpointer:
 
   def _write_error(self, e: BaseException) -> CheckpointWriteError:
     self._failed = True
+    last = self._last_committed()
+    then = (
+      f'resume from step {last}'
+      if last is not None
+      else 'start again (no step was committed)'
+    )
     return CheckpointWriteError(
       f'could not write a checkpoint to {self.directory} ({_root_cause(e)}); '
       f'free disk space or fix permissions, then run the same command to '
-      f'resume from step {self._last_committed()}'
+      f'{then}'
     )
 
   def _last_committed(self) -> int | None:
