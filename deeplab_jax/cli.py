@@ -33,7 +33,8 @@ def entry_point(main: Callable[..., object]) -> Callable[..., object]:
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
       logging.get_absl_handler().addFilter(_not_from_orbax)
-    sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
+    if not hasattr(sys.unraisablehook, 'wrapped'):  # once per process
+      sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
     try:
       return main(*args, **kwargs)
     except UserError as e:
@@ -66,4 +67,5 @@ def _without_closed_loop_reports(hook):
       return
     hook(unraisable)
 
+  unraisablehook.wrapped = hook
   return unraisablehook
