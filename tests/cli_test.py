@@ -2,15 +2,23 @@
 
 import logging
 import os
-import sys
 import threading
+import types
 
 from deeplab_jax import cli
 
 
 def _report(hook, value):
   """Calls `hook` as the interpreter would for an unraisable `value`."""
-  hook(sys.UnraisableHookArgs((type(value), value, None, None, None)))
+  hook(
+    types.SimpleNamespace(
+      exc_type=type(value),
+      exc_value=value,
+      exc_traceback=None,
+      err_msg=None,
+      object=None,
+    )
+  )
 
 
 def test_closed_loop_reports_dropped_only_from_other_threads():
