@@ -248,7 +248,8 @@ def test_missing_files_and_unprepared_data_name_the_fix(tmp_path):
     )
   with pytest.raises(
     datasets.DatasetNotFoundError,
-    match='scripts.build_dataset --dataset ade20k',
+    match='scripts.build_dataset --dataset ade20k .* --manual_dir DIR '
+    r'\(DIR holding ADEChallengeData2016.zip from http',
   ):
     datasets.open_split('ade20k', 'train', str(tmp_path / 'd'))
   with pytest.raises(Exception, match='unknown dataset'):

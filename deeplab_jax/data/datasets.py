@@ -105,11 +105,17 @@ def open_split(name: str, split: str, data_dir: str | None = None):
   """`(random-access source, label spec)` of a prepared split."""
   b = builder(name, data_dir)
   if not b.is_prepared():
+    where = ''
+    if spec(name).needs_manual_dir:
+      where = ' --manual_dir DIR'
+      if b.MANUAL_FILES:  # a new user needs to know what DIR must hold
+        where += f' (DIR holding {", ".join(b.MANUAL_FILES)}' + (
+          f' from {b.SOURCE_URL})' if b.SOURCE_URL else ')'
+        )
     raise DatasetNotFoundError(
       f'data set {name} is not prepared in {_data_dir(data_dir)}; run: '
       f'python -m scripts.build_dataset --dataset {name} --data_dir '
-      f'{_data_dir(data_dir)}'
-      + (' --manual_dir DIR' if spec(name).needs_manual_dir else '')
+      f'{_data_dir(data_dir)}{where}'
     )
   if split not in b.info.splits:
     raise UserError(
