@@ -110,6 +110,17 @@ def save_model(
   return os.path.join(directory, str(step))
 
 
+def _checkpoint_dir(directory: str | os.PathLike) -> str:
+  """`directory`, or its `checkpoints/` when given a training workdir (the
+  directory users hold in mind), as an absolute path."""
+  directory = os.path.abspath(os.fspath(directory))
+  inner = os.path.join(directory, 'checkpoints')
+  has_steps = os.path.isdir(directory) and any(
+    d.isdigit() for d in os.listdir(directory)
+  )
+  return inner if not has_steps and os.path.isdir(inner) else directory
+
+
 def _manager(directory: str) -> tuple[ocp.CheckpointManager, int]:
   if not os.path.isdir(directory):
     raise CheckpointNotFoundError(
@@ -128,8 +139,9 @@ def _manager(directory: str) -> tuple[ocp.CheckpointManager, int]:
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  """The `meta` item of the latest step in `directory`."""
-  directory = os.path.abspath(os.fspath(directory))
+  """The `meta` item of the latest step in `directory` (a checkpoint
+  directory, or a training workdir holding `checkpoints/`)."""
+  directory = _checkpoint_dir(directory)
   mngr, step = _manager(directory)
   try:
     meta = mngr.restore(
@@ -158,14 +170,15 @@ def load_model(
   """Rebuilds the model saved in `directory` (latest step) with its weights.
 
   Args:
-    directory: a checkpoint directory from `save_model` or training.
+    directory: a checkpoint directory from `save_model` or training, or a
+      training workdir (its `checkpoints/` is used).
     sharding: where to place the weights; the first device by default.
 
   Returns:
     `(model, metadata)`; the model is in training mode like
     `models.create`.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = _checkpoint_dir(directory)
   meta = read_metadata(directory)
   abstract = nnx.eval_shape(
     lambda: registry.from_description(meta['model'], nnx.Rngs(0))

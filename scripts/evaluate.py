@@ -27,7 +27,10 @@ _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Training config (data set, data_dir, eval split).'
 )
 _CHECKPOINT = flags.DEFINE_string(
-  'checkpoint', None, 'Checkpoint dir (scripts.train / scripts.convert_torch).'
+  'checkpoint',
+  None,
+  'Checkpoint dir (scripts.train / scripts.convert_torch) or a training '
+  'workdir.',
 )
 _DATASET = flags.DEFINE_string('dataset', None, 'Data set name.')
 _SPLIT = flags.DEFINE_string('split', None, 'Split (default: validation).')

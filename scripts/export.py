@@ -16,7 +16,9 @@ from absl import app, flags
 from deeplab_jax.cli import entry_point
 from deeplab_jax.errors import UserError
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint dir.')
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, 'Checkpoint dir or a training workdir.'
+)
 _SIZE = flags.DEFINE_string('size', None, 'Input HxW, e.g. 512x1024.')
 _BATCH = flags.DEFINE_integer('batch', None, 'Fixed batch (default: any).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the artifacts.')

@@ -17,7 +17,10 @@ from deeplab_jax.cli import entry_point
 from deeplab_jax.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string(
-  'checkpoint', None, 'Checkpoint dir (scripts.train / scripts.convert_torch).'
+  'checkpoint',
+  None,
+  'Checkpoint dir (scripts.train / scripts.convert_torch) or a training '
+  'workdir.',
 )
 _INPUT = flags.DEFINE_string('input', None, 'Image file, directory or glob.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the outputs.')

@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from deeplab_jax import checkpointing, predict, train
 from deeplab_jax.data import datasets
@@ -40,6 +42,13 @@ def test_smoke_run_logs_evaluates_and_checkpoints(data_dir, tmp_path):
   assert meta['class_names'] == ['background', 'disc', 'square', 'triangle']
   out = predict.logits(model, np.zeros((1, 32, 48, 3), np.float32))
   assert out.shape == (1, 32, 48, 4)
+  # ... given the workdir itself, it finds `checkpoints/` there.
+  again, _ = checkpointing.load_model(workdir)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    nnx.state(again, nnx.Param),
+    nnx.state(model, nnx.Param),
+  )
 
 
 def test_one_device_equals_eight_devices(data_dir, tmp_path):
