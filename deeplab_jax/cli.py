@@ -11,7 +11,9 @@ a `CheckpointWriteError` that is printed as the one line. For the same
 reason asyncio's records are hidden (only Orbax runs event loops here), and
 `RuntimeError('Event loop is closed')` raised in other threads is not
 reported: TensorStore's callbacks raise it for the writes still in flight
-after Orbax closed the failed write's event loop.
+after Orbax closed the failed write's event loop. TFDS's warning that a
+data set's folder has no `dataset_info.json` is hidden too: it precedes the
+one-line "not prepared" error, which names the fix.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ _ORBAX_DIR = os.sep + 'orbax' + os.sep
 
 
 def _not_from_orbax(record) -> bool:
+  if 'tensorflow_datasets' in record.pathname and (
+    'has no dataset_info.json' in record.getMessage()
+  ):
+    return False  # an unprepared data set: the one-line error says the fix
   return _ORBAX_DIR not in record.pathname and record.name != 'asyncio'
 
 

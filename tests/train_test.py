@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -93,6 +94,38 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
       config(data_dir, **{'mesh.shape': (8,), 'train.batch_size': 4}),
       str(tmp_path / 'w2'),
     )
+
+
+def test_main_job_without_its_data_says_what_to_download(tmp_path):
+  """The main job's command with no Cityscapes: one line on stderr naming
+  the files, where to get them and the command that prepares them."""
+  empty = tmp_path / 'no_data'
+  empty.mkdir()
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'scripts.train',
+      '--config',
+      'configs/cityscapes_denseaspp.py',
+      '--workdir',
+      str(tmp_path / 'w'),
+      f'--config.data.data_dir={empty}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+  for part in (
+    'error: data set cityscapes is not prepared',
+    'python -m scripts.build_dataset --dataset cityscapes',
+    'leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip',
+    'cityscapes-dataset.com',
+  ):
+    assert part in r.stderr
 
 
 def test_nan_loss_stops_with_the_step_range(data_dir, tmp_path):
