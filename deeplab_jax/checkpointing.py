@@ -110,15 +110,22 @@ def save_model(
   return os.path.join(directory, str(step))
 
 
+def _committed_steps(directory: str) -> list[int]:
+  """The step directories in `directory` (Orbax renames a step to its number
+  when it commits), without asking Orbax."""
+  if not os.path.isdir(directory):
+    return []
+  return [int(d) for d in os.listdir(directory) if d.isdigit()]
+
+
 def _checkpoint_dir(directory: str | os.PathLike) -> str:
   """`directory`, or its `checkpoints/` when given a training workdir (the
   directory users hold in mind), as an absolute path."""
   directory = os.path.abspath(os.fspath(directory))
   inner = os.path.join(directory, 'checkpoints')
-  has_steps = os.path.isdir(directory) and any(
-    d.isdigit() for d in os.listdir(directory)
-  )
-  return inner if not has_steps and os.path.isdir(inner) else directory
+  if not _committed_steps(directory) and os.path.isdir(inner):
+    return inner
+  return directory
 
 
 def _manager(directory: str) -> tuple[ocp.CheckpointManager, int]:
@@ -423,12 +430,7 @@ class TrainCheckpointer:
     )
 
   def _last_committed(self) -> int | None:
-    steps = (
-      [int(d) for d in os.listdir(self.directory) if d.isdigit()]
-      if os.path.isdir(self.directory)
-      else []
-    )
-    return max(steps, default=None)
+    return max(_committed_steps(self.directory), default=None)
 
   def _restore_verified(
     self, step: int, abstract_weights: Mapping, abstract_train: Any

@@ -34,7 +34,7 @@ def entry_point(main: Callable[..., object]) -> Callable[..., object]:
   def wrapped(*args, **kwargs):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
-      logging.get_absl_handler().addFilter(_not_from_orbax)
+      logging.get_absl_handler().addFilter(_worth_showing)
     if not hasattr(sys.unraisablehook, 'wrapped'):  # once per process
       sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
     try:
@@ -51,7 +51,7 @@ def entry_point(main: Callable[..., object]) -> Callable[..., object]:
 _ORBAX_DIR = os.sep + 'orbax' + os.sep
 
 
-def _not_from_orbax(record) -> bool:
+def _worth_showing(record) -> bool:
   if 'tensorflow_datasets' in record.pathname and (
     'has no dataset_info.json' in record.getMessage()
   ):

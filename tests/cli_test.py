@@ -42,11 +42,11 @@ def test_orbax_and_asyncio_records_hidden_ours_kept():
 
   orbax = os.path.join('site-packages', 'orbax', 'checkpoint', 'future.py')
   ours = os.path.join('deeplab_jax', 'train.py')
-  assert not cli._not_from_orbax(record('absl', orbax))
-  assert not cli._not_from_orbax(record('asyncio', 'base_events.py'))
-  assert cli._not_from_orbax(record('absl', ours))
+  assert not cli._worth_showing(record('absl', orbax))
+  assert not cli._worth_showing(record('asyncio', 'base_events.py'))
+  assert cli._worth_showing(record('absl', ours))
   tfds = os.path.join('site-packages', 'tensorflow_datasets', 'file_utils.py')
-  assert cli._not_from_orbax(record('absl', tfds))
+  assert cli._worth_showing(record('absl', tfds))
   unprepared = record('absl', tfds)
   unprepared.msg = 'Variant folder /d/x/1.0.0 has no dataset_info.json'
-  assert not cli._not_from_orbax(unprepared)
+  assert not cli._worth_showing(unprepared)

@@ -81,9 +81,7 @@ def prepare(
   if s.needs_manual_dir:
     if not manual_dir:
       raise DatasetNotFoundError(
-        f'{name} is built from files you download: pass --manual_dir DIR '
-        f'holding {", ".join(b.MANUAL_FILES) or "the data"}'
-        + (f' (from {b.SOURCE_URL})' if b.SOURCE_URL else '')
+        f'{name} is built from files you download: pass {_manual_dir_hint(b)}'
       )
     missing = [
       f
@@ -101,17 +99,19 @@ def prepare(
   return b
 
 
+def _manual_dir_hint(b) -> str:
+  """`--manual_dir DIR (DIR holding <files> from <url>)` for builder `b`."""
+  files = ', '.join(b.MANUAL_FILES) or 'the data'
+  source = f' from {b.SOURCE_URL}' if b.SOURCE_URL else ''
+  return f'--manual_dir DIR (DIR holding {files}{source})'
+
+
 def open_split(name: str, split: str, data_dir: str | None = None):
   """`(random-access source, label spec)` of a prepared split."""
   b = builder(name, data_dir)
   if not b.is_prepared():
-    where = ''
-    if spec(name).needs_manual_dir:
-      where = ' --manual_dir DIR'
-      if b.MANUAL_FILES:  # a new user needs to know what DIR must hold
-        where += f' (DIR holding {", ".join(b.MANUAL_FILES)}' + (
-          f' from {b.SOURCE_URL})' if b.SOURCE_URL else ')'
-        )
+    # A new user also needs to know what the manual dir must hold.
+    where = f' {_manual_dir_hint(b)}' if spec(name).needs_manual_dir else ''
     raise DatasetNotFoundError(
       f'data set {name} is not prepared in {_data_dir(data_dir)}; run: '
       f'python -m scripts.build_dataset --dataset {name} --data_dir '
