@@ -7,8 +7,7 @@ returned config is locked by the recipe, so a mistyped override fails.
 import ml_collections
 from ml_collections import config_dict
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+from deeplab_jax.data import normalization
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -41,8 +40,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.flip = True
   c.data.photometric = False
   c.data.num_workers = 0
-  c.data.mean = IMAGENET_MEAN
-  c.data.std = IMAGENET_STD
+  c.data.mean = normalization.IMAGENET[0]
+  c.data.std = normalization.IMAGENET[1]
   c.data.eval_pad_to = config_dict.placeholder(tuple)
 
   c.optim = ml_collections.ConfigDict()

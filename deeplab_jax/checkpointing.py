@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from deeplab_jax.data import normalization
 from deeplab_jax.errors import (
   CheckpointCorruptError,
   CheckpointMismatchError,
@@ -34,10 +35,6 @@ FORMAT = 'deeplab_jax.model'
 FORMAT_VERSION = 1
 TRASH = 'trash'  # Orbax's todelete_subdir: deletion is one atomic rename
 CORRUPT = 'corrupt'  # steps that failed verification, kept for inspection
-
-# ImageNet statistics in 0-255 pixel units, as torchvision/mmseg normalise.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def _weights(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
@@ -62,8 +59,8 @@ def model_metadata(
   model: nnx.Module,
   *,
   class_names: Sequence[str] | None = None,
-  mean: Sequence[float] = IMAGENET_MEAN,
-  std: Sequence[float] = IMAGENET_STD,
+  mean: Sequence[float] = normalization.IMAGENET[0],
+  std: Sequence[float] = normalization.IMAGENET[1],
   extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """The JSON metadata that makes a checkpoint self-describing."""
@@ -78,7 +75,7 @@ def model_metadata(
     'version': FORMAT_VERSION,
     'model': desc,
     'class_names': list(class_names) if class_names else None,
-    'normalization': {'mean': list(mean), 'std': list(std)},
+    'normalization': normalization.as_record(mean, std),
     **dict(extra or {}),
   }
 

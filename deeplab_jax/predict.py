@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from deeplab_jax.data import images
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import UserError
 
@@ -95,12 +96,9 @@ def find_images(pattern: str) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-  """RGB uint8 `[H, W, 3]`; an undecodable file names itself."""
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert('RGB'))
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot decode image {path}: {e}') from e
+  """RGB uint8 `[H, W, 3]` (alpha dropped, grayscale expanded, 16-bit
+  refused: `data.images`); an undecodable file names itself."""
+  return images.read_rgb(path)
 
 
 def bucket_shape(hw: Sequence[int], bucket: int) -> tuple[int, int]:
@@ -114,18 +112,20 @@ def predict_images(
   paths: Sequence[str],
   *,
   batch_size: int = 4,
-  bucket: int = 32,
+  bucket: int = 1,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
   """Predicts image files in batches: yields `(path, [H, W] uint8 class
   ids, [H, W, K] float32 logits)` in the order batches complete.
 
-  Images are zero-padded (after normalisation, i.e. with the mean colour)
-  at the bottom/right to a multiple of `bucket` and batched with others of
-  the same padded size, so a folder of mixed sizes compiles one program per
-  bucket instead of per image; the outputs are cropped back. `bucket=1`
-  pads nothing: every image is predicted exactly as alone (one compile per
-  distinct size). Partial batches are filled with blank images so each
-  bucket compiles once.
+  Images of the same size are batched together (partial batches are filled
+  with blank images so each size compiles once); with the default
+  `bucket=1` every image is predicted exactly as `logits` predicts it
+  alone. `bucket > 1` is a speed option that changes the numbers: images
+  are zero-padded (after normalisation, i.e. with the mean colour) at the
+  bottom/right to a multiple of `bucket`, so a folder of mixed sizes
+  compiles one program per bucket instead of per size, and the outputs are
+  cropped back; but ASPP's image pooling and the final resize then see the
+  padded image (docs/parity.md gives the measured deviation).
   """
   norm = meta['normalization']
   pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}

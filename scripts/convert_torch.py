@@ -4,7 +4,9 @@ r"""Converts a PyTorch checkpoint into a self-describing deeplab-jax checkpoint.
       --input deeplabv3_resnet50.pth --output ckpt/deeplabv3_r50
 
 The source layout (torchvision, ...) is detected from the keys; the number
-of classes is read from the classifier unless --num_classes is given. The
+of classes is read from the classifier unless --num_classes is given, and
+the input normalisation recorded is the one the layout's published
+checkpoints were trained with unless --normalization is given. The
 output directory can then be used as `--checkpoint` by the other scripts.
 """
 
@@ -16,6 +18,7 @@ from absl import app, flags
 from deeplab_jax import checkpointing
 from deeplab_jax.cli import entry_point
 from deeplab_jax.convert import torch as torch_convert
+from deeplab_jax.data import normalization
 from deeplab_jax.errors import ConfigError, UserError
 
 _ARCH = flags.DEFINE_string(
@@ -31,6 +34,14 @@ _CLASS_NAMES = flags.DEFINE_list(
 )
 _OPTION = flags.DEFINE_multi_string(
   'option', [], 'Model option KEY=JSON_VALUE, e.g. output_stride=16.'
+)
+_NORMALIZATION = flags.DEFINE_string(
+  'normalization',
+  None,
+  'Input statistics to record: imagenet, denseaspp_cityscapes, or '
+  'MEAN_R,MEAN_G,MEAN_B,STD_R,STD_G,STD_B in 0-255 units. Default: what '
+  "the source layout's checkpoints were trained with (official DenseASPP: "
+  'denseaspp_cityscapes; torchvision, smp, timm: imagenet).',
 )
 _FORCE = flags.DEFINE_bool('force', False, 'Overwrite a non-empty --output.')
 
@@ -48,6 +59,10 @@ def _options(items):
   return options
 
 
+def _rounded(values):
+  return '(' + ', '.join(f'{v:.3f}' for v in values) + ')'
+
+
 @entry_point
 def main(argv):
   del argv
@@ -58,6 +73,8 @@ def main(argv):
     import shutil
 
     shutil.rmtree(out)
+  if _NORMALIZATION.value is not None:
+    mean, std = normalization.parse(_NORMALIZATION.value)
   state_dict = torch_convert.read_state_dict(_INPUT.value)
   model = torch_convert.load(
     _ARCH.value,
@@ -65,15 +82,20 @@ def main(argv):
     num_classes=_NUM_CLASSES.value,
     **_options(_OPTION.value),
   )
+  if _NORMALIZATION.value is None:
+    mean, std = model.source_normalization
   meta = checkpointing.model_metadata(
     model,
     class_names=_CLASS_NAMES.value,
+    mean=mean,
+    std=std,
     extra={'source': {'layout': model.source_layout, 'file': _INPUT.value}},
   )
   path = checkpointing.save_model(out, model, meta)
   print(
     f'converted {_INPUT.value} ({model.source_layout}) -> {path}: '
-    f'{model.arch}, {model.num_classes} classes'
+    f'{model.arch}, {model.num_classes} classes, inputs normalised with '
+    f'mean {_rounded(mean)} std {_rounded(std)} (0-255 units)'
   )
 
 

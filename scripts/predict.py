@@ -29,9 +29,11 @@ _SAVE_LOGITS = flags.DEFINE_bool('save_logits', False, 'Write logits .npy.')
 _BATCH = flags.DEFINE_integer('batch_size', 4, 'Images per batch.')
 _BUCKET = flags.DEFINE_integer(
   'bucket',
-  32,
-  'Pad sizes up to multiples of this so mixed sizes share compiled '
-  'programs; 1 = no padding (exact, one compile per size).',
+  1,
+  'Speed option that CHANGES THE NUMBERS: pad each image up to a multiple '
+  'of this so mixed sizes share compiled programs (ASPP pooling and the '
+  'final resize then see the padding). 1 (default) = exact, one compile '
+  'per image size.',
 )
 _FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
 _DEMO = flags.DEFINE_bool(

@@ -16,6 +16,7 @@ from deeplab_jax.errors import CheckpointMismatchError, CheckpointNotFoundError
 from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREDICT_FILES = ('label.png', 'logits.npy', 'overlay.png')
 
 
 def _run(*args, cwd=REPO):
@@ -96,13 +97,21 @@ def test_convert_torch_script_then_predict_script(tmp_path):
     ref = nhwc(tm(nchw(x))['out'])
   assert rel_err(predict.logits(model, x), ref) < 1e-4
 
+  # scripts.predict with default flags: each image's saved logits equal
+  # the PyTorch model's on that image, normalised independently here with
+  # torchvision's ImageNet statistics (0-1 pixel units). Odd sizes, an RGBA
+  # PNG (alpha dropped) and a grayscale PNG (expanded to RGB).
   images = tmp_path / 'images'
   images.mkdir()
   rng = np.random.RandomState(2)
-  for name, (h, w) in {'a': (37, 53), 'b': (64, 48)}.items():
-    Image.fromarray(rng.randint(0, 255, (h, w, 3), np.uint8)).save(
-      images / f'{name}.png'
-    )
+  pixels = {
+    'a': rng.randint(0, 255, (203, 311, 3), np.uint8),
+    'b': rng.randint(0, 255, (64, 48, 4), np.uint8),
+    'c': rng.randint(0, 255, (37, 53), np.uint8),
+  }
+  for name, array in pixels.items():
+    Image.fromarray(array).save(images / f'{name}.png')
+  (images / 'notes.txt').write_text('not an image')
   pred = tmp_path / 'pred'
   r = _run(
     'scripts.predict',
@@ -112,31 +121,29 @@ def test_convert_torch_script_then_predict_script(tmp_path):
     str(images),
     '--output',
     str(pred),
-    '--bucket',
-    '1',
+    '--save_logits',
   )
   assert r.returncode == 0, r.stderr
   assert sorted(os.listdir(pred)) == [
-    'a_label.png',
-    'a_overlay.png',
-    'b_label.png',
-    'b_overlay.png',
+    f'{n}_{kind}' for n in 'abc' for kind in PREDICT_FILES
   ]
-  with Image.open(pred / 'a_label.png') as im:
-    assert im.mode == 'P' and im.size == (53, 37)
-    labels = np.asarray(im)
-  with Image.open(pred / 'b_overlay.png') as im:
-    assert im.size == (48, 64)
-  # The label PNG is the argmax of the logits of the normalised image.
-  with Image.open(images / 'a.png') as im:
-    img = np.asarray(im)
-  norm = meta['normalization']
-  expect = np.asarray(
-    predict.logits(
-      model, predict.normalize(img, norm['mean'], norm['std'])[None]
+  mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+  std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+  for name, array in pixels.items():
+    rgb = (
+      array[..., :3] if array.ndim == 3 else np.repeat(array[..., None], 3, -1)
     )
-  )[0].argmax(-1)
-  np.testing.assert_array_equal(labels, expect)
+    x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
+    with torch.no_grad():
+      ref = nhwc(tm(x[None])['out'])[0]
+    saved = np.load(pred / f'{name}_logits.npy')
+    assert saved.shape == ref.shape
+    assert rel_err(saved, ref) < 1e-5, name
+    with Image.open(pred / f'{name}_label.png') as im:
+      assert im.mode == 'P' and im.size == rgb.shape[1::-1]
+      np.testing.assert_array_equal(np.asarray(im), saved.argmax(-1))
+    with Image.open(pred / f'{name}_overlay.png') as im:
+      assert im.size == rgb.shape[1::-1]
 
   # Refusals are one line, with exit status 1 and no traceback.
   r = _run(

@@ -17,3 +17,73 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+
+# ------------------------------------------------------ parity report ---
+# `python -m pytest tests -k parity --parity-report FILE.md` writes every
+# figure the parity tests measured as Markdown tables (docs/parity.md is
+# made from it). Each process appends JSON lines; the controlling process
+# (the only one without xdist's `workerinput`) renders them at the end.
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    '--parity-report',
+    default=None,
+    metavar='FILE.md',
+    help='write the figures measured by the parity tests to FILE.md',
+  )
+
+
+def _records_path(config):
+  path = config.getoption('--parity-report')
+  return path and os.path.abspath(path) + '.jsonl'
+
+
+def pytest_sessionstart(session):
+  path = _records_path(session.config)
+  if path and not hasattr(session.config, 'workerinput'):
+    open(path, 'w').close()
+
+
+@pytest.fixture
+def parity_report(request):
+  """`parity_report(table, **row)`: one row of a parity table (floats are
+  relative errors, written as 1.2e-06); a no-op without --parity-report."""
+  path = _records_path(request.config)
+
+  def record(table, **row):
+    if path:
+      with open(path, 'a') as f:
+        f.write(json.dumps({'table': table, 'row': row}) + '\n')
+
+  return record
+
+
+def pytest_sessionfinish(session):
+  path = _records_path(session.config)
+  if not path or hasattr(session.config, 'workerinput'):
+    return
+  tables = {}
+  with open(path) as f:
+    for line in f:
+      rec = json.loads(line)
+      tables.setdefault(rec['table'], []).append(rec['row'])
+  cell = lambda v: f'{v:.1e}' if isinstance(v, float) else str(v)
+  out = []
+  for table in sorted(tables):
+    rows = sorted(tables[table], key=lambda r: [cell(v) for v in r.values()])
+    header = list(rows[0])
+    out += [f'### {table}', '', '| ' + ' | '.join(header) + ' |']
+    out.append('|' + '---|' * len(header))
+    out += [
+      '| ' + ' | '.join(cell(r.get(k, '')) for k in header) + ' |' for r in rows
+    ]
+    out.append('')
+  with open(session.config.getoption('--parity-report'), 'w') as f:
+    f.write('\n'.join(out))
+  os.remove(path)

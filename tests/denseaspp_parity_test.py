@@ -10,8 +10,8 @@ from torchvision.models import DenseNet, densenet121, densenet161
 
 from deeplab_jax import models, predict
 from deeplab_jax.convert import torch as torch_convert
+from deeplab_jax.data import normalization
 from deeplab_jax.errors import CheckpointMismatchError
-from deeplab_jax.models import densenet
 from tests.denseaspp_refs import OfficialDenseASPP, official_state_dict
 from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
 
@@ -126,32 +126,68 @@ def test_torchvision_densenet_with_transition4_starts_it_fresh():
     torch_convert.load('denseaspp121', sd)
 
 
+# The official configs, DeepMotionAIResearch/DenseASPP cfgs/DenseASPP*.py
+# (growth_rate, num_init_features, block_config, d_feature0, d_feature1),
+# copied here by hand so the registry is checked against them.
 OFFICIAL = {
-  # arch: (growth, stem, blocks, d0, d1)
   'denseaspp121': (32, 64, (6, 12, 24, 16), 128, 64),
   'denseaspp161': (48, 96, (6, 12, 36, 24), 512, 128),
+  'denseaspp169': (32, 64, (6, 12, 32, 32), 336, 168),
+  'denseaspp201': (32, 64, (6, 12, 48, 32), 480, 240),
 }
+_official_cache = {}
+
+
+def _official(arch):
+  """A random official-layout reference and its conversion (the converter
+  is given only the state dict: widths and classes come from the keys)."""
+  if arch not in _official_cache:
+    torch.manual_seed(0)
+    ref = OfficialDenseASPP(*OFFICIAL[arch], n_class=19)
+    randomize_batchnorm(ref, 2)
+    _official_cache[arch] = (
+      ref.eval(),
+      torch_convert.load(arch, official_state_dict(ref)),
+    )
+  return _official_cache[arch]
 
 
 @pytest.fixture(scope='module')
 def official_121():
-  torch.manual_seed(0)
-  ref = OfficialDenseASPP(*OFFICIAL['denseaspp121'], n_class=19)
-  randomize_batchnorm(ref, 2)
-  return ref.eval(), torch_convert.load(
-    'denseaspp121', official_state_dict(ref)
-  )
+  yield _official('denseaspp121')
+  _official_cache.clear()
 
 
-@pytest.mark.parametrize('hw', [(256, 384), (136, 200)])
-def test_official_denseaspp121_parity(official_121, hw):
-  ref, model = official_121
+@pytest.mark.parametrize(
+  'arch,hw',
+  [
+    ('denseaspp121', (256, 384)),
+    ('denseaspp121', (136, 200)),
+    ('denseaspp161', (136, 200)),
+    ('denseaspp169', (136, 200)),
+    ('denseaspp201', (120, 168)),
+  ],
+)
+def test_official_denseaspp_parity(arch, hw, parity_report):
+  ref, model = _official(arch)
   assert model.source_layout == 'official_denseaspp'
   assert model.config.align_corners and model.num_classes == 19
+  assert (model.config.d0, model.config.d1) == OFFICIAL[arch][3:]
+  assert model.source_normalization == normalization.DENSEASPP_CITYSCAPES
   x = np.random.RandomState(hw[0]).randn(1, *hw, 3).astype(np.float32)
   with torch.no_grad():
     expect = nhwc(ref(nchw(x)))
-  assert rel_err(predict.logits(model, x), expect) < TOL
+  err = rel_err(predict.logits(model, x), expect)
+  parity_report(
+    'DenseASPP, official layout (eval, 19 classes)',
+    model=arch,
+    output_stride=8,
+    input=f'{hw[0]}x{hw[1]}',
+    logits=err,
+  )
+  assert err < TOL
+  if arch != 'denseaspp121':
+    del _official_cache[arch]  # 161-201: large; each used once
 
 
 def test_official_denseaspp_training_mode_matches_torch():
@@ -170,6 +206,7 @@ def test_official_denseaspp_training_mode_matches_torch():
   rng = np.random.RandomState(3)
   x = rng.randn(2, 64, 48, 3).astype(np.float32)
   tx = nchw(x).requires_grad_(True)
+  before_head_mean = ref.ASPP_6.norm1.running_mean.clone().numpy()
   expect = ref(tx)
   g = rng.randn(*expect.shape).astype(np.float32)
   (expect * torch.from_numpy(g)).sum().backward()
@@ -177,14 +214,31 @@ def test_official_denseaspp_training_mode_matches_torch():
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
   def loss(params, x):
-    out = nnx.merge(graph, params, rest)(x)['out']
-    return jnp.sum(out * nhwc(torch.from_numpy(g))), out
+    m = nnx.merge(graph, params, rest)
+    out = m(x)['out']
+    stats = nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+    return jnp.sum(out * nhwc(torch.from_numpy(g))), (out, stats)
 
-  (_, out), (dparams, dx) = jax.value_and_grad(
+  (_, (out, stats)), (dparams, dx) = jax.value_and_grad(
     loss, argnums=(0, 1), has_aux=True
   )(params, jnp.asarray(x))
   assert rel_err(out, nhwc(expect.detach())) < TOL
   assert rel_err(dx, nhwc(tx.grad)) < TOL
+  # Running statistics after the step: the head's BatchNorms move by
+  # PyTorch momentum 0.0003 (models/DenseASPP.py), the backbone's by 0.1.
+  # The randomised statistics are far from the batch's, so a wrong
+  # momentum moves them visibly.
+  head_bn = stats['head']['blocks'][1]['norm1']
+  for ours, theirs in [
+    (head_bn, ref.ASPP_6.norm1),
+    (stats['head']['blocks'][0]['norm2'], ref.ASPP_3.norm2),
+    (stats['backbone']['norm0'], ref.features.norm0),
+  ]:
+    for key, buf in (('mean', 'running_mean'), ('var', 'running_var')):
+      want = getattr(theirs, buf).numpy()
+      np.testing.assert_allclose(ours[key], want, rtol=1e-5, atol=1e-6)
+  moved = np.abs(head_bn['mean'] - before_head_mean).max()
+  assert 1e-6 < moved < 1e-2  # 0.0003 x a batch mean far from the stats
   for ours, theirs in [
     (dparams['head']['blocks'][2]['conv2']['kernel'], ref.ASPP_12.conv2),
     (dparams['head']['blocks'][0]['conv1']['kernel'], ref.ASPP_3.conv1),
@@ -264,13 +318,15 @@ def test_denseaspp_shapes_and_channels(output_stride):
 
 
 def test_denseaspp_arch_table():
-  for depth, (growth, stem, blocks) in densenet.VARIANTS.items():
-    config = models.registry.make_config(f'denseaspp{depth}')
+  for arch, (growth, stem, blocks, d0, d1) in OFFICIAL.items():
+    config = models.registry.make_config(arch)
     assert (config.growth_rate, config.init_features, config.blocks) == (
       growth,
       stem,
       blocks,
     )
-    assert (config.d0, config.d1) == ((512, 128) if depth == 161 else (128, 64))
+    assert (config.d0, config.d1) == (d0, d1)
+    # models/DenseASPP.py: rates 3/6/12/18/24, bn momentum 0.0003 in the
+    # head (PyTorch's convention; Flax's is 1 - that).
     assert config.atrous_rates == (3, 6, 12, 18, 24)
     assert config.head_bn_momentum == pytest.approx(1 - 0.0003)

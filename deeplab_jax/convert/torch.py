@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deeplab_jax.data import normalization
 from deeplab_jax.errors import CheckpointMismatchError, UserError
 from deeplab_jax.models import registry
 
@@ -59,6 +60,9 @@ class Layout:
     fresh: `model config -> prefixes` of our weights that the source does
       not have and that keep their random initialisation (a backbone-only
       source leaves the head fresh). Everything else must be loaded.
+    normalization: `(mean, std)` (0-255 units) of the inputs this source's
+      published checkpoints were trained on; converted checkpoints record
+      it.
   """
 
   name: str
@@ -74,6 +78,9 @@ class Layout:
   suggest_arch: Callable[[Mapping[str, np.ndarray]], str | None]
   ignore: Callable[[Any], tuple[str, ...]] = lambda config: ()
   fresh: Callable[[Any], tuple[str, ...]] = lambda config: ()
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] = (
+    normalization.IMAGENET
+  )
 
   def rules(self, sd: Mapping[str, np.ndarray]) -> tuple:
     """The renames for this state dict (some depend on which keys exist)."""
@@ -168,12 +175,17 @@ _OFFICIAL_DENSEASPP = Layout(
   ),
   arch_prefixes=('denseaspp',),
   num_classes=lambda sd: int(sd['classification.1.weight'].shape[0]),
-  # Trained with PyTorch 0.3.1, whose bilinear Upsample aligned corners.
   overrides=lambda sd: {
+    # Trained with PyTorch 0.3.1, whose bilinear Upsample aligned corners.
     'align_corners': True,
     'transition4': any(k.startswith('features.transition4.') for k in sd),
+    # The head widths differ per config (cfgs/DenseASPP*.py), and a user's
+    # own config may set others: read them from the first ASPP block.
+    'd0': int(sd['ASPP_3.conv.1.weight'].shape[0]),
+    'd1': int(sd['ASPP_3.conv.2.weight'].shape[0]),
   },
   suggest_arch=_densenet_arch,
+  normalization=normalization.DENSEASPP_CITYSCAPES,
 )
 
 _TORCHVISION_DENSENET = Layout(
@@ -459,7 +471,8 @@ def load(
   Returns:
     The model with every parameter and BatchNorm statistic converted, in
     training mode like `models.create`; `model.source_layout` names the
-    detected layout and `model.fresh_weights` the parts a backbone-only
+    detected layout, `model.source_normalization` the `(mean, std)` its
+    checkpoints expect, and `model.fresh_weights` the parts a backbone-only
     source left randomly initialised (e.g. `('head',)`).
 
   Raises:
@@ -554,6 +567,7 @@ def load(
     rest = registry.materialize(rest, seed)
   model = nnx.merge(graphdef, state, rest)
   model.source_layout = layout.name
+  model.source_normalization = layout.normalization
   model.fresh_weights = tuple(p.rstrip('.') for p in fresh)
   return model
 

@@ -21,7 +21,7 @@ import grain
 import jax
 import numpy as np
 
-from deeplab_jax.data import datasets, transforms
+from deeplab_jax.data import datasets, normalization, transforms
 from deeplab_jax.data.labels import IGNORE, LabelSpec
 
 
@@ -39,8 +39,8 @@ class TrainInputConfig:
   photometric: bool = False
   seed: int = 0
   num_workers: int = 0
-  mean: tuple[float, ...] = (123.675, 116.28, 103.53)
-  std: tuple[float, ...] = (58.395, 57.12, 57.375)
+  mean: tuple[float, ...] = normalization.IMAGENET[0]
+  std: tuple[float, ...] = normalization.IMAGENET[1]
 
 
 def train_dataset(
@@ -134,8 +134,8 @@ def eval_batches(
   *,
   data_dir: str | None,
   global_batch_size: int,
-  mean=(123.675, 116.28, 103.53),
-  std=(58.395, 57.12, 57.375),
+  mean=normalization.IMAGENET[0],
+  std=normalization.IMAGENET[1],
   pad_to: tuple[int, int] | None = None,
   process_index: int | None = None,
   process_count: int | None = None,

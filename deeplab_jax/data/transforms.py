@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from deeplab_jax.data import normalization
 from deeplab_jax.data.labels import IGNORE
 
 
@@ -134,8 +135,8 @@ class TrainAugment:
   scale_range: tuple[float, float] = (0.5, 2.0)
   flip: bool = True
   photometric: bool = False
-  mean: tuple[float, ...] = (123.675, 116.28, 103.53)
-  std: tuple[float, ...] = (58.395, 57.12, 57.375)
+  mean: tuple[float, ...] = normalization.IMAGENET[0]
+  std: tuple[float, ...] = normalization.IMAGENET[1]
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
     image = example['image']
@@ -159,8 +160,8 @@ class EvalPrepare:
   """Evaluation: train-id labels and normalisation at full resolution."""
 
   lut: np.ndarray
-  mean: tuple[float, ...] = (123.675, 116.28, 103.53)
-  std: tuple[float, ...] = (58.395, 57.12, 57.375)
+  mean: tuple[float, ...] = normalization.IMAGENET[0]
+  std: tuple[float, ...] = normalization.IMAGENET[1]
 
   def __call__(self, example: dict) -> dict:
     return {

@@ -27,6 +27,16 @@ class ArchSpec:
 
 _ARCHS: dict[str, ArchSpec] = {}
 
+# DenseASPP head widths (d_feature0, d_feature1) per DenseNet depth, from
+# the official configs DeepMotionAIResearch/DenseASPP cfgs/DenseASPP{121,
+# 161,169,201}.py.
+DENSEASPP_HEAD_WIDTHS = {
+  121: (128, 64),
+  161: (512, 128),
+  169: (336, 168),
+  201: (480, 240),
+}
+
 
 def register(name: str, spec: ArchSpec) -> None:
   """Adds an architecture name (used by the model modules)."""
@@ -95,7 +105,7 @@ def _register_builtin() -> None:
     ),
   )
   for depth, (growth, stem, blocks) in densenet.VARIANTS.items():
-    d0, d1 = (512, 128) if depth == 161 else (128, 64)
+    d0, d1 = DENSEASPP_HEAD_WIDTHS[depth]
     register(
       f'denseaspp{depth}',
       ArchSpec(

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from deeplab_jax.data import images
 from deeplab_jax.data.labels import LabelSpec
 from deeplab_jax.errors import UserError
 
@@ -25,11 +26,9 @@ class DataError(UserError, ValueError):
 
 def _open(data: bytes, name: str) -> Image.Image:
   try:
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im
-  except Exception as e:  # PIL raises many types for broken files
-    raise DataError(f'cannot decode {name}: {e}') from e
+    return images.open_image(data, name)
+  except images.ImageError as e:
+    raise DataError(str(e)) from e
 
 
 def check_pair(
@@ -43,6 +42,10 @@ def check_pair(
   """Decodes both files; sizes must agree and labels be in the table."""
   image = _open(image_bytes, image_name)
   label = _open(label_bytes, label_name)
+  try:
+    images.needs_conversion(image, image_name)
+  except images.ImageError as e:
+    raise DataError(str(e)) from e
   if label.mode not in ('L', 'P', 'I;16', 'I'):
     raise DataError(
       f'{label_name}: label maps must be single-channel PNGs of class ids, '
@@ -64,9 +67,7 @@ def check_pair(
 
 def png_bytes(array: np.ndarray) -> bytes:
   """Encodes a uint8 `[H, W]` or `[H, W, 3]` array as PNG."""
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format='PNG')
-  return buf.getvalue()
+  return images.encode(array, 'png')
 
 
 class SegmentationBuilder(
@@ -129,7 +130,12 @@ class SegmentationBuilder(
     )
     label = np.asarray(_open(label_bytes, label_name))
     if label.dtype != np.uint8:
-      label = label.astype(np.uint8)
+      label = label.astype(np.uint8)  # checked: every value is in the table
+    image = _open(image_bytes, image_name)
+    if image.mode not in ('RGB', 'L'):  # RGBA, LA, P, CMYK: stored as RGB
+      image_bytes = images.encode(
+        images.to_rgb(image, image_name), self.IMAGE_FORMAT
+      )
     return image_id, {
       'image': io.BytesIO(image_bytes),
       # Re-encoded: palette PNGs (VOC) must become plain index maps.

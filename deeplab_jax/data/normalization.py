@@ -1,0 +1,55 @@
+"""Input normalisation statistics: the one place they are written.
+
+Values are in 0-255 pixel units: `x = (pixel - mean) / std`. A model is
+only right on inputs normalised the way its weights were trained, so every
+checkpoint records its statistics, and each PyTorch source layout names the
+ones its published checkpoints used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from deeplab_jax.errors import ConfigError
+
+# torchvision / timm / smp / mmseg: ImageNet statistics, given there as
+# mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) of 0-1 pixels.
+IMAGENET = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+
+# The official DenseASPP checkpoints: Cityscapes statistics of 0-1 pixels,
+# `transforms.Normalize([0.290101, 0.328081, 0.286964], [0.182954,
+# 0.186566, 0.184475])` in DeepMotionAIResearch/DenseASPP `inference.py`.
+DENSEASPP_CITYSCAPES = (
+  tuple(255 * v for v in (0.290101, 0.328081, 0.286964)),
+  tuple(255 * v for v in (0.182954, 0.186566, 0.184475)),
+)
+
+NAMED = {
+  'imagenet': IMAGENET,
+  'denseaspp_cityscapes': DENSEASPP_CITYSCAPES,
+}
+
+
+def as_record(
+  mean: Sequence[float], std: Sequence[float]
+) -> dict[str, list[float]]:
+  """The checkpoint metadata form, `{'mean': [...], 'std': [...]}`."""
+  return {'mean': [float(v) for v in mean], 'std': [float(v) for v in std]}
+
+
+def parse(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """`'imagenet'`, `'denseaspp_cityscapes'` or six numbers
+  `'M_R,M_G,M_B,S_R,S_G,S_B'` (0-255 units) -> `(mean, std)`."""
+  if text in NAMED:
+    return NAMED[text]
+  try:
+    values = [float(v) for v in text.split(',')]
+  except ValueError:
+    values = []
+  if len(values) != 6 or min(values[3:]) <= 0:
+    raise ConfigError(
+      f'normalization {text!r}: use one of {", ".join(NAMED)} or six '
+      'numbers MEAN_R,MEAN_G,MEAN_B,STD_R,STD_G,STD_B in 0-255 units '
+      '(stds positive)'
+    )
+  return tuple(values[:3]), tuple(values[3:])
