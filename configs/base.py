@@ -74,6 +74,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
   c.checkpoint.keep = 2
+  # Resume from / init_from checkpoint steps that have no digests (written
+  # before digests existed) instead of refusing them.
+  c.checkpoint.allow_unverified = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # ('data',) axis; -1 = every device

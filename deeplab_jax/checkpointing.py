@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from deeplab_jax.data import normalization
@@ -35,6 +35,15 @@ FORMAT = 'deeplab_jax.model'
 FORMAT_VERSION = 1
 TRASH = 'trash'  # Orbax's todelete_subdir: deletion is one atomic rename
 CORRUPT = 'corrupt'  # steps that failed verification, kept for inspection
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+  """A local path made absolute (`~` expanded); a remote one (`gs://...`,
+  any `scheme://`) returned untouched for Orbax and `etils.epath`."""
+  path = os.fspath(path)
+  if '://' in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
 
 
 def _weights(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
@@ -63,17 +72,36 @@ def model_metadata(
   std: Sequence[float] = normalization.IMAGENET[1],
   extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """The JSON metadata that makes a checkpoint self-describing."""
-  desc = registry.describe(model)
-  if class_names is not None and len(class_names) != desc['num_classes']:
+  """The JSON metadata that makes a checkpoint of `model` self-describing."""
+  return metadata_record(
+    registry.describe(model),
+    class_names=class_names,
+    mean=mean,
+    std=std,
+    extra=extra,
+  )
+
+
+def metadata_record(
+  model_description: Mapping[str, Any],
+  *,
+  class_names: Sequence[str] | None,
+  mean: Sequence[float],
+  std: Sequence[float],
+  extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """The checkpoint metadata: format, the model's `registry.describe`
+  record, class names, input normalisation, and `extra` entries (training
+  adds `dataset` and `weights`: `'ema'` or `'params'`)."""
+  num_classes = model_description['num_classes']
+  if class_names is not None and len(class_names) != num_classes:
     raise CheckpointMismatchError(
-      f'{len(class_names)} class names for a model with '
-      f'{desc["num_classes"]} classes'
+      f'{len(class_names)} class names for a model with {num_classes} classes'
     )
   return {
     'format': FORMAT,
     'version': FORMAT_VERSION,
-    'model': desc,
+    'model': dict(model_description),
     'class_names': list(class_names) if class_names else None,
     'normalization': normalization.as_record(mean, std),
     **dict(extra or {}),
@@ -87,19 +115,25 @@ def save_model(
   *,
   step: int = 0,
 ) -> str:
-  """Writes `model`'s weights and `metadata` as step `step` of `directory`.
+  """Writes `model`'s weights and `metadata` as step `step` of `directory`,
+  with a digest of every array and of the metadata (`load_model` verifies
+  them).
 
   Returns:
     The path of the step directory.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = resolve_path(directory)
   _, weights, _ = _weights(model)
+  weights = stringify_keys(nnx.to_pure_dict(weights))
   mngr = ocp.CheckpointManager(directory)
   mngr.save(
     step,
     args=ocp.args.Composite(
-      model=ocp.args.StandardSave(stringify_keys(nnx.to_pure_dict(weights))),
+      model=ocp.args.StandardSave(weights),
       meta=ocp.args.JsonSave(dict(metadata)),
+      digests=ocp.args.JsonSave(
+        {'model': array_digests(weights), 'meta': json_digest(metadata)}
+      ),
     ),
   )
   mngr.wait_until_finished()
@@ -110,23 +144,24 @@ def save_model(
 def _committed_steps(directory: str) -> list[int]:
   """The step directories in `directory` (Orbax renames a step to its number
   when it commits), without asking Orbax."""
-  if not os.path.isdir(directory):
+  path = epath.Path(directory)
+  if not path.is_dir():
     return []
-  return [int(d) for d in os.listdir(directory) if d.isdigit()]
+  return [int(p.name) for p in path.iterdir() if p.name.isdigit()]
 
 
 def _checkpoint_dir(directory: str | os.PathLike) -> str:
   """`directory`, or its `checkpoints/` when given a training workdir (the
   directory users hold in mind), as an absolute path."""
-  directory = os.path.abspath(os.fspath(directory))
+  directory = resolve_path(directory)
   inner = os.path.join(directory, 'checkpoints')
-  if not _committed_steps(directory) and os.path.isdir(inner):
+  if not _committed_steps(directory) and epath.Path(inner).is_dir():
     return inner
   return directory
 
 
 def _manager(directory: str) -> tuple[ocp.CheckpointManager, int]:
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise CheckpointNotFoundError(
       f'checkpoint directory {directory} does not exist; pass a directory '
       'written by scripts.train or scripts.convert_torch'
@@ -170,13 +205,23 @@ def load_model(
   directory: str | os.PathLike,
   *,
   sharding: jax.sharding.Sharding | None = None,
+  raw_weights: bool = False,
+  allow_unverified: bool = False,
 ) -> tuple[nnx.Module, dict[str, Any]]:
   """Rebuilds the model saved in `directory` (latest step) with its weights.
+
+  Every array and the metadata are checked against the step's digests; a
+  mismatch raises `CheckpointCorruptError` naming the step and the array.
 
   Args:
     directory: a checkpoint directory from `save_model` or training, or a
       training workdir (its `checkpoints/` is used).
     sharding: where to place the weights; the first device by default.
+    raw_weights: for a run that kept a weight EMA, load the raw trained
+      parameters instead of the EMA ones that its evaluation used (the
+      default; `meta['weights']` says which a step's `model` item holds).
+    allow_unverified: load a step that has no digests (written before
+      they existed) with a warning instead of refusing it.
 
   Returns:
     `(model, metadata)`; the model is in training mode like
@@ -190,17 +235,42 @@ def load_model(
   graphdef, weights, rest = _weights(abstract)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   like = nnx.to_pure_dict(weights)
-  target = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), like
+  target = stringify_keys(
+    jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      like,
+    )
   )
+  raw = raw_weights and meta.get('weights') == 'ema'
   mngr, step = _manager(directory)
-  try:
-    restored = mngr.restore(
-      step,
-      args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(stringify_keys(target))
+  step_dir = os.path.join(directory, str(step))
+  has_digests = epath.Path(step_dir, 'digests').is_dir()
+  if not has_digests and not allow_unverified:
+    mngr.close()
+    raise CheckpointCorruptError(
+      f'{step_dir} has no digests item, so its weights cannot be verified '
+      '(it predates digests, or was damaged); write it again '
+      '(scripts.convert_torch / scripts.train), or pass --allow_unverified '
+      'to load it as it is'
+    )
+  items = {'model': ocp.args.StandardRestore(target)}
+  if has_digests:
+    items['digests'] = ocp.args.JsonRestore()
+  if raw:
+    params = stringify_keys(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    params = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      params,
+    )
+    items['train'] = ocp.args.PyTreeRestore(
+      {'params': params},
+      restore_args=ocp.checkpoint_utils.construct_restore_args(
+        {'params': params}
       ),
-    )['model']
+      partial_restore=True,
+    )
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError) as e:
     raise CheckpointMismatchError(
       f'{directory}/{step}: weights do not match the recorded model '
@@ -208,8 +278,45 @@ def load_model(
     ) from e
   finally:
     mngr.close()
+  if has_digests:
+    _verify(step_dir, out, meta)
+  else:
+    logging.warning('%s has no digests; loaded unverified', step_dir)
+  restored = out['model']
+  if raw:  # the EMA parameters replaced by the raw ones, same statistics
+    restored = _overlay(restored, out['train']['params'])
   nnx.replace_by_pure_dict(weights, restore_keys(restored, like))
   return nnx.merge(graphdef, weights, registry.materialize(rest)), meta
+
+
+def _overlay(base: Mapping, top: Mapping) -> dict:
+  """`base` with the leaves that `top` also has taken from `top`."""
+  return {
+    k: (_overlay(v, top[k]) if isinstance(v, Mapping) else top[k])
+    if k in top
+    else v
+    for k, v in base.items()
+  }
+
+
+def _verify(step_dir: str, out: Mapping, meta: Mapping) -> None:
+  """Checks restored items against the step's digests (those present)."""
+  want = out['digests']
+  if 'meta' in want and json_digest(meta) != want['meta']:
+    raise CheckpointCorruptError(
+      f'{step_dir}: item meta does not match its digest; the checkpoint '
+      'is damaged: write it again or use another step'
+    )
+  for item in ('model', 'train'):
+    if item not in out or item not in want:
+      continue
+    got = array_digests(out[item])
+    for key, digest in got.items():
+      if want[item].get(key) != digest:
+        raise CheckpointCorruptError(
+          f'{step_dir}: item {item}, array {key} does not match its digest; '
+          'the checkpoint is damaged: write it again or use another step'
+        )
 
 
 def deep_merge(a: Mapping, b: Mapping) -> dict:
@@ -334,6 +441,7 @@ class TrainCheckpointer:
     every_steps: int,
     keep: int = 2,
     best_metric: str = 'miou',
+    allow_unverified: bool = False,
   ):
     cm = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
@@ -358,7 +466,8 @@ class TrainCheckpointer:
       todelete_subdir=TRASH,
       enable_async_checkpointing=True,
     )
-    self.directory = os.path.abspath(directory)
+    self.directory = resolve_path(directory)
+    self._allow_unverified = allow_unverified
     self._empty_trash()
     self._failed = False
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
@@ -367,7 +476,9 @@ class TrainCheckpointer:
     """Steps that garbage collection renamed into `trash/` are gone from the
     listing already; deleting them for real may be interrupted harmlessly."""
     if jax.process_index() == 0:
-      shutil.rmtree(os.path.join(self.directory, TRASH), ignore_errors=True)
+      trash = epath.Path(self.directory, TRASH)
+      if trash.exists():
+        trash.rmtree()
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -394,6 +505,7 @@ class TrainCheckpointer:
       'model': array_digests(weights),
       'train': array_digests(train_state),
       'data': json_digest(data_state),
+      'meta': json_digest(meta),
     }
     try:
       return self._mngr.save(
@@ -433,7 +545,12 @@ class TrainCheckpointer:
     self, step: int, abstract_weights: Mapping, abstract_train: Any
   ) -> tuple[dict, Any, dict]:
     step_dir = os.path.join(self.directory, str(step))
-    has_digests = os.path.isdir(os.path.join(step_dir, 'digests'))
+    has_digests = epath.Path(step_dir, 'digests').is_dir()
+    if not has_digests and not self._allow_unverified:
+      raise CheckpointCorruptError(
+        'no digests item: its arrays cannot be verified (pass '
+        '--allow_unverified to resume from it anyway)'
+      )
     items = dict(
       model=ocp.args.StandardRestore(abstract_weights),
       train=ocp.args.StandardRestore(abstract_train),
@@ -510,15 +627,15 @@ class TrainCheckpointer:
 
   def _quarantine(self, steps: Sequence[int]) -> None:
     if jax.process_index() == 0:
-      corrupt = os.path.join(self.directory, CORRUPT)
-      os.makedirs(corrupt, exist_ok=True)
+      corrupt = epath.Path(self.directory, CORRUPT)
+      corrupt.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        dst = os.path.join(corrupt, str(step))
+        dst = corrupt / str(step)
         n = 1
-        while os.path.exists(dst):
-          dst = os.path.join(corrupt, f'{step}.{n}')
+        while dst.exists():
+          dst = corrupt / f'{step}.{n}'
           n += 1
-        os.rename(os.path.join(self.directory, str(step)), dst)
+        epath.Path(self.directory, str(step)).rename(dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 

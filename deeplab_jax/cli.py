@@ -48,6 +48,35 @@ def entry_point(main: Callable[..., object]) -> Callable[..., object]:
   return wrapped
 
 
+class ModelLoadFlags:
+  """`--raw_weights` and `--allow_unverified` for the scripts that load a
+  checkpoint (evaluate, predict, export); create once at module level."""
+
+  def __init__(self):
+    self._raw = flags.DEFINE_bool(
+      'raw_weights',
+      False,
+      'For a run that kept a weight EMA: load the raw trained parameters '
+      'instead of the EMA ones its evaluation used (the default).',
+    )
+    self._unverified = flags.DEFINE_bool(
+      'allow_unverified',
+      False,
+      'Load a checkpoint step that has no digests (written before they '
+      'existed) instead of refusing it.',
+    )
+
+  def load(self, directory: str):
+    """`checkpointing.load_model(directory)` as the flags ask."""
+    from deeplab_jax import checkpointing
+
+    return checkpointing.load_model(
+      directory,
+      raw_weights=self._raw.value,
+      allow_unverified=self._unverified.value,
+    )
+
+
 _ORBAX_DIR = os.sep + 'orbax' + os.sep
 
 

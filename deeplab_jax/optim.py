@@ -44,35 +44,55 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(
   config: ml_collections.ConfigDict, num_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer of `config.optim`, and its schedule.
+  """The optimizer of `config.optim`, and the learning rate it applies.
 
   `optim.name`: `sgd` (momentum, PyTorch-style coupled weight decay),
   `adam` (coupled L2, as `torch.optim.Adam(weight_decay=...)`) or `adamw`
-  (decoupled). `optim.grad_accum_steps > 1` accumulates gradients
-  (optax.MultiSteps).
+  (decoupled).
+
+  `num_steps` and `optim.warmup_steps` count training steps, i.e. batches
+  of `train.batch_size`. With `optim.grad_accum_steps = k > 1` the mean
+  gradient of k consecutive batches is applied once (optax.MultiSteps),
+  so a run makes `num_steps / k` optimizer updates (`num_steps` must be a
+  multiple of k); update `u` uses the schedule's value at its first batch,
+  `u * k`, so the schedule runs to its end over the run, as without
+  accumulation.
+
+  Returns:
+    `(tx, lr)`: the transformation and `lr(step)`, the learning rate that
+    the update containing training step `step` (0-based) applies.
   """
   o = config
-  schedule = poly_schedule(
+  k = o.grad_accum_steps
+  if k < 1 or num_steps % k:
+    raise ConfigError(
+      f'train.num_steps ({num_steps}) must be a multiple of '
+      f'optim.grad_accum_steps ({k}): the last {num_steps % max(k, 1)} '
+      'batches would never be applied'
+    )
+  per_batch = poly_schedule(
     o.lr,
     num_steps,
     power=o.poly_power,
     warmup_steps=o.warmup_steps,
     end_lr=o.end_lr,
   )
+  # Inside MultiSteps the inner optimizer counts updates, not batches.
+  per_update = per_batch if k == 1 else (lambda u: per_batch(u * k))
   decay = optax.add_decayed_weights(o.weight_decay, mask=decay_mask)
   if o.name == 'sgd':
-    tx = optax.chain(decay, optax.sgd(schedule, momentum=o.momentum))
+    tx = optax.chain(decay, optax.sgd(per_update, momentum=o.momentum))
   elif o.name == 'adam':
-    tx = optax.chain(decay, optax.adam(schedule))
+    tx = optax.chain(decay, optax.adam(per_update))
   elif o.name == 'adamw':
-    tx = optax.adamw(schedule, weight_decay=o.weight_decay, mask=decay_mask)
+    tx = optax.adamw(per_update, weight_decay=o.weight_decay, mask=decay_mask)
   else:
     raise ConfigError(f'optim.name must be sgd, adam or adamw, not {o.name!r}')
   if o.clip_grad_norm:
     tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
-  if o.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
-  return tx, schedule
+  if k > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=k)
+  return tx, lambda step: per_batch((step // k) * k)
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from deeplab_jax import checkpointing, losses, metrics, models, optim, sharding
@@ -71,11 +72,10 @@ def _step_rngs(rest_template: Any, key: jax.Array) -> Any:
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a workdir that holds a run of another config; writes ours."""
-  path = os.path.join(workdir, 'config.json')
+  path = epath.Path(workdir, 'config.json')
   ours = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      theirs = json.load(f)
+  if path.exists():
+    theirs = json.loads(path.read_text())
 
     def get(d, dotted):
       for part in dotted.split('.'):
@@ -88,9 +88,8 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         f'{workdir} holds a run of another config ({", ".join(diff)} '
         f'differ); use a new --workdir or the same config'
       )
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(ours, f, indent=2)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(ours, indent=2))
 
 
 def _init_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -115,6 +114,9 @@ def _init_model(config: ml_collections.ConfigDict, num_classes: int):
       **options,
     )
     logging.info('init_from %s (%s)', src, model.source_layout)
+    _warn_if_normalization_differs(
+      config, src, model.source_normalization, model.fresh_weights
+    )
     return model
   model = models.create(
     config.model.arch,
@@ -122,7 +124,9 @@ def _init_model(config: ml_collections.ConfigDict, num_classes: int):
     rngs=nnx.Rngs(config.seed),
     **options,
   )
-  loaded, meta = checkpointing.load_model(src)
+  loaded, meta = checkpointing.load_model(
+    src, allow_unverified=config.checkpoint.allow_unverified
+  )
   if meta['model']['arch'] != config.model.arch:
     raise ConfigError(
       f'model.init_from {src} holds {meta["model"]["arch"]}, not '
@@ -133,15 +137,52 @@ def _init_model(config: ml_collections.ConfigDict, num_classes: int):
   _, src_w, _ = nnx.split(loaded, (nnx.Param, nnx.BatchStat), ...)
   _, dst_w, _ = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
   src_flat = dict(nnx.to_flat_state(src_w))
-  kept = 0
+  kept, skipped = 0, []
   for path, var in nnx.to_flat_state(dst_w):
     other = src_flat.get(path)
     if other is not None and other[...].shape == var[...].shape:
       var[...] = other[...]
       kept += 1
+    else:
+      shape = 'absent' if other is None else tuple(other[...].shape)
+      skipped.append(
+        f'{".".join(map(str, path))} {tuple(var[...].shape)} vs {shape}'
+      )
   nnx.update(model, dst_w)
-  logging.info('init_from %s: %d tensors loaded', src, kept)
+  if skipped:
+    logging.warning(
+      'model.init_from %s: %d tensors loaded, %d keep their random '
+      "initialisation (ours vs the checkpoint's shape): %s%s",
+      src,
+      kept,
+      len(skipped),
+      ', '.join(skipped[:4]),
+      ' ...' if len(skipped) > 4 else '',
+    )
+  norm = meta.get('normalization')
+  if norm:
+    _warn_if_normalization_differs(config, src, (norm['mean'], norm['std']), ())
   return model
+
+
+def _warn_if_normalization_differs(config, src, source_norm, fresh) -> None:
+  """Fine-tuning from weights trained on other input statistics starts
+  from a shifted input; say so (it may be intended)."""
+  if 'backbone' in fresh:
+    return
+  mean, std = source_norm
+  ours = (tuple(config.data.mean), tuple(config.data.std))
+  if not np.allclose(ours, (tuple(mean), tuple(std)), rtol=1e-4):
+    logging.warning(
+      'model.init_from %s was trained on inputs normalised with mean %s std '
+      '%s, but data.mean / data.std are %s / %s: set them to match unless '
+      'the change is intended',
+      src,
+      [round(v, 3) for v in mean],
+      [round(v, 3) for v in std],
+      list(ours[0]),
+      list(ours[1]),
+    )
 
 
 # ------------------------------------------------------------ the steps ---
@@ -160,6 +201,7 @@ def _make_steps(
   class_weights = config.loss.class_weights
   ohem = config.loss.ohem_thresh or None
   ema_decay = config.optim.ema_decay
+  accum = config.optim.grad_accum_steps
   base_key = jax.random.key(config.seed)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
 
@@ -208,7 +250,13 @@ def _make_steps(
     new = dict(state, params=params, batch_stats=stats, opt_state=opt_state)
     new['step'] = state['step'] + 1
     if ema_decay:
-      new['ema'] = optim.ema_update(state['ema'], params, ema_decay)
+      ema = optim.ema_update(state['ema'], params, ema_decay)
+      if accum > 1:  # only the micro-steps that update the parameters
+        applied = (state['step'] + 1) % accum == 0
+        ema = jax.tree.map(
+          lambda e, old: jnp.where(applied, e, old), ema, state['ema']
+        )
+      new['ema'] = ema
     logs = {
       'loss': loss,
       'lr': schedule(state['step']),
@@ -241,7 +289,7 @@ class _Logger:
     if enabled:
       from tensorboardX import SummaryWriter
 
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._jsonl = epath.Path(workdir, 'metrics.jsonl').open('a')
       self._writer = SummaryWriter(os.path.join(workdir, 'tb'))
 
   def write(self, step: int, values: dict[str, Any]) -> None:
@@ -298,7 +346,7 @@ def train_and_evaluate(
     The last evaluation summary (`miou`, per-class IoU, ...) and the final
     step, as a dict.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = checkpointing.resolve_path(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(config.train.batch_size, mesh)
@@ -325,6 +373,15 @@ def train_and_evaluate(
       'image_folder', config.data.train_split, config.data.data_dir
     )[1]
   class_names = spec.class_names
+  weights = config.loss.class_weights
+  if weights is not None and (
+    len(weights) != spec.num_classes or min(weights) < 0
+  ):
+    raise ConfigError(
+      f'loss.class_weights has {len(weights)} values (min {min(weights)}); '
+      f'{config.data.dataset} has {spec.num_classes} classes: give one '
+      'non-negative weight per class, in class id order'
+    )
 
   model = _init_model(config, spec.num_classes)
   if config.model.freeze_bn:
@@ -400,27 +457,27 @@ def train_and_evaluate(
     os.path.join(workdir, 'checkpoints'),
     every_steps=config.checkpoint.every_steps,
     keep=config.checkpoint.keep,
+    allow_unverified=config.checkpoint.allow_unverified,
   )
-  meta_model = registry_description(config, spec.num_classes)
-  meta = {
-    'format': checkpointing.FORMAT,
-    'version': checkpointing.FORMAT_VERSION,
-    'model': meta_model,
-    'class_names': list(class_names),
-    'normalization': {
-      'mean': list(config.data.mean),
-      'std': list(config.data.std),
-    },
-    'dataset': config.data.dataset,
-  }
+  # The `model` item holds the weights evaluation uses: the EMA when one is
+  # kept (then the raw parameters travel in the `train` item), so that
+  # scripts.evaluate / predict / export load what training evaluated.
+  model_key = 'ema' if config.optim.ema_decay else 'params'
+  meta = checkpointing.metadata_record(
+    registry_description(config, spec.num_classes),
+    class_names=class_names,
+    mean=config.data.mean,
+    std=config.data.std,
+    extra={'dataset': config.data.dataset, 'weights': model_key},
+  )
 
   def weights_of(state):
-    merged = checkpointing.deep_merge(state['params'], state['batch_stats'])
+    merged = checkpointing.deep_merge(state[model_key], state['batch_stats'])
     return checkpointing.stringify_keys(merged)
 
   def train_part(state):
     return {
-      k: v for k, v in state.items() if k not in ('params', 'batch_stats')
+      k: v for k, v in state.items() if k not in (model_key, 'batch_stats')
     }
 
   abstract = jax.tree.map(
@@ -443,11 +500,11 @@ def train_and_evaluate(
         'others would not replay the same data'
       )
     weights = checkpointing.restore_keys(
-      weights, checkpointing.deep_merge(state['params'], state['batch_stats'])
+      weights, checkpointing.deep_merge(state[model_key], state['batch_stats'])
     )
     state = dict(
       train,
-      params=checkpointing.split_like(weights, state['params']),
+      **{model_key: checkpointing.split_like(weights, state[model_key])},
       batch_stats=checkpointing.split_like(weights, state['batch_stats']),
     )
     logging.info('resumed from step %d in %s', start, ckpt.directory)

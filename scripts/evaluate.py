@@ -20,7 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from deeplab_jax.cli import entry_point
+from deeplab_jax.cli import ModelLoadFlags, entry_point
 from deeplab_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -48,6 +48,8 @@ _LABEL_IDS = flags.DEFINE_bool(
 )
 _FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
 
+_LOAD = ModelLoadFlags()
+
 
 def _hw(value):
   if value is None:
@@ -62,12 +64,12 @@ def _hw(value):
 @entry_point
 def main(argv):
   del argv
-  from deeplab_jax import checkpointing, evaluate, metrics
+  from deeplab_jax import evaluate, metrics
 
   if _CHECKPOINT.value is None:
     raise UserError('--checkpoint is required')
   config = _CONFIG.value
-  model, meta = checkpointing.load_model(_CHECKPOINT.value)
+  model, meta = _LOAD.load(_CHECKPOINT.value)
   dataset = _DATASET.value or (config and config.data.dataset)
   dataset = dataset or meta.get('dataset')
   if dataset is None:

@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from deeplab_jax.cli import entry_point
+from deeplab_jax.cli import ModelLoadFlags, entry_point
 from deeplab_jax.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -25,11 +25,13 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the artifacts.')
 _SAVED_MODEL = flags.DEFINE_bool('saved_model', False, 'Also jax2tf.')
 _FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
 
+_LOAD = ModelLoadFlags()
+
 
 @entry_point
 def main(argv):
   del argv
-  from deeplab_jax import checkpointing, export
+  from deeplab_jax import export
 
   if not (_CHECKPOINT.value and _SIZE.value and _OUTPUT.value):
     raise UserError('pass --checkpoint, --size HxW and --output')
@@ -40,7 +42,7 @@ def main(argv):
   out = os.path.abspath(_OUTPUT.value)
   if os.path.isdir(out) and os.listdir(out) and not _FORCE.value:
     raise UserError(f'--output {out} is not empty; pass --force to write there')
-  model, meta = checkpointing.load_model(_CHECKPOINT.value)
+  model, meta = _LOAD.load(_CHECKPOINT.value)
   for path in export.export_dir(
     model,
     meta,

@@ -13,7 +13,7 @@ import os
 from absl import app, flags
 
 from deeplab_jax import predict
-from deeplab_jax.cli import entry_point
+from deeplab_jax.cli import ModelLoadFlags, entry_point
 from deeplab_jax.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -40,11 +40,13 @@ _DEMO = flags.DEFINE_bool(
   'demo', False, 'Use a tiny random model and a generated image.'
 )
 
+_LOAD = ModelLoadFlags()
+
 
 @entry_point
 def main(argv):
   del argv
-  from deeplab_jax import checkpointing, demo
+  from deeplab_jax import demo
 
   if _OUTPUT.value is None:
     raise UserError('--output is required')
@@ -57,7 +59,7 @@ def main(argv):
     checkpoint, pattern = demo.prepare(os.path.join(out, 'demo_inputs'))
   if checkpoint is None or pattern is None:
     raise UserError('pass --checkpoint and --input (or --demo)')
-  model, meta = checkpointing.load_model(checkpoint)
+  model, meta = _LOAD.load(checkpoint)
   paths = predict.find_images(pattern)
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   if len(set(stems)) < len(stems):

@@ -12,7 +12,11 @@ from PIL import Image
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 from deeplab_jax import checkpointing, models, predict
-from deeplab_jax.errors import CheckpointMismatchError, CheckpointNotFoundError
+from deeplab_jax.errors import (
+  CheckpointCorruptError,
+  CheckpointMismatchError,
+  CheckpointNotFoundError,
+)
 from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +54,47 @@ def test_save_and_load_model_round_trip(tmp_path):
   )
 
 
+def test_converted_checkpoints_are_verified_on_load(tmp_path):
+  """save_model writes digests; one flipped bit in the stored weights is
+  refused by load_model, and by scripts.predict in one line."""
+  model = models.create(
+    'deeplabv3_resnet_tiny', num_classes=2, rngs=nnx.Rngs(0)
+  )
+  ckpt = tmp_path / 'ckpt'
+  checkpointing.save_model(ckpt, model, checkpointing.model_metadata(model))
+  assert (ckpt / '0' / 'digests').is_dir()
+  checkpointing.load_model(ckpt)  # verifies
+  data = max((ckpt / '0' / 'model').rglob('d/*'), key=os.path.getsize)
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 1
+  data.write_bytes(bytes(raw))
+  with pytest.raises(CheckpointCorruptError, match='does not match its'):
+    checkpointing.load_model(ckpt)
+  image = tmp_path / 'x.png'
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+  r = _run(
+    'scripts.predict',
+    '--checkpoint',
+    str(ckpt),
+    '--input',
+    str(image),
+    '--output',
+    str(tmp_path / 'out'),
+  )
+  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  [line] = r.stderr.strip().splitlines()
+  assert line.startswith(f'error: {ckpt}/0: item model, array [')
+
+
+def test_remote_paths_pass_through_untouched(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert checkpointing.resolve_path('gs://bucket/run') == 'gs://bucket/run'
+  assert checkpointing.resolve_path('s3://b/r/') == 's3://b/r/'
+  assert checkpointing.resolve_path('run') == str(tmp_path / 'run')
+  home = os.path.expanduser('~')
+  assert checkpointing.resolve_path('~/r') == os.path.join(home, 'r')
+
+
 def test_checkpoint_errors(tmp_path):
   with pytest.raises(CheckpointNotFoundError, match='does not exist'):
     checkpointing.load_model(tmp_path / 'nope')
@@ -63,7 +108,7 @@ def test_checkpoint_errors(tmp_path):
     checkpointing.model_metadata(model, class_names=['a', 'b', 'c'])
 
 
-def test_convert_torch_script_then_predict_script(tmp_path):
+def test_convert_torch_script_then_predict_script(tmp_path, parity_report):
   torch.manual_seed(0)
   tm = deeplabv3_resnet50(
     weights=None, weights_backbone=None, num_classes=3, aux_loss=True
@@ -129,6 +174,7 @@ def test_convert_torch_script_then_predict_script(tmp_path):
   ]
   mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
   std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+  refs = {}
   for name, array in pixels.items():
     rgb = (
       array[..., :3] if array.ndim == 3 else np.repeat(array[..., None], 3, -1)
@@ -144,6 +190,21 @@ def test_convert_torch_script_then_predict_script(tmp_path):
       np.testing.assert_array_equal(np.asarray(im), saved.argmax(-1))
     with Image.open(pred / f'{name}_overlay.png') as im:
       assert im.size == rgb.shape[1::-1]
+    refs[name] = ref
+
+  # The opt-in speed option changes the numbers (how much, for the docs).
+  [(_, padded_labels, padded)] = predict.predict_images(
+    model, meta, [str(images / 'a.png')], batch_size=1, bucket=32
+  )
+  deviation = rel_err(padded, refs['a'])
+  parity_report(
+    'scripts.predict --bucket 32 (opt-in) against PyTorch on the image alone',
+    model='deeplabv3_resnet50, random weights',
+    input='203x311 -> padded 224x320',
+    logits=deviation,
+    labels_changed=f'{(padded_labels != refs["a"].argmax(-1)).mean():.1%}',
+  )
+  assert deviation > 1e-3
 
   # Refusals are one line, with exit status 1 and no traceback.
   r = _run(

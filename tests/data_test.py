@@ -210,6 +210,62 @@ def _cityscapes_zips(root, n_train=2, n_val=1):
         )
 
 
+def test_image_folder_takes_rgba_and_gray_and_refuses_16_bit(tmp_path):
+  """RGBA: alpha dropped; grayscale: expanded to RGB (as PIL converts
+  them); a 16-bit image is refused in one line naming it, not clipped."""
+  import subprocess
+  import sys
+
+  root = tmp_path / 'raw'
+  (root / 'train' / 'images').mkdir(parents=True)
+  (root / 'train' / 'masks').mkdir(parents=True)
+  (root / 'classes.txt').write_text('a\nb\n')
+  rng = np.random.RandomState(7)
+  arrays = {
+    'rgba': rng.randint(0, 256, (12, 17, 4)).astype(np.uint8),
+    'gray': rng.randint(0, 256, (12, 17)).astype(np.uint8),
+  }
+  for name, array in arrays.items():
+    Image.fromarray(array).save(root / 'train' / 'images' / f'{name}.png')
+    Image.fromarray(rng.randint(0, 2, (12, 17)).astype(np.uint8)).save(
+      root / 'train' / 'masks' / f'{name}.png'
+    )
+  data_dir = str(tmp_path / 'tfds')
+  datasets.prepare('image_folder', data_dir=data_dir, manual_dir=str(root))
+  src, _ = datasets.open_split('image_folder', 'train', data_dir)
+  got = {src[i]['image_id'].decode(): src[i]['image'] for i in range(len(src))}
+  np.testing.assert_array_equal(got['train/rgba'], arrays['rgba'][..., :3])
+  np.testing.assert_array_equal(
+    got['train/gray'], np.repeat(arrays['gray'][..., None], 3, -1)
+  )
+
+  deep = root / 'train' / 'images' / 'deep.png'
+  Image.fromarray(rng.randint(0, 65535, (12, 17)).astype(np.uint16)).save(deep)
+  Image.fromarray(np.zeros((12, 17), np.uint8)).save(
+    root / 'train' / 'masks' / 'deep.png'
+  )
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'scripts.build_dataset',
+      '--dataset',
+      'image_folder',
+      '--manual_dir',
+      str(root),
+      '--data_dir',
+      str(tmp_path / 'tfds2'),
+    ],
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  error = [x for x in r.stderr.splitlines() if x.startswith('error: ')]
+  assert len(error) == 1 and f'{deep} has I;16 pixels' in error[0]
+
+
 def test_cityscapes_builder_maps_label_ids_to_train_ids(tmp_path):
   root = str(tmp_path / 'manual')
   _cityscapes_zips(root)
@@ -310,13 +366,23 @@ def test_voc_aug_builder_merges_sbd_and_voc(tmp_path):
         f'{base_dir}JPEGImages/{i}.jpg',
         _jpeg(rng.randint(0, 255, (10, 14, 3))),
       )
+    # VOC ships palette PNGs whose pixel values are class ids and whose
+    # palette maps them to colours; here every colour differs from its
+    # index, so a decoder that reads colours instead of indices fails.
+    palette = rng.randint(0, 256, (256, 3)).astype(np.uint8)
+    palette[:, 0] = (np.arange(256) + 7) % 256
+    voc_labels = {}
     for i in ['a', 'b', 'c']:
-      label = rng.randint(0, 21, (10, 14))
+      label = rng.randint(0, 21, (10, 14)).astype(np.uint8)
       label[0] = 255  # boundary pixels
-      # VOC ships palette PNGs.
-      im = Image.fromarray(label.astype(np.uint8), mode=None).convert('P')
+      voc_labels[i] = label
+      im = Image.fromarray(label, mode='L').convert('P')
+      im.putpalette(palette.reshape(-1).tolist())
       buf = io.BytesIO()
       im.save(buf, format='PNG')
+      with Image.open(io.BytesIO(buf.getvalue())) as check:
+        assert check.mode == 'P'
+        assert (np.asarray(check.convert('L')) != label).any()
       _add(t, f'{base_dir}SegmentationClass/{i}.png', buf.getvalue())
   with tarfile.open(root / 'benchmark.tgz', 'w:gz') as t:
     sbd = 'benchmark_RELEASE/dataset/'
@@ -341,5 +407,9 @@ def test_voc_aug_builder_merges_sbd_and_voc(tmp_path):
   assert train_ids == [b'a', b'b', b'd', b'e'] and len(val_src) == 1
   assert spec.num_classes == 21
   ex = {train_src[i]['image_id']: train_src[i] for i in range(len(train_src))}
-  assert (ex[b'a']['label'][0] == 255).all()  # the VOC PNG wins over SBD
+  # The VOC PNG wins over SBD, decoded as indices.
+  for i in (b'a', b'b'):
+    np.testing.assert_array_equal(
+      ex[i]['label'][..., 0], voc_labels[i.decode()]
+    )
   assert ex[b'd']['label'].max() <= 20

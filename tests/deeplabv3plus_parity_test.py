@@ -41,7 +41,9 @@ def _smp(
     ('tu-xception65', 'deeplabv3plus_xception65', 8, [(128, 192), (200, 128)]),
   ],
 )
-def test_smp_deeplabv3plus_parity(encoder, arch, output_stride, sizes):
+def test_smp_deeplabv3plus_parity(
+  encoder, arch, output_stride, sizes, parity_report
+):
   ref = _smp(encoder, output_stride)
   model = torch_convert.load(
     arch, ref.state_dict(), output_stride=output_stride
@@ -52,7 +54,16 @@ def test_smp_deeplabv3plus_parity(encoder, arch, output_stride, sizes):
     x = np.random.RandomState(hw[0]).randn(1, *hw, 3).astype(np.float32)
     with torch.no_grad():
       expect = nhwc(ref(nchw(x)))
-    assert rel_err(predict.logits(model, x), expect) < TOL, hw
+    err = rel_err(predict.logits(model, x), expect)
+    parity_report(
+      'DeepLabV3+, segmentation_models_pytorch (eval, 6 classes)',
+      model=arch,
+      smp_encoder=encoder,
+      output_stride=output_stride,
+      input=f'{hw[0]}x{hw[1]}',
+      logits=err,
+    )
+    assert err < TOL, hw
 
 
 def test_smp_plain_aspp_converts():
@@ -73,7 +84,7 @@ def test_smp_plain_aspp_converts():
 
 
 @pytest.mark.parametrize('hw', [(256, 384), (320, 192)])
-def test_timm_xception65_features_parity(hw):
+def test_timm_xception65_features_parity(hw, parity_report):
   torch.manual_seed(0)
   ref = timm.create_model(
     'xception65', pretrained=False, features_only=True, output_stride=16
@@ -92,8 +103,18 @@ def test_timm_xception65_features_parity(hw):
     nnx.view(model.backbone, use_running_average=True), jnp.asarray(x)
   )
   # timm's taps: index 1 = stride-4 low-level, index 4 = final features.
-  assert rel_err(ours['layer1'], nhwc(feats[1])) < TOL
-  assert rel_err(ours['out'], nhwc(feats[4])) < TOL
+  low, final = (
+    rel_err(ours['layer1'], nhwc(feats[1])),
+    rel_err(ours['out'], nhwc(feats[4])),
+  )
+  parity_report(
+    'Xception backbone, timm features_only (eval, output stride 16)',
+    backbone='xception65',
+    input=f'{hw[0]}x{hw[1]}',
+    low_level=low,
+    final=final,
+  )
+  assert low < TOL and final < TOL
 
 
 def test_timm_classification_xception71_loads_as_backbone():

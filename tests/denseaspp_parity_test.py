@@ -38,7 +38,7 @@ def _dilate_torchvision(model):
     (densenet161, 'denseaspp161', (67, 45)),
   ],
 )
-def test_torchvision_densenet_backbone_parity(ctor, arch, hw):
+def test_torchvision_densenet_backbone_parity(ctor, arch, hw, parity_report):
   torch.manual_seed(0)
   tm = _dilate_torchvision(ctor(weights=None))
   randomize_batchnorm(tm, 1)
@@ -54,7 +54,14 @@ def test_torchvision_densenet_backbone_parity(ctor, arch, hw):
   backbone = nnx.view(model.backbone, use_running_average=True)
   ours = _forward(backbone, jnp.asarray(x))['out']
   assert ours.shape == ref.shape
-  assert rel_err(ours, ref) < TOL
+  err = rel_err(ours, ref)
+  parity_report(
+    'DenseNet backbone, torchvision, dilated as DenseASPP OS8 (eval)',
+    backbone=arch.replace('denseaspp', 'densenet'),
+    input=f'{hw[0]}x{hw[1]}',
+    features=err,
+  )
+  assert err < TOL
 
 
 def test_torchvision_densenet_training_mode_matches_torch():
@@ -251,7 +258,7 @@ def test_official_denseaspp_training_mode_matches_torch():
     assert rel_err(ours, want) < TOL
 
 
-def test_official_denseaspp161_parity_output_stride_16():
+def test_official_denseaspp161_parity_output_stride_16(parity_report):
   torch.manual_seed(1)
   ref = OfficialDenseASPP(
     *OFFICIAL['denseaspp161'], n_class=7, output_stride=16
@@ -264,7 +271,15 @@ def test_official_denseaspp161_parity_output_stride_16():
   x = np.random.RandomState(0).randn(1, 128, 192, 3).astype(np.float32)
   with torch.no_grad():
     expect = nhwc(ref(nchw(x)))
-  assert rel_err(predict.logits(model, x), expect) < TOL
+  err = rel_err(predict.logits(model, x), expect)
+  parity_report(
+    'DenseASPP, official layout (eval, 19 classes)',
+    model='denseaspp161 (7 classes)',
+    output_stride=16,
+    input='128x192',
+    logits=err,
+  )
+  assert err < TOL
 
 
 def test_first_block_relu_reaches_the_concatenation(official_121):

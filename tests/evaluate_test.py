@@ -158,6 +158,40 @@ def test_multi_scale_with_one_scale_is_single_scale(tiny):
   assert two.shape == (2, 29, 41, 3)
 
 
+def test_multi_scale_flip_is_the_mean_softmax_of_every_pass(tiny):
+  """Against a reference built from PyTorch's bilinear resize and NumPy:
+  each (scale, flip) pass resized back, softmaxed, averaged."""
+  import torch
+  import torch.nn.functional as F
+
+  x = np.random.RandomState(4).randn(2, 29, 41, 3).astype(np.float32)
+
+  def resize(a, hw):  # NHWC numpy -> NHWC numpy, F.interpolate semantics
+    t = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    t = F.interpolate(t, size=hw, mode='bilinear', align_corners=False)
+    return t.numpy().transpose(0, 2, 3, 1)
+
+  def softmax(z):
+    z = z.astype(np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  # Scaled sizes round half up, hand-computed: 29 * 0.75 = 21.75 -> 22,
+  # 41 * 0.75 = 30.75 -> 31, 29 * 1.25 = 36.25 -> 36, 41 * 1.25 = 51.25 -> 51.
+  passes = []
+  for hw in ((22, 31), (36, 51)):
+    xs = resize(x, hw)
+    plain = np.asarray(tiny(jnp.asarray(xs)))
+    flipped = np.asarray(tiny(jnp.asarray(xs[:, :, ::-1].copy())))[:, :, ::-1]
+    for out in (plain, flipped):
+      passes.append(softmax(resize(np.ascontiguousarray(out), (29, 41))))
+  expect = np.mean(passes, axis=0)
+  mode = evaluate.InferenceMode(scales=(0.75, 1.25), flip=True)
+  got = np.asarray(evaluate.scores(tiny, jnp.asarray(x), mode))
+  np.testing.assert_allclose(got, expect, atol=2e-6)
+  assert np.abs(passes[0] - passes[3]).max() > 1e-2  # the passes differ
+
+
 def test_cityscapes_label_id_writer(tmp_path):
   write = evaluate.cityscapes_label_id_writer(str(tmp_path))
   pred = np.array([[0, 1, 18], [13, 10, 2]], np.int32)

@@ -99,9 +99,10 @@ def test_export_round_trip_any_batch(model_and_images, tmp_path):
   rng = np.random.RandomState(1)
   for b in (1, 3):
     x = rng.randn(b, 40, 56, 3).astype(np.float32)
-    np.testing.assert_allclose(
-      fn(x), predict.logits(model, x), rtol=1e-5, atol=1e-5
-    )
+    want = np.asarray(predict.logits(model, x))
+    # The symbolic-batch program may sum in another order: 1e-6 of the
+    # logits' scale (seen: 1.3e-5 absolute at max |logit| 6).
+    np.testing.assert_allclose(fn(x), want, atol=1e-6 * np.abs(want).max())
 
 
 def test_export_script_from_a_checkpoint(model_and_images, tmp_path):

@@ -42,9 +42,46 @@ def train_cmd(workdir, data_dir, *flags):
   ]
 
 
-def weights(workdir):
+def weights(workdir, **load_options):
   """The final parameters and BN statistics of a run: `'a.b.c' -> array`."""
-  model, _ = checkpointing.load_model(os.path.join(workdir, 'checkpoints'))
+  model, _ = checkpointing.load_model(
+    os.path.join(workdir, 'checkpoints'), **load_options
+  )
+  return _flat_weights(model)
+
+
+def initial_weights(cfg):
+  """The weights a run of `cfg` starts from (its seeded initialisation)."""
+  from deeplab_jax import models
+  from deeplab_jax.data import datasets
+
+  model = models.create(
+    cfg.model.arch,
+    num_classes=datasets.label_spec(cfg.data.dataset).num_classes,
+    rngs=nnx.Rngs(cfg.seed),
+    **cfg.model.options.to_dict(),
+  )
+  return _flat_weights(model)
+
+
+def assert_same_update(w0, a, b, rtol):
+  """Runs `a` and `b` from `w0` made the same update: for every tensor,
+  `max |da - db| <= rtol * max |da|` (the update, not the weights: a
+  small step is invisible next to the weights' own size). At least one
+  tensor must have moved."""
+  assert w0.keys() == a.keys() == b.keys()
+  moved = 0
+  for k in w0:
+    da, db = a[k] - w0[k], b[k] - w0[k]
+    scale = np.abs(da).max()
+    moved += scale > 0
+    assert np.abs(da - db).max() <= rtol * scale + 1e-9, (
+      f'{k}: updates differ by {np.abs(da - db).max():.3g}, size {scale:.3g}'
+    )
+  assert moved > len(w0) // 2, f'only {moved} of {len(w0)} tensors moved'
+
+
+def _flat_weights(model):
   tree = nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
   out = {}
 

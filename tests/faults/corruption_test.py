@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import assert_bitwise_equal, config, weights
 
-from deeplab_jax import train
+from deeplab_jax import checkpointing, train
 from deeplab_jax.errors import CheckpointCorruptError
 
 OVERRIDES = {'train.num_steps': 6, 'checkpoint.every_steps': 2}
@@ -70,7 +70,13 @@ def edit_data_state(step_dir, rng):
     f.write(text.replace('"global_next_index": 48', '"global_next_index": 40'))
 
 
-DAMAGES = [flip_byte, truncate, delete_file, edit_data_state]
+def delete_digests(step_dir, rng):
+  """No digests item: the step cannot be verified, so it is not used."""
+  del rng
+  shutil.rmtree(os.path.join(step_dir, 'digests'))
+
+
+DAMAGES = [flip_byte, truncate, delete_file, edit_data_state, delete_digests]
 # Orbax leaves a read coroutine unfinished when a damaged array fails to
 # load; Python reports it as unraisable when it is collected.
 pytestmark = pytest.mark.filterwarnings(
@@ -110,3 +116,30 @@ def test_no_good_step_stops_and_changes_nothing(reference, data_dir, tmp_path):
   assert 'step 6: CheckpointCorruptError' in msg and 'step 4:' in msg
   assert 'new --workdir' in msg and '\n' not in msg
   assert sorted(os.listdir(ckpts)) == before
+
+
+def test_loading_a_damaged_step_names_it(reference, tmp_path):
+  """What evaluate / predict / export / init_from load is verified too."""
+  ref_dir, ref_weights = reference
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(ref_dir, workdir)
+  step6 = os.path.join(workdir, 'checkpoints', '6')
+  # One flipped bit in the model item (what load_model reads).
+  path = max(
+    glob.glob(os.path.join(step6, 'model', 'ocdbt.process_0', 'd', '*')),
+    key=os.path.getsize,
+  )
+  data = bytearray(open(path, 'rb').read())
+  data[len(data) // 2] ^= 4
+  open(path, 'wb').write(bytes(data))
+  with pytest.raises(CheckpointCorruptError) as e:
+    checkpointing.load_model(workdir)
+  assert f'{step6}: item model, array [' in str(e.value)
+  assert 'does not match its digest' in str(e.value)
+
+  shutil.rmtree(workdir)
+  shutil.copytree(ref_dir, workdir)
+  delete_digests(step6, None)
+  with pytest.raises(CheckpointCorruptError, match='--allow_unverified'):
+    checkpointing.load_model(workdir)
+  assert_bitwise_equal(weights(workdir, allow_unverified=True), ref_weights)
