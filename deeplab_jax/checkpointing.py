@@ -177,6 +177,17 @@ def _manager(directory: str) -> tuple[ocp.CheckpointManager, int]:
   return mngr, step
 
 
+def training_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+  """The resolved config (`config.json`) of the training run that wrote
+  `directory` (a workdir or its `checkpoints/`), or None."""
+  directory = resolve_path(directory)
+  for workdir in (directory, os.path.dirname(directory.rstrip('/'))):
+    path = epath.Path(workdir, 'config.json')
+    if path.exists() and epath.Path(workdir, 'checkpoints').is_dir():
+      return json.loads(path.read_text())
+  return None
+
+
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   """The `meta` item of the latest step in `directory` (a checkpoint
   directory, or a training workdir holding `checkpoints/`)."""

@@ -18,12 +18,15 @@ one-line "not prepared" error, which names the fix.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import sys
 import threading
 from collections.abc import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from deeplab_jax.errors import UserError
 
@@ -40,12 +43,71 @@ def entry_point(main: Callable[..., object]) -> Callable[..., object]:
     try:
       return main(*args, **kwargs)
     except UserError as e:
+      _fail(str(e))
+    except KeyboardInterrupt:
       if os.environ.get('DEEPLAB_TRACEBACK'):
         raise
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(1)
+      print('interrupted', file=sys.stderr)
+      sys.exit(130)
 
   return wrapped
+
+
+def run(main: Callable[..., object]) -> None:
+  """`absl.app.run(main)`, except that flag and config-file errors are one
+  line (`error: ...`, exit 1) and `--help` prints the usage and exits 0."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+_HELP = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  if any(arg in _HELP for arg in argv[1:]):
+    app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True)
+    sys.exit(0)
+  try:
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - absl and config files raise many
+    if os.environ.get('DEEPLAB_TRACEBACK'):
+      raise
+    _fail(f'{_flag_error_text(e)} (see --help)')
+  for name, value in flags.FLAGS.flag_values_dict().items():
+    # ml_collections defers the error of a config file that failed to load
+    # until the config is used; report it now.
+    error = getattr(type(value), '_ReportError', None) and vars(value).get(
+      '_error'
+    )
+    if error:
+      missing = re.search(r"No such file or directory: '([^']*)'", str(error))
+      _fail(
+        f'--{name}: config file {missing.group(1)} does not exist'
+        if missing
+        else f'--{name}: {" ".join(str(error).split())}'
+      )
+  return rest
+
+
+def _flag_error_text(e: BaseException) -> str:
+  """A flag error in one line. absl's own message names the flag; for an
+  unknown config key ml_collections' 'Did you mean' hint is deeper in the
+  chain of exceptions."""
+  chain = []
+  while e is not None:
+    chain.append(str(e))
+    e = e.__cause__ or e.__context__
+  for text in chain:
+    hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    if hint:
+      return f'no config key {hint.group(2)!r}; did you mean {hint.group(1)!r}?'
+  return ' '.join(chain[0].split())
+
+
+def _fail(message: str) -> None:
+  if os.environ.get('DEEPLAB_TRACEBACK') and sys.exc_info()[0] is not None:
+    raise
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
 
 
 class ModelLoadFlags:
@@ -75,6 +137,33 @@ class ModelLoadFlags:
       raw_weights=self._raw.value,
       allow_unverified=self._unverified.value,
     )
+
+
+@contextlib.contextmanager
+def output_dir(path: str, *, force: bool, flag: str = '--output'):
+  """The one output-directory rule of the scripts: `path` must be empty or
+  absent unless `force`; it is created, and if the command fails, what it
+  added is removed again (a new directory entirely), so a retry is not
+  refused. Yields the absolute path."""
+  out = os.path.abspath(os.path.expanduser(path))
+  existed = os.path.isdir(out)
+  before = set(os.listdir(out)) if existed else set()
+  if before and not force:
+    raise UserError(f'{flag} {out} is not empty; pass --force to write there')
+  os.makedirs(out, exist_ok=True)
+  try:
+    yield out
+  except BaseException:
+    if not existed:
+      shutil.rmtree(out, ignore_errors=True)
+    elif os.path.isdir(out):
+      for name in set(os.listdir(out)) - before:
+        target = os.path.join(out, name)
+        if os.path.isdir(target):
+          shutil.rmtree(target, ignore_errors=True)
+        else:
+          os.remove(target)
+    raise
 
 
 _ORBAX_DIR = os.sep + 'orbax' + os.sep

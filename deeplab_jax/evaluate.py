@@ -24,7 +24,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deeplab_jax import metrics, sharding
+from deeplab_jax import figures, metrics, sharding
 from deeplab_jax.data import datasets, transforms
 from deeplab_jax.data import labels as label_tables
-from deeplab_jax.errors import ConfigError
+from deeplab_jax.errors import ConfigError, UserError
 from deeplab_jax.models.layers import resize_bilinear
 from deeplab_jax.predict import inference_view
 
@@ -159,6 +159,33 @@ def scores(
   return total / passes
 
 
+def data_source(
+  meta: Mapping[str, Any],
+  training: Mapping[str, Any] | None,
+  *,
+  dataset: str | None = None,
+  split: str | None = None,
+  data_dir: str | None = None,
+) -> tuple[str, str, str | None]:
+  """`(dataset, split, data_dir)` to evaluate a checkpoint on: the given
+  values first, then the training run's config (`training`, the dict of a
+  workdir's `config.json` or a recipe), then the checkpoint's metadata."""
+  data = dict((training or {}).get('data') or {})
+  dataset = dataset or data.get('dataset') or meta.get('dataset')
+  if dataset is None:
+    raise UserError('the checkpoint names no data set; pass --dataset NAME')
+  same = dataset == data.get('dataset')
+  split = split or (same and data.get('eval_split')) or 'validation'
+  data_dir = data_dir or (same and data.get('data_dir')) or None
+  return dataset, split, data_dir
+
+
+def headline(summary: Mapping[str, Any]) -> dict[str, Any]:
+  """The one-line JSON record of an evaluation."""
+  keys = ('miou', 'pixel_accuracy', 'mean_accuracy', 'fwiou', 'num_images')
+  return {k: summary[k] for k in (*keys, 'images_per_s')}
+
+
 @functools.partial(nnx.jit, static_argnames=('mode', 'num_classes', 'mesh'))
 def _eval_batch(model, images, labels, mask, *, mode, num_classes, mesh):
   apply = lambda x: model(x)['out']
@@ -279,7 +306,10 @@ def evaluate(
     from jax.experimental import multihost_utils
 
     total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
-  summary = metrics.summarize(total, meta.get('class_names') or None)
+  # A converted checkpoint may know no class names; the data set does.
+  summary = metrics.summarize(
+    total, meta.get('class_names') or spec.class_names
+  )
   summary.update(
     confusion=total.tolist(),
     num_images=n,
@@ -287,21 +317,6 @@ def evaluate(
     mode=dataclasses.asdict(mode),
   )
   return summary
-
-
-def confusion_png(confusion: np.ndarray, path: str, cell: int = 16) -> None:
-  """Writes the row-normalised confusion matrix (rows = true class) as a
-  heat map PNG, white = 0 and dark blue = 1, `cell` pixels per entry."""
-  from PIL import Image
-
-  cm = np.asarray(confusion, np.float64)
-  with np.errstate(invalid='ignore', divide='ignore'):
-    frac = np.nan_to_num(cm / cm.sum(1, keepdims=True))
-  white = np.array([255.0, 255.0, 255.0])
-  blue = np.array([8.0, 48.0, 107.0])
-  rgb = white + frac[..., None] * (blue - white)
-  img = np.repeat(np.repeat(rgb, cell, 0), cell, 1)
-  Image.fromarray(np.round(img).astype(np.uint8)).save(path)
 
 
 def cityscapes_label_id_writer(output_dir: str) -> Callable:
@@ -332,7 +347,9 @@ def write_results(summary: dict[str, Any], output_dir: str) -> list[str]:
   ]
   with open(paths[0], 'w') as f:
     json.dump(summary, f, indent=1)
-  confusion_png(np.asarray(summary['confusion']), paths[1])
+  figures.confusion_figure(
+    np.asarray(summary['confusion']), list(summary['per_class_iou']), paths[1]
+  )
   with open(paths[2], 'w') as f:
     f.write(metrics.format_table(summary) + '\n')
   writer = SummaryWriter(os.path.join(output_dir, 'tensorboard'))

@@ -64,7 +64,9 @@ def export_dir(
   saved_model: bool = False,
 ) -> list[str]:
   """Writes the artifacts described in the module docstring; returns their
-  paths."""
+  paths. Optional dependencies are checked before anything is written."""
+  if saved_model:
+    _tensorflow()
   os.makedirs(directory, exist_ok=True)
   exported = export(model, height=height, width=width, batch=batch)
   paths = [os.path.join(directory, ARTIFACT), os.path.join(directory, METADATA)]
@@ -98,11 +100,8 @@ def load_exported(
   return exported.call, meta
 
 
-def to_saved_model(
-  model: nnx.Module, directory: str, height: int, width: int
-) -> str:
-  """A TensorFlow SavedModel of the inference function via `jax2tf`
-  (polymorphic batch); needs TensorFlow installed."""
+def _tensorflow():
+  """`(tensorflow, jax2tf)`, or a one-line error saying how to get them."""
   try:
     import tensorflow as tf
     from jax.experimental import jax2tf
@@ -111,6 +110,15 @@ def to_saved_model(
       f'a SavedModel needs TensorFlow ({e}); pip install tensorflow-cpu, or '
       'export without --saved_model'
     ) from e
+  return tf, jax2tf
+
+
+def to_saved_model(
+  model: nnx.Module, directory: str, height: int, width: int
+) -> str:
+  """A TensorFlow SavedModel of the inference function via `jax2tf`
+  (polymorphic batch); needs TensorFlow installed."""
+  tf, jax2tf = _tensorflow()
   fn = jax2tf.convert(
     _inference_fn(model),
     polymorphic_shapes=[f'(b, {height}, {width}, 3)'],

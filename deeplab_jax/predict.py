@@ -80,19 +80,37 @@ def overlay(
 
 def find_images(pattern: str) -> list[str]:
   """A file, a directory (its images, sorted) or a glob -> image paths."""
+  return find_inputs(pattern)[0]
+
+
+def find_inputs(pattern: str) -> tuple[list[str], list[str]]:
+  """`(image paths, skipped files)` of a file, a directory or a glob: in a
+  directory, files without an image extension are skipped (and listed);
+  two images whose outputs would share a name are refused, naming both."""
+  skipped = []
   if os.path.isdir(pattern):
-    paths = [
-      os.path.join(pattern, f)
-      for f in sorted(os.listdir(pattern))
-      if f.lower().endswith(IMAGE_EXTENSIONS)
-    ]
+    paths = []
+    for f in sorted(os.listdir(pattern)):
+      path = os.path.join(pattern, f)
+      if not os.path.isfile(path):
+        continue
+      (paths if f.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(path)
   elif os.path.isfile(pattern):
     paths = [pattern]
   else:
     paths = sorted(glob.glob(pattern))
   if not paths:
     raise UserError(f'no images found at {pattern!r} (file, directory or glob)')
-  return paths
+  by_stem: dict[str, str] = {}
+  for path in paths:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem in by_stem:
+      raise UserError(
+        f'{by_stem[stem]} and {path} would both write {stem}_label.png; '
+        'rename one or predict them separately'
+      )
+    by_stem[stem] = path
+  return paths, skipped
 
 
 def read_image(path: str) -> np.ndarray:

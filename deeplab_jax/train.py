@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -41,11 +42,16 @@ class TrainingDivergedError(UserError):
 
 
 class Preempted(Exception):
-  """SIGTERM / preemption: a checkpoint was written, exit cleanly."""
+  """SIGTERM / preemption, or Ctrl-C: a checkpoint was written."""
 
-  def __init__(self, step: int):
-    super().__init__(f'preempted: saved a checkpoint at step {step}')
+  def __init__(self, step: int, directory: str, *, interrupted: bool = False):
+    what = 'interrupted' if interrupted else 'preempted'
+    super().__init__(
+      f'{what}: saved a checkpoint at step {step} in {directory}; run the '
+      'same command to resume'
+    )
     self.step = step
+    self.interrupted = interrupted
 
 
 # ---------------------------------------------------------------- state ---
@@ -70,26 +76,46 @@ def _step_rngs(rest_template: Any, key: jax.Array) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
+def _flat_config(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat_config(v, f'{prefix}.{k}' if prefix else k))
+  return out
+
+
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir that holds a run of another config; writes ours."""
+  """Refuses a workdir that holds a run of another config, naming each
+  differing key with both values. Writes nothing: `_claim_workdir` does,
+  once training starts, so a run that fails before its first step (no
+  data, a bad `init_from`) leaves the workdir free for the fixed command."""
   path = epath.Path(workdir, 'config.json')
-  ours = json.loads(config.to_json_best_effort())
-  if path.exists():
-    theirs = json.loads(path.read_text())
+  if not path.exists():
+    return
+  ours = _flat_config(json.loads(config.to_json_best_effort()))
+  theirs = _flat_config(json.loads(path.read_text()))
+  identity = lambda key: any(
+    key == group or key.startswith(group + '.') for group in _RUN_IDENTITY
+  )
+  diff = [
+    f'{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now'
+    for k in sorted(set(ours) | set(theirs))
+    if identity(k) and ours.get(k) != theirs.get(k)
+  ]
+  if diff:
+    raise ConfigError(
+      f'{workdir} holds a run of another config ({"; ".join(diff)}); use '
+      'a new --workdir or the same config'
+    )
 
-    def get(d, dotted):
-      for part in dotted.split('.'):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
-      return d
 
-    diff = [k for k in _RUN_IDENTITY if get(ours, k) != get(theirs, k)]
-    if diff:
-      raise ConfigError(
-        f'{workdir} holds a run of another config ({", ".join(diff)} '
-        f'differ); use a new --workdir or the same config'
-      )
+def _claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config into the workdir (training has started)."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(ours, indent=2))
+  epath.Path(workdir, 'config.json').write_text(
+    json.dumps(json.loads(config.to_json_best_effort()), indent=2)
+  )
 
 
 def _init_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -512,11 +538,31 @@ def train_and_evaluate(
   train_ds, _ = pipeline.train_dataset(input_cfg, start_step=first_step)
   train_iter = iter(train_ds)
 
+  if is_main:
+    _claim_workdir(config, workdir)
   logger = _Logger(workdir, is_main)
-  stop = {'term': False}
+  stop = {'term': False, 'int': False}
+  handlers = {}
   if jax.process_count() == 1:
-    # Only set a flag: checkpointing inside a signal handler is unsafe.
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__('term', True))
+    # Only set flags: checkpointing inside a signal handler is unsafe. A
+    # second Ctrl-C stops at once (the last committed step stays).
+    def on_interrupt(*_):
+      if stop['int']:
+        raise KeyboardInterrupt
+      stop['int'] = True
+      if is_main:
+        print(
+          '\ninterrupted: saving a checkpoint at the end of this step '
+          '(Ctrl-C again to stop at once)',
+          file=sys.stderr,
+        )
+
+    handlers = {
+      signal.SIGTERM: signal.signal(
+        signal.SIGTERM, lambda *_: stop.__setitem__('term', True)
+      ),
+      signal.SIGINT: signal.signal(signal.SIGINT, on_interrupt),
+    }
 
   def preempted(step: int) -> bool:
     if jax.process_count() > 1:
@@ -607,19 +653,43 @@ def train_and_evaluate(
           bar.write(f'step {done}: mIoU {100 * summary["miou"]:.2f}')
       if ckpt.should_save(done) or done == config.train.num_steps:
         save(done, metrics_=step_metrics, force=done == config.train.num_steps)
-      if preempted(done):
+      if preempted(done) or stop['int']:
         if done not in ckpt.all_steps():
           save(done, force=True)
         ckpt.wait_until_finished()
-        raise Preempted(done)
+        raise Preempted(done, ckpt.directory, interrupted=stop['int'])
   finally:
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
     bar.close()
     ckpt.wait_until_finished()
     ckpt.close()
     logger.close()
+  if not summary:  # a finished run asked to run again
+    summary = _last_evaluation(workdir) or evaluate_params(
+      config,
+      eval_step,
+      eval_params(state),
+      state['batch_stats'],
+      mesh,
+      class_names,
+    )
   summary = dict(summary)
   summary['step'] = int(jax.device_get(state['step']))
   return summary
+
+
+def _last_evaluation(workdir: str) -> dict[str, Any] | None:
+  """The last evaluation record of `metrics.jsonl`, if any."""
+  path = epath.Path(workdir, 'metrics.jsonl')
+  if not path.exists():
+    return None
+  last = None
+  for line in path.read_text().splitlines():
+    record = json.loads(line) if line.strip() else {}
+    if 'miou' in record:
+      last = record
+  return last
 
 
 def registry_description(config, num_classes: int) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import multiprocessing
 import os
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
-from deeplab_jax.cli import entry_point
+from deeplab_jax.cli import entry_point, run
 
 _ARCH = flags.DEFINE_list('arch', ['deeplabv3_resnet50'], 'Architectures.')
 _BATCH = flags.DEFINE_integer(
@@ -226,4 +226,4 @@ if __name__ == '__main__':
   # JAX and PyTorch share the GPU in one process: no preallocation.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   flags.FLAGS(['benchmark'], known_only=True)  # Grain workers read flags
-  app.run(main)
+  run(main)

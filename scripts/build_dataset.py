@@ -9,9 +9,9 @@ r"""Prepares a data set once, in TFDS ArrayRecord format (with progress bars).
 See the README for each data set's files and where to get them.
 """
 
-from absl import app, flags
+from absl import flags
 
-from deeplab_jax.cli import entry_point
+from deeplab_jax.cli import entry_point, run
 from deeplab_jax.data import datasets
 
 _DATASET = flags.DEFINE_enum(
@@ -32,9 +32,14 @@ def main(argv):
     _DATASET.value, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value
   )
   splits = ', '.join(f'{k}: {v.num_examples}' for k, v in b.info.splits.items())
-  print(f'{_DATASET.value} prepared in {b.data_dir} ({splits})')
+  print(
+    f'{_DATASET.value} prepared in {b.data_dir} ({splits})\n'
+    f'next: python -m scripts.train --config configs/RECIPE.py --workdir '
+    f'runs/NAME --config.data.dataset={_DATASET.value} '
+    f'--config.data.data_dir={_DATA_DIR.value}'
+  )
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['dataset'])
-  app.run(main)
+  run(main)

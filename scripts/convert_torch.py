@@ -11,15 +11,15 @@ output directory can then be used as `--checkpoint` by the other scripts.
 """
 
 import json
-import os
+import shutil
 
-from absl import app, flags
+from absl import flags
 
 from deeplab_jax import checkpointing
-from deeplab_jax.cli import entry_point
+from deeplab_jax.cli import entry_point, output_dir, run
 from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.data import normalization
-from deeplab_jax.errors import ConfigError, UserError
+from deeplab_jax.errors import ConfigError
 
 _ARCH = flags.DEFINE_string(
   'arch', None, 'Architecture, e.g. deeplabv3_resnet50.'
@@ -66,39 +66,36 @@ def _rounded(values):
 @entry_point
 def main(argv):
   del argv
-  out = os.path.abspath(_OUTPUT.value)
-  if os.path.isdir(out) and os.listdir(out) and not _FORCE.value:
-    raise UserError(f'--output {out} is not empty; pass --force to replace it')
-  if os.path.isdir(out) and _FORCE.value:
-    import shutil
-
-    shutil.rmtree(out)
-  if _NORMALIZATION.value is not None:
-    mean, std = normalization.parse(_NORMALIZATION.value)
-  state_dict = torch_convert.read_state_dict(_INPUT.value)
-  model = torch_convert.load(
-    _ARCH.value,
-    state_dict,
-    num_classes=_NUM_CLASSES.value,
-    **_options(_OPTION.value),
-  )
-  if _NORMALIZATION.value is None:
-    mean, std = model.source_normalization
-  meta = checkpointing.model_metadata(
-    model,
-    class_names=_CLASS_NAMES.value,
-    mean=mean,
-    std=std,
-    extra={'source': {'layout': model.source_layout, 'file': _INPUT.value}},
-  )
-  path = checkpointing.save_model(out, model, meta)
+  with output_dir(_OUTPUT.value, force=_FORCE.value) as out:
+    if _NORMALIZATION.value is not None:
+      mean, std = normalization.parse(_NORMALIZATION.value)
+    state_dict = torch_convert.read_state_dict(_INPUT.value)
+    model = torch_convert.load(
+      _ARCH.value,
+      state_dict,
+      num_classes=_NUM_CLASSES.value,
+      **_options(_OPTION.value),
+    )
+    if _NORMALIZATION.value is None:
+      mean, std = model.source_normalization
+    meta = checkpointing.model_metadata(
+      model,
+      class_names=_CLASS_NAMES.value,
+      mean=mean,
+      std=std,
+      extra={'source': {'layout': model.source_layout, 'file': _INPUT.value}},
+    )
+    shutil.rmtree(out)  # --force replaces what was there
+    path = checkpointing.save_model(out, model, meta)
   print(
     f'converted {_INPUT.value} ({model.source_layout}) -> {path}: '
     f'{model.arch}, {model.num_classes} classes, inputs normalised with '
-    f'mean {_rounded(mean)} std {_rounded(std)} (0-255 units)'
+    f'mean {_rounded(mean)} std {_rounded(std)} (0-255 units)\n'
+    f'next: python -m scripts.predict --checkpoint {out} --input IMAGES '
+    '--output predictions'
   )
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['arch', 'input', 'output'])
-  app.run(main)
+  run(main)

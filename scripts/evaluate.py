@@ -14,13 +14,14 @@ and TensorBoard scalars to `--output`; `--cityscapes_label_ids` also writes
 labelId PNGs for the official Cityscapes evaluation script.
 """
 
+import contextlib
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from deeplab_jax.cli import ModelLoadFlags, entry_point
+from deeplab_jax.cli import ModelLoadFlags, entry_point, output_dir, run
 from deeplab_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -64,23 +65,21 @@ def _hw(value):
 @entry_point
 def main(argv):
   del argv
-  from deeplab_jax import evaluate, metrics
+  from deeplab_jax import checkpointing, evaluate, metrics
 
   if _CHECKPOINT.value is None:
     raise UserError('--checkpoint is required')
-  config = _CONFIG.value
-  model, meta = _LOAD.load(_CHECKPOINT.value)
-  dataset = _DATASET.value or (config and config.data.dataset)
-  dataset = dataset or meta.get('dataset')
-  if dataset is None:
-    raise UserError('the checkpoint names no data set; pass --dataset NAME')
-  data_dir = _DATA_DIR.value or (config and config.data.data_dir) or None
-  split = _SPLIT.value or (config and config.data.eval_split) or 'validation'
-  out = _OUTPUT.value and os.path.abspath(_OUTPUT.value)
-  if out and os.path.isdir(out) and os.listdir(out) and not _FORCE.value:
-    raise UserError(f'--output {out} is not empty; pass --force to write there')
-  if _LABEL_IDS.value and not out:
+  if _LABEL_IDS.value and not _OUTPUT.value:
     raise UserError('--cityscapes_label_ids needs --output')
+  model, meta = _LOAD.load(_CHECKPOINT.value)
+  training = _CONFIG.value and _CONFIG.value.to_dict()
+  dataset, split, data_dir = evaluate.data_source(
+    meta,
+    training or checkpointing.training_config(_CHECKPOINT.value),
+    dataset=_DATASET.value,
+    split=_SPLIT.value,
+    data_dir=_DATA_DIR.value,
+  )
   mode = evaluate.InferenceMode(
     mode=_MODE.value,
     crop=_hw(_CROP.value),
@@ -88,33 +87,38 @@ def main(argv):
     scales=tuple(float(s) for s in _SCALES.value),
     flip=_FLIP.value,
   )
-  writer = None
-  if _LABEL_IDS.value:
-    writer = evaluate.cityscapes_label_id_writer(os.path.join(out, 'labelIds'))
-  summary = evaluate.evaluate(
-    model,
-    meta,
-    dataset=dataset,
-    split=split,
-    data_dir=data_dir,
-    mode=mode,
-    batch_size=_BATCH.value,
-    max_examples=_MAX.value,
-    on_prediction=writer,
-    progress=True,
+  outputs = (
+    output_dir(_OUTPUT.value, force=_FORCE.value)
+    if _OUTPUT.value
+    else contextlib.nullcontext()
   )
-  print(metrics.format_table(summary))
-  headline = {
-    k: summary[k] for k in ('miou', 'pixel_accuracy', 'mean_accuracy', 'fwiou')
-  }
-  headline.update(
-    num_images=summary['num_images'], images_per_s=summary['images_per_s']
+  with outputs as out:
+    writer = None
+    if _LABEL_IDS.value:
+      labels = os.path.join(out, 'labelIds')
+      writer = evaluate.cityscapes_label_id_writer(labels)
+    summary = evaluate.evaluate(
+      model,
+      meta,
+      dataset=dataset,
+      split=split,
+      data_dir=data_dir,
+      mode=mode,
+      batch_size=_BATCH.value,
+      max_examples=_MAX.value,
+      on_prediction=writer,
+      progress=True,
+    )
+    print(metrics.format_table(summary))
+    print(json.dumps(evaluate.headline(summary)))
+    if out:
+      for path in evaluate.write_results(summary, out):
+        print(path)
+  where = f'results in {out}' if out else 'pass --output DIR to keep them'
+  print(
+    f'evaluated {summary["num_images"]} images of {dataset}/{split}; {where}'
   )
-  print(json.dumps(headline))
-  if out:
-    for path in evaluate.write_results(summary, out):
-      print(path)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

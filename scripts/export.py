@@ -9,11 +9,9 @@ also writes a TensorFlow SavedModel through jax2tf (needs TensorFlow).
 Reload with `deeplab_jax.export.load_exported(DIR)`.
 """
 
-import os
+from absl import flags
 
-from absl import app, flags
-
-from deeplab_jax.cli import ModelLoadFlags, entry_point
+from deeplab_jax.cli import ModelLoadFlags, entry_point, output_dir, run
 from deeplab_jax.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -39,21 +37,22 @@ def main(argv):
     h, w = (int(v) for v in _SIZE.value.lower().split('x'))
   except ValueError:
     raise UserError(f'--size must be HxW, got {_SIZE.value!r}') from None
-  out = os.path.abspath(_OUTPUT.value)
-  if os.path.isdir(out) and os.listdir(out) and not _FORCE.value:
-    raise UserError(f'--output {out} is not empty; pass --force to write there')
-  model, meta = _LOAD.load(_CHECKPOINT.value)
-  for path in export.export_dir(
-    model,
-    meta,
-    out,
-    height=h,
-    width=w,
-    batch=_BATCH.value,
-    saved_model=_SAVED_MODEL.value,
-  ):
-    print(path)
+  with output_dir(_OUTPUT.value, force=_FORCE.value) as out:
+    model, meta = _LOAD.load(_CHECKPOINT.value)
+    for path in export.export_dir(
+      model,
+      meta,
+      out,
+      height=h,
+      width=w,
+      batch=_BATCH.value,
+      saved_model=_SAVED_MODEL.value,
+    ):
+      print(path)
+  print(
+    f"exported to {out}; load it with deeplab_jax.export.load_exported('{out}')"
+  )
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

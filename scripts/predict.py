@@ -10,10 +10,10 @@ r"""Predicts label maps and colour overlays for images.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from deeplab_jax import predict
-from deeplab_jax.cli import ModelLoadFlags, entry_point
+from deeplab_jax.cli import ModelLoadFlags, entry_point, output_dir, run
 from deeplab_jax.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -50,33 +50,32 @@ def main(argv):
 
   if _OUTPUT.value is None:
     raise UserError('--output is required')
-  out = os.path.abspath(_OUTPUT.value)
-  if os.path.isdir(out) and os.listdir(out) and not _FORCE.value:
-    raise UserError(f'--output {out} is not empty; pass --force to write there')
-  os.makedirs(out, exist_ok=True)
-  checkpoint, pattern = _CHECKPOINT.value, _INPUT.value
-  if _DEMO.value:
-    checkpoint, pattern = demo.prepare(os.path.join(out, 'demo_inputs'))
-  if checkpoint is None or pattern is None:
+  if not _DEMO.value and (_CHECKPOINT.value is None or _INPUT.value is None):
     raise UserError('pass --checkpoint and --input (or --demo)')
-  model, meta = _LOAD.load(checkpoint)
-  paths = predict.find_images(pattern)
-  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-  if len(set(stems)) < len(stems):
-    raise UserError('two input images share a file name; outputs would clash')
-  for path, label_map, logits in predict.predict_images(
-    model, meta, paths, batch_size=_BATCH.value, bucket=_BUCKET.value
-  ):
-    for written in predict.write_prediction(
-      path,
-      out,
-      label_map,
-      meta,
-      logits_=logits if _SAVE_LOGITS.value else None,
-      with_overlay=_OVERLAY.value,
+  with output_dir(_OUTPUT.value, force=_FORCE.value) as out:
+    checkpoint, pattern = _CHECKPOINT.value, _INPUT.value
+    if _DEMO.value:
+      checkpoint, pattern = demo.prepare(os.path.join(out, 'demo_inputs'))
+    paths, skipped = predict.find_inputs(pattern)
+    if skipped:
+      names = ', '.join(os.path.basename(p) for p in skipped[:3])
+      more = ', ...' if len(skipped) > 3 else ''
+      print(f'skipped {len(skipped)} files that are not images ({names}{more})')
+    model, meta = _LOAD.load(checkpoint)
+    for path, label_map, logits in predict.predict_images(
+      model, meta, paths, batch_size=_BATCH.value, bucket=_BUCKET.value
     ):
-      print(written)
+      for written in predict.write_prediction(
+        path,
+        out,
+        label_map,
+        meta,
+        logits_=logits if _SAVE_LOGITS.value else None,
+        with_overlay=_OVERLAY.value,
+      ):
+        print(written)
+  print(f'predicted {len(paths)} images; outputs in {out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main)

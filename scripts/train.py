@@ -14,10 +14,10 @@ are given.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from deeplab_jax.cli import entry_point
+from deeplab_jax.cli import entry_point, run
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -48,7 +48,7 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-  from deeplab_jax import train
+  from deeplab_jax import checkpointing, train
   from deeplab_jax.data import datasets
 
   config = _CONFIG.value
@@ -60,15 +60,19 @@ def main(argv):
   try:
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except train.Preempted as e:
-    logging.warning('%s', e)
     print(str(e))
-    sys.exit(0)
+    sys.exit(130 if e.interrupted else 0)
   if jax.process_index() == 0:
+    workdir = checkpointing.resolve_path(_WORKDIR.value)
     print(
-      f'done: step {summary["step"]}, mIoU {100 * summary.get("miou", 0):.2f}'
+      f'done: step {summary["step"]}, mIoU {100 * summary["miou"]:.2f}\n'
+      f'the run is in {workdir}: checkpoints/, metrics.jsonl, tensorboard '
+      f'--logdir {os.path.join(workdir, "tb")}\n'
+      f'next: python -m scripts.evaluate --checkpoint {workdir} --output '
+      f'{os.path.join(workdir, "eval")}'
     )
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  run(main)

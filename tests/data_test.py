@@ -11,6 +11,7 @@ from PIL import Image
 from deeplab_jax.data import datasets, pipeline
 from deeplab_jax.data.builders import base
 from deeplab_jax.data.labels import IGNORE, cityscapes_spec
+from tests.fake_data import cityscapes_zips
 
 
 def _png(array) -> bytes:
@@ -188,28 +189,6 @@ def test_image_folder_builder_and_errors(tmp_path):
     )
 
 
-def _cityscapes_zips(root, n_train=2, n_val=1):
-  os.makedirs(root)
-  rng = np.random.RandomState(1)
-  with (
-    zipfile.ZipFile(
-      os.path.join(root, 'leftImg8bit_trainvaltest.zip'), 'w'
-    ) as zi,
-    zipfile.ZipFile(os.path.join(root, 'gtFine_trainvaltest.zip'), 'w') as zl,
-  ):
-    for split, n in (('train', n_train), ('val', n_val), ('test', 1)):
-      for i in range(n):
-        stem = f'aachen_{i:06d}_000019'
-        zi.writestr(
-          f'leftImg8bit/{split}/aachen/{stem}_leftImg8bit.png',
-          _png(rng.randint(0, 255, (16, 32, 3))),
-        )
-        zl.writestr(
-          f'gtFine/{split}/aachen/{stem}_gtFine_labelIds.png',
-          _png(rng.randint(0, 34, (16, 32))),
-        )
-
-
 def test_image_folder_takes_rgba_and_gray_and_refuses_16_bit(tmp_path):
   """RGBA: alpha dropped; grayscale: expanded to RGB (as PIL converts
   them); a 16-bit image is refused in one line naming it, not clipped."""
@@ -268,7 +247,7 @@ def test_image_folder_takes_rgba_and_gray_and_refuses_16_bit(tmp_path):
 
 def test_cityscapes_builder_maps_label_ids_to_train_ids(tmp_path):
   root = str(tmp_path / 'manual')
-  _cityscapes_zips(root)
+  cityscapes_zips(root)
   data_dir = str(tmp_path / 'tfds')
   datasets.prepare('cityscapes', data_dir=data_dir, manual_dir=root)
   src, spec = datasets.open_split('cityscapes', 'train', data_dir)

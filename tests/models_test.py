@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deeplab_jax import models
+from deeplab_jax import losses, models
 from deeplab_jax.errors import ConfigError
 from deeplab_jax.models import resnet
 
@@ -147,3 +147,27 @@ def test_gradients_under_jit_reach_every_parameter():
   leaves = jax.tree.leaves(nnx.to_pure_dict(g))
   assert len(leaves) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert all(np.abs(np.asarray(v)).max() > 0 for v in leaves)
+
+
+@pytest.mark.parametrize(
+  'arch',
+  [
+    'deeplabv3_resnet_tiny',
+    'deeplabv3plus_resnet_tiny',
+    'deeplabv3plus_xception_tiny',
+    'denseaspp_tiny',
+  ],
+)
+def test_fresh_model_starts_near_chance_loss(arch):
+  """Each family initialised as its reference is (models/initializers.py)
+  starts within 1.25x of ln K in training mode on random inputs, as the
+  PyTorch references do; a fan-out rule on the classifiers gave 2-6x."""
+  k = 19
+  model = nnx.view(
+    models.create(arch, num_classes=k, rngs=nnx.Rngs(0)), deterministic=True
+  )
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  labels = jax.random.randint(jax.random.key(2), (2, 64, 64), 0, k)
+  logits = nnx.jit(lambda m, x: m(x)['out'])(model, x)
+  ce = float(losses.cross_entropy(logits, labels))
+  assert np.log(k) <= ce * 1.02 and ce < 1.25 * np.log(k), ce

@@ -12,7 +12,8 @@ from flax import nnx
 
 from deeplab_jax import checkpointing, models, predict, train
 from deeplab_jax.data import datasets
-from deeplab_jax.errors import ConfigError
+from deeplab_jax.errors import ConfigError, UserError
+from tests.fake_data import cityscapes_zips
 from tests.run_helpers import (
   assert_same_update,
   config,
@@ -89,10 +90,26 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
   data_dir, tmp_path
 ):
   workdir = str(tmp_path / 'w')
-  train.train_and_evaluate(config(data_dir), workdir)
+  # A start that fails before its first step (here: no data prepared)
+  # does not claim the workdir for its config.
+  empty = str(tmp_path / 'no_data')
+  os.makedirs(empty)
+  with pytest.raises(UserError, match='not prepared'):
+    train.train_and_evaluate(
+      config(empty, **{'model.arch': 'deeplabv3_resnet_tiny'}), workdir
+    )
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+  first = train.train_and_evaluate(config(data_dir), workdir)
+  # Asked again, the finished run reports its final evaluation.
+  again = train.train_and_evaluate(config(data_dir), workdir)
+  assert again['step'] == 10 and again['miou'] == first['miou']
   other = config(data_dir, **{'model.arch': 'deeplabv3_resnet_tiny'})
-  with pytest.raises(ConfigError, match='another config.*model'):
+  with pytest.raises(ConfigError) as e:
     train.train_and_evaluate(other, workdir)
+  assert (
+    "another config (model.arch: 'deeplabv3plus_resnet_tiny' there, "
+    "'deeplabv3_resnet_tiny' now)" in str(e.value)
+  )
   with pytest.raises(ConfigError, match='not divisible by the 8 devices'):
     train.train_and_evaluate(
       config(data_dir, **{'mesh.shape': (8,), 'train.batch_size': 4}),
@@ -170,6 +187,50 @@ def test_class_weights_and_partial_init_from_are_said(data_dir, tmp_path):
   assert r.returncode == 0, r.stderr
   assert 'keep their random initialisation' in r.stderr
   assert 'head.classifier.kernel (1, 1, 16, 4) vs (1, 1, 16, 3)' in r.stderr
+
+
+def test_main_job_on_generated_cityscapes_zips(tmp_path):
+  """The main job's recipe (`:cityscapes_smoke`: its tiny model) through
+  the real input path: official-layout zips -> scripts.build_dataset ->
+  scripts.train -> scripts.evaluate on the workdir with default flags."""
+  raw, tfds_dir = str(tmp_path / 'raw'), str(tmp_path / 'tfds')
+  cityscapes_zips(raw, n_train=4, n_val=2, hw=(64, 128))
+
+  def run(*args):
+    r = subprocess.run(
+      [sys.executable, '-m', *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+  out = run(
+    'scripts.build_dataset',
+    '--dataset',
+    'cityscapes',
+    '--manual_dir',
+    raw,
+    '--data_dir',
+    tfds_dir,
+  )
+  assert 'train: 4' in out and 'validation: 2' in out
+  workdir = str(tmp_path / 'run')
+  out = run(
+    'scripts.train',
+    '--config',
+    'configs/cityscapes_denseaspp.py:cityscapes_smoke',
+    '--workdir',
+    workdir,
+    f'--config.data.data_dir={tfds_dir}',
+  )
+  assert 'done: step 4, mIoU' in out
+  assert f'next: python -m scripts.evaluate --checkpoint {workdir}' in out
+  # scripts.evaluate takes the data set, split and data_dir from the run.
+  out = run('scripts.evaluate', '--checkpoint', workdir)
+  assert '| road |' in out and 'of cityscapes/validation' in out
 
 
 def test_nan_loss_stops_with_the_step_range(data_dir, tmp_path):
@@ -406,7 +467,8 @@ def test_ema_run_evaluates_to_trainings_miou(data_dir, tmp_path):
       timeout=600,
     )
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])['miou']
+    [line] = [x for x in r.stdout.splitlines() if x.startswith('{')]
+    return json.loads(line)['miou']
 
   assert evaluate() == summary['miou']
   assert evaluate('--raw_weights') != summary['miou']

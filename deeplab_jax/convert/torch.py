@@ -579,8 +579,11 @@ def read_state_dict(path: str) -> Mapping[str, Any]:
   if not os.path.isfile(path):
     raise UserError(f'{path} does not exist')
   if path.endswith('.npz'):
-    with np.load(path) as f:
-      return dict(f)
+    try:
+      with np.load(path) as f:
+        return dict(f)
+    except Exception as e:  # noqa: BLE001 - zip and format errors
+      raise UserError(f'cannot read {path} as .npz ({e})') from e
   try:
     import torch
   except ImportError as e:
@@ -588,4 +591,11 @@ def read_state_dict(path: str) -> Mapping[str, Any]:
       'reading .pth files needs PyTorch: pip install torch (or save the '
       'state dict as .npz with numpy first)'
     ) from e
-  return torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: BLE001 - zip, pickle and torch errors
+    reason = ' '.join(str(e).split())[:200]
+    raise UserError(
+      f'cannot read {path} as a PyTorch state dict ({type(e).__name__}: '
+      f'{reason}); is the file complete? Download or save it again'
+    ) from e

@@ -13,7 +13,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deeplab_jax.errors import ConfigError
-from deeplab_jax.models import densenet, heads, layers, resnet, xception
+from deeplab_jax.models import (
+  densenet,
+  heads,
+  initializers,
+  layers,
+  resnet,
+  xception,
+)
 
 
 def upsample_logits(
@@ -90,6 +97,16 @@ class DeepLabV3(nnx.Module):
       if config.aux_head
       else None
     )
+    # torchvision: the heads keep nn.Conv2d's default initialisation.
+    key = rngs.params()
+    for i, head in enumerate((self.head, self.aux_head)):
+      if head is not None:
+        initializers.reinit_convs(
+          head,
+          jax.random.fold_in(key, i),
+          initializers.torch_default,
+          torch_default_bias=True,
+        )
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
     size = images.shape[1:3]
@@ -160,6 +177,14 @@ class DenseASPP(nnx.Module):
       classifier_dropout=config.classifier_dropout,
       bn_momentum=config.head_bn_momentum,
       rngs=rngs,
+    )
+    # The official model draws every conv, backbone included, Kaiming
+    # uniform (fan-in); biases keep PyTorch's default.
+    initializers.reinit_convs(
+      self,
+      rngs.params(),
+      initializers.kaiming_uniform_fan_in,
+      torch_default_bias=True,
     )
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
@@ -278,6 +303,28 @@ class DeepLabV3Plus(nnx.Module):
       if config.aux_head
       else None
     )
+    # smp: decoder convs Kaiming uniform (fan-in), the classifier Xavier
+    # uniform, biases zero; the aux head as torchvision's.
+    key = rngs.params()
+    initializers.reinit_convs(
+      self.head,
+      key,
+      initializers.kaiming_uniform_fan_in,
+      torch_default_bias=False,
+    )
+    initializers.reinit_convs(
+      self.head.classifier,
+      jax.random.fold_in(key, 1),
+      initializers.xavier_uniform,
+      torch_default_bias=False,
+    )
+    if self.aux_head is not None:
+      initializers.reinit_convs(
+        self.aux_head,
+        jax.random.fold_in(key, 2),
+        initializers.torch_default,
+        torch_default_bias=True,
+      )
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
     size = images.shape[1:3]

@@ -4,6 +4,7 @@ final parameters equal an uninterrupted run's, bit for bit."""
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import time
@@ -92,7 +93,7 @@ def test_faults_in_one_run_end_equal_to_uninterrupted(data_dir, tmp_path):
       proc.send_signal(signal.SIGTERM)
       out, _ = proc.communicate(timeout=300)
       assert proc.returncode == 0, fault
-      step = int(out.strip().split()[-1])
+      step = int(re.search(r'at step (\d+)', out).group(1))
       assert f'saved a checkpoint at step {step}' in out
       assert steps_in(ckpts)[-1] == step
     else:
