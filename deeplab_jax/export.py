@@ -66,7 +66,7 @@ def export_dir(
   """Writes the artifacts described in the module docstring; returns their
   paths. Optional dependencies are checked before anything is written."""
   if saved_model:
-    _tensorflow()
+    require_tensorflow()
   os.makedirs(directory, exist_ok=True)
   exported = export(model, height=height, width=width, batch=batch)
   paths = [os.path.join(directory, ARTIFACT), os.path.join(directory, METADATA)]
@@ -100,7 +100,7 @@ def load_exported(
   return exported.call, meta
 
 
-def _tensorflow():
+def require_tensorflow():
   """`(tensorflow, jax2tf)`, or a one-line error saying how to get them."""
   try:
     import tensorflow as tf
@@ -118,7 +118,7 @@ def to_saved_model(
 ) -> str:
   """A TensorFlow SavedModel of the inference function via `jax2tf`
   (polymorphic batch); needs TensorFlow installed."""
-  tf, jax2tf = _tensorflow()
+  tf, jax2tf = require_tensorflow()
   fn = jax2tf.convert(
     _inference_fn(model),
     polymorphic_shapes=[f'(b, {height}, {width}, 3)'],

@@ -37,6 +37,8 @@ def main(argv):
     h, w = (int(v) for v in _SIZE.value.lower().split('x'))
   except ValueError:
     raise UserError(f'--size must be HxW, got {_SIZE.value!r}') from None
+  if _SAVED_MODEL.value:
+    export.require_tensorflow()  # before anything is loaded or written
   with output_dir(_OUTPUT.value, force=_FORCE.value) as out:
     model, meta = _LOAD.load(_CHECKPOINT.value)
     for path in export.export_dir(

@@ -2,6 +2,8 @@
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import types
 
@@ -50,3 +52,109 @@ def test_orbax_and_asyncio_records_hidden_ours_kept():
   unprepared = record('absl', tfds)
   unprepared.msg = 'Variant folder /d/x/1.0.0 has no dataset_info.json'
   assert not cli._worth_showing(unprepared)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = (
+  'train',
+  'evaluate',
+  'predict',
+  'convert_torch',
+  'build_dataset',
+  'export',
+  'benchmark',
+)
+
+
+def _run(*args):
+  return subprocess.run(
+    [sys.executable, '-m', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
+
+
+def _one_error_line(r):
+  assert r.returncode == 1, r.stderr
+  assert 'Traceback' not in r.stderr
+  [line] = r.stderr.strip().splitlines()
+  assert line.startswith('error: ')
+  return line
+
+
+def test_help_exits_zero_on_every_script():
+  procs = {
+    s: subprocess.Popen(
+      [sys.executable, '-m', f'scripts.{s}', '--help'],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for s in SCRIPTS
+  }
+  for name, p in procs.items():
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, (name, err[-2000:])
+    assert 'flags' in out.lower(), name
+
+
+def test_flag_and_config_mistakes_are_one_line(tmp_path):
+  w = str(tmp_path / 'w')
+  line = _one_error_line(
+    _run('scripts.train', '--config', 'configs/nope.py', '--workdir', w)
+  )
+  assert line == 'error: --config: config file configs/nope.py does not exist'
+  line = _one_error_line(
+    _run(
+      'scripts.train',
+      '--config',
+      'configs/synthetic_demo.py',
+      '--workdir',
+      w,
+      '--config.train.batch_sise=4',
+    )
+  )
+  assert "no config key 'batch_sise'; did you mean 'batch_size'?" in line
+  line = _one_error_line(_run('scripts.train', '--workdir', w))
+  assert '--config' in line
+  assert not os.path.exists(w)
+
+
+def test_broken_state_dict_and_failed_command_leave_nothing(tmp_path):
+  """A truncated .pth is one line naming it; the failed command leaves no
+  --output behind, so the retry is not refused."""
+  pth = tmp_path / 'model.pth'
+  pth.write_bytes(b'PK\x03\x04 truncated')
+  out = tmp_path / 'ckpt'
+  line = _one_error_line(
+    _run(
+      'scripts.convert_torch',
+      '--arch',
+      'deeplabv3_resnet50',
+      '--input',
+      str(pth),
+      '--output',
+      str(out),
+    )
+  )
+  assert line.startswith(f'error: cannot read {pth} as a PyTorch state dict')
+  assert not out.exists()
+  # export checks its optional dependency before writing anything.
+  line = _one_error_line(
+    _run(
+      'scripts.export',
+      '--checkpoint',
+      str(tmp_path / 'missing'),
+      '--size',
+      '64x64',
+      '--output',
+      str(out),
+      '--saved_model',
+    )
+  )
+  assert 'a SavedModel needs TensorFlow' in line
+  assert not out.exists()

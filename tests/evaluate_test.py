@@ -246,3 +246,31 @@ def test_evaluate_script_slide_multiscale_flip(mixed_sizes, tmp_path):
     cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
   )
   assert r.returncode == 1 and 'pass --force' in r.stderr
+
+
+def test_failed_evaluate_leaves_output_as_it_found_it(mixed_sizes, tmp_path):
+  data_dir, ckpt = mixed_sizes
+  out = tmp_path / 'eval'
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'scripts.evaluate',
+      '--checkpoint',
+      ckpt,
+      '--dataset',
+      'ade20k',
+      '--data_dir',
+      data_dir,
+      '--output',
+      str(out),
+      '--cityscapes_label_ids',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert not out.exists()

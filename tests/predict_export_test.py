@@ -138,3 +138,18 @@ def test_export_script_from_a_checkpoint(model_and_images, tmp_path):
   )
   with pytest.raises(UserError, match='scripts.export'):
     export.load_exported(str(tmp_path))
+
+
+def test_inputs_with_the_same_stem_are_named_and_others_counted(tmp_path):
+  for name in ('drawn.png', 'drawn.jpg', 'notes.txt', 'other.png'):
+    (tmp_path / name).write_bytes(b'')
+  with pytest.raises(UserError) as e:
+    predict.find_inputs(str(tmp_path))
+  assert str(e.value).startswith(
+    f'{tmp_path / "drawn.jpg"} and {tmp_path / "drawn.png"} would both '
+    'write drawn_label.png'
+  )
+  (tmp_path / 'drawn.jpg').unlink()
+  paths, skipped = predict.find_inputs(str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ['drawn.png', 'other.png']
+  assert skipped == [str(tmp_path / 'notes.txt')]

@@ -2,8 +2,8 @@
 
 With frozen BatchNorm (`model.freeze_bn`, PyTorch `eval()` BN): train-mode
 BN on a batch of two makes the image-pooling branch's BN (two values per
-channel) so ill-conditioned that PyTorch float32 and float64 gradients
-differ by 16% (measured), so that setting cannot pin anything down.
+channel) so ill-conditioned that PyTorch's own float32 and float64
+gradients differ widely, so that setting cannot pin anything down.
 """
 
 import jax
@@ -23,7 +23,7 @@ from tests.torch_refs import nchw, randomize_batchnorm, rel_err
 LR, MOMENTUM, WD, AUX = 0.01, 0.9, 1e-4, 0.4
 
 
-def test_sgd_step_matches_pytorch():
+def test_sgd_step_matches_pytorch(parity_report):
   torch.manual_seed(0)
   tm = deeplabv3_resnet50(
     weights=None, weights_backbone=None, num_classes=5, aux_loss=True
@@ -110,8 +110,15 @@ def test_sgd_step_matches_pytorch():
     # The update itself, not only the (mostly unchanged) weights.
     delta_ref = ref - old
     assert np.abs(delta_ref).max() > 0, name
-    # float32 noise grows through 50 layers of backward: 3e-3 at conv1.
-    assert rel_err(np.asarray(ours) - old, delta_ref) < 1e-2, name
+    # float32 noise grows through 50 layers of backward (~3e-3 at conv1).
+    update_err = rel_err(np.asarray(ours) - old, delta_ref)
+    parity_report(
+      'One SGD step of DeepLabV3-R50 against PyTorch (frozen BN, aux 0.4)',
+      tensor=name,
+      weights=rel_err(ours, ref),
+      update=update_err,
+    )
+    assert update_err < 1e-2, name
   # Frozen statistics stay exactly as they were.
   np.testing.assert_array_equal(
     new['batch_stats']['backbone']['layer1'][0]['bn1']['mean'],
