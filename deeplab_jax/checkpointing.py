@@ -268,7 +268,9 @@ def load_model(
   if has_digests:
     items['digests'] = ocp.args.JsonRestore()
   if raw:
-    params = stringify_keys(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    # With the train item's own keys (list indices stay ints there), so
+    # that its digests, keyed by those paths, apply.
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     params = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
       params,
@@ -295,7 +297,7 @@ def load_model(
     logging.warning('%s has no digests; loaded unverified', step_dir)
   restored = out['model']
   if raw:  # the EMA parameters replaced by the raw ones, same statistics
-    restored = _overlay(restored, out['train']['params'])
+    restored = _overlay(restored, stringify_keys(out['train']['params']))
   nnx.replace_by_pure_dict(weights, restore_keys(restored, like))
   return nnx.merge(graphdef, weights, registry.materialize(rest)), meta
 

@@ -167,7 +167,9 @@ def _init_model(config: ml_collections.ConfigDict, num_classes: int):
   for path, var in nnx.to_flat_state(dst_w):
     other = src_flat.get(path)
     if other is not None and other[...].shape == var[...].shape:
-      var[...] = other[...]
+      # As host data: the loaded array is committed to one device, and the
+      # state is then created sharded over the mesh.
+      var[...] = np.asarray(other[...])
       kept += 1
     else:
       shape = 'absent' if other is None else tuple(other[...].shape)
@@ -538,9 +540,6 @@ def train_and_evaluate(
   train_ds, _ = pipeline.train_dataset(input_cfg, start_step=first_step)
   train_iter = iter(train_ds)
 
-  if is_main:
-    _claim_workdir(config, workdir)
-  logger = _Logger(workdir, is_main)
   stop = {'term': False, 'int': False}
   handlers = {}
   if jax.process_count() == 1:
@@ -563,6 +562,11 @@ def train_and_evaluate(
       ),
       signal.SIGINT: signal.signal(signal.SIGINT, on_interrupt),
     }
+  # After the handlers: a signal from here on is a flag, never an exception
+  # that would leave the TensorBoard writer's thread running.
+  if is_main:
+    _claim_workdir(config, workdir)
+  logger = _Logger(workdir, is_main)
 
   def preempted(step: int) -> bool:
     if jax.process_count() > 1:

@@ -73,28 +73,3 @@ def test_smoke_variant_trains(name, data_dir, tmp_path):
   summary = train.train_and_evaluate(c, str(tmp_path / name))
   assert summary['step'] == 2
   assert os.path.isdir(tmp_path / name / 'checkpoints' / '2')
-
-
-def test_main_job_trains_on_a_generated_cityscapes_layout(tmp_path):
-  """`configs/cityscapes_denseaspp.py` on zips in the official layout (tiny
-  model and images, the recipe's data path and label mapping)."""
-  from configs import cityscapes_denseaspp
-  from tests.data_test import _cityscapes_zips
-
-  manual = str(tmp_path / 'manual')
-  _cityscapes_zips(manual, n_train=4, n_val=2)
-  data_dir = str(tmp_path / 'tfds')
-  datasets.prepare('cityscapes', data_dir=data_dir, manual_dir=manual)
-  c = cityscapes_denseaspp.get_config('smoke')
-  c.unlock()
-  c.data.dataset = 'cityscapes'
-  c.data.data_dir = data_dir
-  c.data.crop_size = (16, 32)
-  c.train.batch_size = 8
-  c.train.num_steps = 2
-  c.eval.every_steps = 2
-  c.eval.batch_size = 8
-  c.lock()
-  summary = train.train_and_evaluate(c, str(tmp_path / 'run'))
-  assert summary['step'] == 2
-  assert len(summary['per_class_iou']) == 19  # Cityscapes train ids

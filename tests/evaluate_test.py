@@ -189,7 +189,7 @@ def test_multi_scale_flip_is_the_mean_softmax_of_every_pass(tiny):
   mode = evaluate.InferenceMode(scales=(0.75, 1.25), flip=True)
   got = np.asarray(evaluate.scores(tiny, jnp.asarray(x), mode))
   np.testing.assert_allclose(got, expect, atol=2e-6)
-  assert np.abs(passes[0] - passes[3]).max() > 1e-2  # the passes differ
+  assert np.abs(passes[0] - passes[3]).max() > 1e-3  # the passes differ
 
 
 def test_cityscapes_label_id_writer(tmp_path):

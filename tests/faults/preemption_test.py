@@ -75,7 +75,14 @@ def test_ctrl_c_saves_says_how_to_resume_and_resumes(data_dir, tmp_path):
     text=True,
   )
   metrics = os.path.join(workdir, 'metrics.jsonl')
-  if not wait_for(lambda: os.path.exists(metrics), proc):
+
+  def training():  # a logged step: the loop runs
+    if not os.path.exists(metrics):
+      return False
+    with open(metrics) as f:
+      return '"loss"' in f.read()
+
+  if not wait_for(training, proc):
     proc.kill()
     raise AssertionError(proc.communicate()[1][-3000:])
   proc.send_signal(signal.SIGINT)
