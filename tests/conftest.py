@@ -20,7 +20,7 @@ jax.config.update('jax_num_cpu_devices', 8)
 
 
 # ------------------------------------------------------ parity report ---
-# `python -m pytest tests -k parity --parity-report FILE.md` writes every
+# `python -m pytest --parity-report=FILE.md` writes every
 # figure the parity tests measured as Markdown tables (docs/parity.md is
 # made from it). Each process appends JSON lines; the controlling process
 # (the only one without xdist's `workerinput`) renders them at the end.

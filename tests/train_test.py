@@ -296,6 +296,10 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
   )
 
 
+# Under load Orbax's event loop sometimes leaves a file to the garbage
+# collector (seen once, a ResourceWarning reported as unraisable); the
+# test compares every weight, which such a report does not change.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_fsdp_and_remat_give_the_same_step(data_dir, tmp_path):
   """FSDP-style parameter sharding and rematerialisation change memory, not
   the numbers; EMA and gradient accumulation run end to end."""
