@@ -433,8 +433,8 @@ def torch_reference(arch: str, num_classes: int):
     encoder = 'tu-' + encoder if encoder.startswith('xception') else encoder
     return smp.DeepLabV3Plus(encoder, encoder_weights=None, classes=num_classes)
   if arch.startswith('denseaspp'):
+    from deeplab_jax.convert.official_denseaspp_torch import OfficialDenseASPP
     from deeplab_jax.models import registry
-    from tests.denseaspp_refs import OfficialDenseASPP
 
     c = registry.make_config(arch)
     return OfficialDenseASPP(

@@ -592,6 +592,16 @@ def train_and_evaluate(
     (lambda s: s['ema']) if config.optim.ema_decay else (lambda s: s['params'])
   )
 
+  def evaluate_state():
+    return evaluate_params(
+      config,
+      eval_step,
+      eval_params(state),
+      state['batch_stats'],
+      mesh,
+      class_names,
+    )
+
   def save(step: int, *, metrics_=None, force=False):
     ckpt.save(
       step,
@@ -636,14 +646,7 @@ def train_and_evaluate(
         bar.set_postfix(loss=f'{values["loss"]:.4f}', img_s=f'{img_s:.1f}')
       step_metrics = None
       if eval_now:
-        summary = evaluate_params(
-          config,
-          eval_step,
-          eval_params(state),
-          state['batch_stats'],
-          mesh,
-          class_names,
-        )
+        summary = evaluate_state()
         logger.write(
           done,
           {
@@ -670,14 +673,7 @@ def train_and_evaluate(
     ckpt.close()
     logger.close()
   if not summary:  # a finished run asked to run again
-    summary = _last_evaluation(workdir) or evaluate_params(
-      config,
-      eval_step,
-      eval_params(state),
-      state['batch_stats'],
-      mesh,
-      class_names,
-    )
+    summary = _last_evaluation(workdir) or evaluate_state()
   summary = dict(summary)
   summary['step'] = int(jax.device_get(state['step']))
   return summary

@@ -95,8 +95,8 @@ def test_jax_side_is_the_reference_network(arch):
   # state dict; the benchmark must build exactly that configuration.
   from deeplab_jax import benchmarking
   from deeplab_jax.convert import torch as torch_convert
+  from deeplab_jax.convert.official_denseaspp_torch import official_state_dict
   from deeplab_jax.models import registry
-  from tests.denseaspp_refs import official_state_dict
 
   ref = benchmarking.torch_reference(arch, num_classes=19)
   sd = ref.state_dict()

@@ -10,9 +10,12 @@ from torchvision.models import DenseNet, densenet121, densenet161
 
 from deeplab_jax import models, predict
 from deeplab_jax.convert import torch as torch_convert
+from deeplab_jax.convert.official_denseaspp_torch import (
+  OfficialDenseASPP,
+  official_state_dict,
+)
 from deeplab_jax.data import normalization
 from deeplab_jax.errors import CheckpointMismatchError
-from tests.denseaspp_refs import OfficialDenseASPP, official_state_dict
 from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
 
 TOL = 1e-4

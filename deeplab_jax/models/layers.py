@@ -432,11 +432,8 @@ WINOGRAD_MAX_WASTE = 1.5
 # (docs/benchmarks.md, per-layer table).
 TAPS_OVER_WINOGRAD = 1.4
 TAPS_OVER_IM2COL = 0.8
-# Forward pass alone (inference), Winograd is faster up to a smaller margin:
-# ASPP rate 12 at output stride 8 (1.36x Winograd's multiplies) ran 399 ms
-# with Winograd and 517 with taps forward, 827 and 763 forward + backward.
-# Paired, DeepLabV3-R50 inference +8-13% in two pairings (docs/benchmarks.md,
-# seventh session).
+# Forward pass alone (inference), Winograd stays faster up to a smaller
+# margin than with the backward pass (measurements: docs/benchmarks.md).
 TAPS_OVER_WINOGRAD_FORWARD = 1.2
 
 
@@ -689,9 +686,8 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
   chain: each block's output fusion recomputed the whole stream back to the
   stage's first block, O(L^2) elementwise work (ResNet-101's layer3: single
   fusions of 150 ms in a 4.7 s inference). Ending the block with a
-  division by one stops it (XLA does not duplicate divisions): paired,
-  DeepLabV3-R101 inference and training faster (docs/benchmarks.md,
-  seventh session). Other backends get `x` itself.
+  division by one stops it (XLA does not duplicate divisions; the
+  measurements are in docs/benchmarks.md). Other backends get `x` itself.
   """
   if jax.default_backend() != 'cpu':
     return x
