@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from deeplab_jax import multihost
 from deeplab_jax.data import normalization
 from deeplab_jax.errors import (
   CheckpointCorruptError,
@@ -649,10 +650,7 @@ class TrainCheckpointer:
           dst = corrupt / f'{step}.{n}'
           n += 1
         epath.Path(self.directory, str(step)).rename(dst)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices('deeplab_jax.quarantine')
+    multihost.meet('quarantine')
     self._mngr.reload()
 
   def wait_until_finished(self) -> None:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deeplab_jax import figures, metrics, sharding
+from deeplab_jax import figures, metrics, multihost, sharding
 from deeplab_jax.data import datasets, transforms
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import ConfigError, UserError
@@ -305,6 +305,7 @@ def evaluate(
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
+    multihost.meet('evaluation done')  # hosts evaluate unequal shares
     total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
   # A converted checkpoint may know no class names; the data set does.
   summary = metrics.summarize(

@@ -28,7 +28,15 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from deeplab_jax import checkpointing, losses, metrics, models, optim, sharding
+from deeplab_jax import (
+  checkpointing,
+  losses,
+  metrics,
+  models,
+  multihost,
+  optim,
+  sharding,
+)
 from deeplab_jax.data import datasets, pipeline, transforms
 from deeplab_jax.errors import ConfigError, UserError
 from deeplab_jax.predict import inference_view
@@ -464,22 +472,32 @@ def train_and_evaluate(
     mesh,
   )
   data_sharding = sharding.data_sharding(mesh)
-  train_step = jax.jit(
-    train_step,
-    in_shardings=(state_sharding, data_sharding),
-    out_shardings=(state_sharding, replicated),
-    donate_argnums=0,
+  train_step = multihost.meet_before_first_run(
+    jax.jit(
+      train_step,
+      in_shardings=(state_sharding, data_sharding),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0,
+    ),
+    'train step compiled',
   )
   eval_key = 'ema' if config.optim.ema_decay else 'params'
-  eval_step = jax.jit(
-    eval_step,
-    in_shardings=(
-      state_sharding[eval_key],
-      state_sharding['batch_stats'],
-      data_sharding,
+  eval_step = multihost.meet_before_first_run(
+    jax.jit(
+      eval_step,
+      in_shardings=(
+        state_sharding[eval_key],
+        state_sharding['batch_stats'],
+        data_sharding,
+      ),
+      out_shardings=replicated,
     ),
-    out_shardings=replicated,
+    'eval step compiled',
   )
+
+  # Orbax's first collective follows: hosts meet after their unequal work
+  # (process 0 checks the workdir, model init compiles).
+  multihost.meet('checkpointer')
 
   ckpt = checkpointing.TrainCheckpointer(
     os.path.join(workdir, 'checkpoints'),

@@ -38,16 +38,11 @@ def main(argv):
   del argv
   import jax
 
-  if (
-    _COORDINATOR.value
-    or _NUM_PROCESSES.value
-    or any(v in os.environ for v in ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES'))
-  ):
-    jax.distributed.initialize(
-      coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value,
-      process_id=_PROCESS_ID.value,
-    )
+  from deeplab_jax import multihost
+
+  multihost.initialize(
+    _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
   from deeplab_jax import checkpointing, train
   from deeplab_jax.data import datasets
 
@@ -57,6 +52,7 @@ def main(argv):
     b = datasets.builder('synthetic_shapes', config.data.data_dir)
     if not b.is_prepared() and jax.process_index() == 0:
       datasets.prepare('synthetic_shapes', data_dir=config.data.data_dir)
+    multihost.meet('synthetic_shapes prepared')
   try:
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except train.Preempted as e:

@@ -2,6 +2,7 @@
 dotted-key overrides, the training command line, a run's final weights."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -40,6 +41,19 @@ def train_cmd(workdir, data_dir, *flags):
     f'--config.data.data_dir={data_dir}',
     *flags,
   ]
+
+
+def finish_all(procs, timeout=600):
+  """Waits for every process and returns `[(returncode, stdout, stderr)]`;
+  on a timeout kills them all, so that no pipe outlives the test."""
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
 def weights(workdir, **load_options):

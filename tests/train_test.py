@@ -17,6 +17,7 @@ from tests.fake_data import cityscapes_zips
 from tests.run_helpers import (
   assert_same_update,
   config,
+  finish_all,
   initial_weights,
   train_cmd,
   weights,
@@ -285,9 +286,8 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
     )
     for i in range(2)
   ]
-  for p in procs:
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+  for returncode, _, err in finish_all(procs):
+    assert returncode == 0, err[-3000:]
   assert_same_update(
     initial_weights(config(data_dir)),
     weights(single),

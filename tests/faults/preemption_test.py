@@ -10,6 +10,7 @@ import portpicker
 from conftest import REPO, env, steps_in, train_cmd, wait_for
 
 from deeplab_jax import checkpointing
+from tests import run_helpers
 
 
 def test_two_processes_save_the_same_step_on_sigterm(data_dir, tmp_path):
@@ -43,9 +44,8 @@ def test_two_processes_save_the_same_step_on_sigterm(data_dir, tmp_path):
   for p in procs:  # a cluster sends the notice to every process
     p.send_signal(signal.SIGTERM)
   outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
+  for returncode, out, err in run_helpers.finish_all(procs, timeout=300):
+    assert returncode == 0, err[-3000:]
     outs.append(out)
   steps = {int(re.search(r'at step (\d+)', out).group(1)) for out in outs}
   assert len(steps) == 1, outs
