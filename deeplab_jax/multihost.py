@@ -58,7 +58,9 @@ def meet(name: str, timeout_s: int = MEET_TIMEOUT_S) -> None:
   ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 
 
-def meet_before_first_run(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+def meet_before_first_run(
+  fn: Callable[..., Any], name: str
+) -> Callable[..., Any]:
   """`fn` (a jitted function) whose first call compiles, meets the other
   processes, then runs: compile times differ between hosts by more than the
   collectives' 30 s. Later calls are `fn` itself (one process: `fn`)."""

@@ -40,10 +40,11 @@ _TORCH = flags.DEFINE_bool('torch', False, 'Also run the PyTorch reference.')
 _LOWERING = flags.DEFINE_enum(
   'conv_lowering',
   'auto',
-  # models.layers.LOWERINGS, spelled out: importing it would start JAX
+  # models.conv_lowering.LOWERINGS, spelled out: importing it would start JAX
   # before --devices can set JAX_NUM_CPU_DEVICES.
   ['auto', 'native', 'im2col', 'taps', 'winograd'],
-  'JAX convolution lowering (models.layers.conv2d); auto picks per shape.',
+  'JAX convolution lowering (models.conv_lowering.conv2d); auto picks per '
+  'shape.',
 )
 _MALLOC = flags.DEFINE_bool(
   'tune_malloc',

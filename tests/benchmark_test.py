@@ -115,7 +115,7 @@ def test_matmul_flops_hand_counted():
   import jax.numpy as jnp
 
   from deeplab_jax import benchmarking
-  from deeplab_jax.models import layers
+  from deeplab_jax.models import conv_lowering
 
   x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 4))
   conv = 2 * (2 * 16 * 16 * 4) * (8 * 9)  # 2 x outputs x multiply-adds each
@@ -123,7 +123,9 @@ def test_matmul_flops_hand_counted():
   # 16 and 15 of the 16 outputs.
   taps = 2 * (2 * 46 * 46 * 4) * 8
   for lowering, want in (('native', conv), ('im2col', conv), ('taps', taps)):
-    loss = lambda x, k, low=lowering: layers.conv2d(x, k, lowering=low).sum()
+    loss = lambda x, k, low=lowering: conv_lowering.conv2d(
+      x, k, lowering=low
+    ).sum()
     fwd = jax.make_jaxpr(loss)(x, k).jaxpr
     bwd = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k).jaxpr
     assert benchmarking.matmul_flops(fwd) == want
@@ -240,11 +242,11 @@ def test_kernel_time_summary_of_hand_built_traces(tmp_path):
 
 
 def test_lowering_flag_offers_every_lowering():
-  # The script spells the list out (importing layers would start JAX early).
+  # The script spells the list out (importing it would start JAX early).
   from absl import flags
 
-  from deeplab_jax.models import layers
+  from deeplab_jax.models import conv_lowering
   from scripts import benchmark
 
   flag = flags.FLAGS[benchmark._LOWERING.name]
-  assert flag.parser.enum_values == list(layers.LOWERINGS)
+  assert flag.parser.enum_values == list(conv_lowering.LOWERINGS)

@@ -2,7 +2,6 @@
 dotted-key overrides, the training command line, a run's final weights."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -53,7 +52,9 @@ def finish_all(procs, timeout=600):
       if p.poll() is None:
         p.kill()
         p.communicate()
-  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+  return [
+    (p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)
+  ]
 
 
 def weights(workdir, **load_options):

@@ -166,11 +166,9 @@ class DenseNet(layers.RematBlocks, nnx.Module):
       features = [x]
       stats = [layers.batch_stats(x)]
       for layer in getattr(self, f'denseblock{i}'):
-        # A map's gradient sums a slice of every later layer's: the barrier
-        # has XLA:CPU add it up once (paired, DenseASPP-161 training +22%).
-        features.append(
-          layers.fusion_barrier(self.block(layer, features, stats))
-        )
+        # `block` ends with the fusion barrier: a map's gradient sums a
+        # slice of every later layer's, which XLA:CPU then adds up once.
+        features.append(self.block(layer, features, stats))
         stats.append(layers.batch_stats(features[-1]))
       x = _concat(features)
       block_stats = _concat_stats(stats)

@@ -95,7 +95,7 @@ class Bottleneck(nnx.Module):
     y = jax.nn.relu(self.bn2(self.conv2(y)))
     y = self.bn3(self.conv3(y))
     shortcut = x if self.downsample is None else self.downsample(x)
-    return layers.fusion_barrier(jax.nn.relu(y + shortcut))
+    return jax.nn.relu(y + shortcut)
 
 
 class ResNet(layers.RematBlocks, nnx.Module):

@@ -128,7 +128,6 @@ class XceptionBlock(nnx.Module):
     y = self.conv3(tap)
     if not self.no_skip:
       y = y + (x if self.shortcut is None else self.shortcut(x))
-      y = layers.fusion_barrier(y)
     return y, tap
 
 
