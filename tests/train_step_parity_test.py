@@ -6,6 +6,8 @@ channel) so ill-conditioned that PyTorch's own float32 and float64
 gradients differ widely, so that setting cannot pin anything down.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,21 +72,12 @@ def test_sgd_step_matches_pytorch(parity_report):
   c.train.num_steps = 100
   c.model.freeze_bn = True
   model = nnx.view(model, deterministic=True, use_running_average=True)
-  graphdef, params, stats, rest = train._split(model)
-  params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-  rest_t = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(rest)
-  )
+  graph, params, stats = train.split_model(model)
   tx, schedule = optim.make_optimizer(c.optim, c.train.num_steps)
-  step, _ = train._make_steps(
-    c, graphdef, graphdef, rest_t, tx, schedule, 5, mesh=None
+  step = functools.partial(
+    train.train_step, graph=graph, tx=tx, schedule=schedule, config=c
   )
-  state = {
-    'step': jnp.int32(0),
-    'params': params,
-    'batch_stats': stats,
-    'opt_state': tx.init(params),
-  }
+  state = train.initial_state(params, stats, tx, ema=False)
   new, logs = jax.jit(step)(
     state, {'image': jnp.asarray(pixels), 'label': jnp.asarray(y, jnp.uint8)}
   )
