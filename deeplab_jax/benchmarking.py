@@ -8,7 +8,12 @@ SGD momentum update, state donated) and inference of one architecture;
 
 from __future__ import annotations
 
+import glob
+import gzip
+import json
+import os
 import resource
+import shutil
 import time
 from typing import Any
 
@@ -18,7 +23,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from deeplab_jax import losses, models
+from deeplab_jax import losses, models, sharding
+from deeplab_jax.convert import torch as torch_convert
+from deeplab_jax.data import pipeline
+from deeplab_jax.models import registry
 from deeplab_jax.predict import inference_view
 
 # Dense peak TFLOP/s by device kind (vendor data sheets: NVIDIA H100/H200
@@ -157,10 +165,6 @@ def kernel_time_summary(profile_dir: str, steps: int) -> dict[str, Any]:
   operators (self time on the calling thread, each running on all cores).
   Returns `{}` where the trace holds none.
   """
-  import glob
-  import gzip
-  import json
-  import os
 
   pattern = os.path.join(profile_dir, '**', '*_trace.json.gz')
   paths = [
@@ -294,7 +298,6 @@ def jax_model(
   train steps are traced there (TensorBoard / Perfetto) and the row gains
   the device kernel time per step by kind (`kernel_time_summary`).
   """
-  from deeplab_jax import sharding
 
   mesh = sharding.make_mesh((devices,))
   sharding.check_batch_size(batch, mesh)
@@ -410,8 +413,6 @@ def reference_overrides(arch: str) -> dict[str, Any]:
   with its defaults, so both frameworks are measured in smp's layout.
   """
   if arch.startswith('deeplabv3plus_'):
-    from deeplab_jax.convert import torch as torch_convert
-
     return torch_convert.smp_deeplabv3plus_options(resnet='resnet' in arch)
   if arch.startswith('denseaspp'):
     return {'align_corners': True}  # the official model's nn.Upsample
@@ -434,7 +435,6 @@ def torch_reference(arch: str, num_classes: int):
     return smp.DeepLabV3Plus(encoder, encoder_weights=None, classes=num_classes)
   if arch.startswith('denseaspp'):
     from deeplab_jax.convert.official_denseaspp_torch import OfficialDenseASPP
-    from deeplab_jax.models import registry
 
     c = registry.make_config(arch)
     return OfficialDenseASPP(
@@ -535,9 +535,6 @@ def torch_model(
 def _torch_profile(step, profile_dir: str) -> dict[str, Any]:
   """Traces `PROFILE_STEPS` calls of `step` with `torch.profiler` into
   `profile_dir/torch_trace.json.gz` and summarises its kernels."""
-  import gzip
-  import os
-  import shutil
 
   import torch
 
@@ -566,7 +563,6 @@ def input_pipeline(
   batches: int,
 ) -> dict[str, Any]:
   """Training-input images/s with `workers` Grain worker processes."""
-  from deeplab_jax.data import pipeline
 
   cfg = pipeline.TrainInputConfig(
     dataset=dataset,

@@ -19,6 +19,7 @@ one-line "not prepared" error, which names the fix.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -193,3 +194,31 @@ def _without_closed_loop_reports(hook):
 
   unraisablehook.wrapped = hook
   return unraisablehook
+
+
+def parse_hw(value: str | None, flag: str) -> tuple[int, int] | None:
+  """`'512x1024'` -> `(512, 1024)` (None stays None); a `UserError` naming
+  `--flag` otherwise."""
+  if value is None:
+    return None
+  try:
+    h, w = (int(v) for v in value.lower().split('x'))
+  except ValueError:
+    raise UserError(
+      f'--{flag} must be HxW such as 512x1024, got {value!r}'
+    ) from None
+  return h, w
+
+
+def parse_options(items: list[str], flag: str) -> dict[str, object]:
+  """`['k=v', ...]` -> `{k: json.loads(v) or the string v}`."""
+  options = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise UserError(f'--{flag} {item!r} must be KEY=VALUE')
+    try:
+      options[key] = json.loads(value)
+    except json.JSONDecodeError:
+      options[key] = value
+  return options

@@ -31,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from PIL import Image
+from tqdm import tqdm
 
 from deeplab_jax import figures, metrics, multihost, sharding
 from deeplab_jax.data import datasets, transforms
@@ -197,8 +200,6 @@ def _eval_batch(model, images, labels, mask, *, mode, num_classes, mesh):
 def _progress(total: int, enabled: bool):
   if not enabled:
     return None
-  from tqdm import tqdm
-
   return tqdm(total=total, desc='evaluate', unit='img', dynamic_ncols=True)
 
 
@@ -303,8 +304,6 @@ def evaluate(
     bar.close()
   elapsed = time.perf_counter() - t0
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost.meet('evaluation done')  # hosts evaluate unequal shares
     total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
   # A converted checkpoint may know no class names; the data set does.
@@ -324,8 +323,6 @@ def cityscapes_label_id_writer(output_dir: str) -> Callable:
   """An `on_prediction` callback writing `<image_id>_labelIds.png` files of
   Cityscapes labelIds, the input of the official evaluation script
   (`cityscapesscripts/evaluation/evalPixelLevelSemanticLabeling.py`)."""
-  from PIL import Image
-
   lut = label_tables.cityscapes_train_to_label_id()
   os.makedirs(output_dir, exist_ok=True)
 
@@ -339,8 +336,6 @@ def cityscapes_label_id_writer(output_dir: str) -> Callable:
 def write_results(summary: dict[str, Any], output_dir: str) -> list[str]:
   """`results.json`, `confusion.png`, `per_class.md` and TensorBoard scalars
   (`eval/miou`, `eval/iou/<class>`) in `output_dir`."""
-  from tensorboardX import SummaryWriter
-
   os.makedirs(output_dir, exist_ok=True)
   paths = [
     os.path.join(output_dir, f)
@@ -353,6 +348,10 @@ def write_results(summary: dict[str, Any], output_dir: str) -> list[str]:
   )
   with open(paths[2], 'w') as f:
     f.write(metrics.format_table(summary) + '\n')
+  # Here, not at the top: tensorboardX imports torch whenever it is
+  # installed, seconds that evaluation without TensorBoard output skips.
+  from tensorboardX import SummaryWriter
+
   writer = SummaryWriter(os.path.join(output_dir, 'tensorboard'))
   for key in ('miou', 'pixel_accuracy', 'mean_accuracy', 'fwiou'):
     writer.add_scalar(f'eval/{key}', summary[key], 0)

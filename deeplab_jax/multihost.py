@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
 
 # A host may wait this long for a slower one (a first compile of a large
 # model on a loaded machine, a long evaluation) before the run fails.
@@ -52,8 +53,6 @@ def meet(name: str, timeout_s: int = MEET_TIMEOUT_S) -> None:
   (no-op with one process). Every process must call it in the same order."""
   if jax.process_count() == 1:
     return
-  import orbax.checkpoint as ocp
-
   key = f'deeplab_jax.{name}.{next(_meetings)}'
   ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from deeplab_jax.data import images
+from deeplab_jax.data import images, normalization
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import UserError
 
@@ -51,15 +51,6 @@ def logits(model: nnx.Module, images: jax.Array) -> jax.Array:
       f'images must be [B, H, W, 3], got shape {tuple(images.shape)}'
     )
   return _main_logits(inference_view(model), images)
-
-
-def normalize(
-  image: np.ndarray, mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
-  """uint8 `[..., H, W, 3]` RGB -> float32 `(x - mean) / std` (0-255 units)."""
-  mean = np.asarray(mean, np.float32)
-  std = np.asarray(std, np.float32)
-  return (np.asarray(image, np.float32) - mean) / std
 
 
 def colorize(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -152,7 +143,7 @@ def predict_images(
     x = np.zeros((batch_size, *hw, 3), np.float32)
     for i, (_, image) in enumerate(items):
       h, w = image.shape[:2]
-      x[i, :h, :w] = normalize(image, norm['mean'], norm['std'])
+      x[i, :h, :w] = normalization.normalize(image, norm['mean'], norm['std'])
     out = np.asarray(logits(model, x))
     for i, (path, image) in enumerate(items):
       h, w = image.shape[:2]

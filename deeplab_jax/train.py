@@ -36,6 +36,7 @@ import optax
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -48,7 +49,7 @@ from deeplab_jax import (
   optim,
   sharding,
 )
-from deeplab_jax.data import datasets, labels, pipeline, transforms
+from deeplab_jax.data import datasets, labels, normalization, pipeline
 from deeplab_jax.errors import ConfigError, UserError
 from deeplab_jax.predict import inference_view
 
@@ -177,7 +178,7 @@ def train_step(
     # rematerialises each backbone block instead, through the model view.)
     forward = jax.checkpoint(forward)
 
-  images = transforms.normalize_on_device(
+  images = normalization.normalize_on_device(
     batch['image'], tuple(config.data.mean), tuple(config.data.std)
   )
   labels = batch['label'].astype(jnp.int32)
@@ -550,8 +551,6 @@ class _StopRequests:
   def requested(self, step: int) -> bool:
     """Whether to save and stop after `step` (every host agrees)."""
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
       return multihost_utils.reached_preemption_sync_point(step)
     return self.term or self.interrupted
 

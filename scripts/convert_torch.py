@@ -10,16 +10,14 @@ checkpoints were trained with unless --normalization is given. The
 output directory can then be used as `--checkpoint` by the other scripts.
 """
 
-import json
 import shutil
 
 from absl import flags
 
 from deeplab_jax import checkpointing
-from deeplab_jax.cli import entry_point, output_dir, run
+from deeplab_jax.cli import entry_point, output_dir, parse_options, run
 from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.data import normalization
-from deeplab_jax.errors import ConfigError
 
 _ARCH = flags.DEFINE_string(
   'arch', None, 'Architecture, e.g. deeplabv3_resnet50.'
@@ -46,19 +44,6 @@ _NORMALIZATION = flags.DEFINE_string(
 _FORCE = flags.DEFINE_bool('force', False, 'Overwrite a non-empty --output.')
 
 
-def _options(items):
-  options = {}
-  for item in items:
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise ConfigError(f'--option {item!r} must be KEY=VALUE')
-    try:
-      options[key] = json.loads(value)
-    except json.JSONDecodeError:
-      options[key] = value
-  return options
-
-
 def _rounded(values):
   return '(' + ', '.join(f'{v:.3f}' for v in values) + ')'
 
@@ -74,7 +59,7 @@ def main(argv):
       _ARCH.value,
       state_dict,
       num_classes=_NUM_CLASSES.value,
-      **_options(_OPTION.value),
+      **parse_options(_OPTION.value, 'option'),
     )
     if _NORMALIZATION.value is None:
       mean, std = model.source_normalization

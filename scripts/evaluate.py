@@ -21,7 +21,13 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from deeplab_jax.cli import ModelLoadFlags, entry_point, output_dir, run
+from deeplab_jax.cli import (
+  ModelLoadFlags,
+  entry_point,
+  output_dir,
+  parse_hw,
+  run,
+)
 from deeplab_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,16 +58,6 @@ _FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
 _LOAD = ModelLoadFlags()
 
 
-def _hw(value):
-  if value is None:
-    return None
-  try:
-    h, w = (int(v) for v in value.lower().split('x'))
-  except ValueError:
-    raise UserError(f'expected HxW such as 512x1024, got {value!r}') from None
-  return h, w
-
-
 @entry_point
 def main(argv):
   del argv
@@ -82,8 +78,8 @@ def main(argv):
   )
   mode = evaluate.InferenceMode(
     mode=_MODE.value,
-    crop=_hw(_CROP.value),
-    stride=_hw(_STRIDE.value),
+    crop=parse_hw(_CROP.value, 'crop'),
+    stride=parse_hw(_STRIDE.value, 'stride'),
     scales=tuple(float(s) for s in _SCALES.value),
     flip=_FLIP.value,
   )

@@ -11,7 +11,13 @@ Reload with `deeplab_jax.export.load_exported(DIR)`.
 
 from absl import flags
 
-from deeplab_jax.cli import ModelLoadFlags, entry_point, output_dir, run
+from deeplab_jax.cli import (
+  ModelLoadFlags,
+  entry_point,
+  output_dir,
+  parse_hw,
+  run,
+)
 from deeplab_jax.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -33,10 +39,7 @@ def main(argv):
 
   if not (_CHECKPOINT.value and _SIZE.value and _OUTPUT.value):
     raise UserError('pass --checkpoint, --size HxW and --output')
-  try:
-    h, w = (int(v) for v in _SIZE.value.lower().split('x'))
-  except ValueError:
-    raise UserError(f'--size must be HxW, got {_SIZE.value!r}') from None
+  h, w = parse_hw(_SIZE.value, 'size')
   if _SAVED_MODEL.value:
     export.require_tensorflow()  # before anything is loaded or written
   with output_dir(_OUTPUT.value, force=_FORCE.value) as out:

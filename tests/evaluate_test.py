@@ -13,7 +13,7 @@ from flax import nnx
 from PIL import Image
 
 from deeplab_jax import checkpointing, evaluate, models, predict
-from deeplab_jax.data import datasets
+from deeplab_jax.data import datasets, normalization
 from deeplab_jax.data import labels as label_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def test_exact_miou_on_mixed_sizes_any_batch_and_device_count(mixed_sizes):
   pairs = []
   for i in range(len(source)):
     ex = source[i]
-    x = predict.normalize(ex['image'], **meta['normalization'])[None]
+    x = normalization.normalize(ex['image'], **meta['normalization'])[None]
     pred = np.asarray(predict.logits(model, x))[0].argmax(-1)
     pairs.append((pred, spec.lut[ex['label'][..., 0]].astype(np.int64)))
   want = _numpy_confusion(pairs, 3)

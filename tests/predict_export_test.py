@@ -10,6 +10,7 @@ from flax import nnx
 from PIL import Image
 
 from deeplab_jax import checkpointing, export, models, predict
+from deeplab_jax.data import normalization
 from deeplab_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +33,7 @@ def model_and_images(tmp_path_factory):
 
 
 def _alone(model, meta, path):
-  x = predict.normalize(predict.read_image(path), **meta['normalization'])
+  x = normalization.normalize(predict.read_image(path), **meta['normalization'])
   return np.asarray(predict.logits(model, x[None]))[0]
 
 

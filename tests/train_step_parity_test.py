@@ -19,7 +19,7 @@ from torchvision.models.segmentation import deeplabv3_resnet50
 from configs import base
 from deeplab_jax import optim, train
 from deeplab_jax.convert import torch as torch_convert
-from deeplab_jax.data import transforms
+from deeplab_jax.data import normalization
 from tests.torch_refs import nchw, randomize_batchnorm, rel_err
 
 LR, MOMENTUM, WD, AUX = 0.01, 0.9, 1e-4, 0.4
@@ -41,7 +41,7 @@ def test_sgd_step_matches_pytorch(parity_report):
   # PyTorch gets the same pixels normalised on the host.
   c = base.get_base_config()
   pixels = rng.randint(0, 256, (2, 65, 73, 3)).astype(np.uint8)
-  x = transforms.normalize(pixels, c.data.mean, c.data.std)
+  x = normalization.normalize(pixels, c.data.mean, c.data.std)
   y = rng.randint(0, 5, (2, 65, 73))
   y[:, :5] = 255
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from deeplab_jax.data import transforms
+from deeplab_jax.data import normalization, transforms
 from deeplab_jax.data.labels import IGNORE
 
 
@@ -74,7 +74,9 @@ def test_train_augment_maps_labels_and_normalises():
   # uint8 out; the step normalises: (14 - 10) / 2 = 2.
   assert out['image'].dtype == np.uint8 and out['label'].dtype == np.uint8
   np.testing.assert_array_equal(out['image'], 14)
-  normalised = transforms.normalize_on_device(out['image'], aug.mean, aug.std)
+  normalised = normalization.normalize_on_device(
+    out['image'], aug.mean, aug.std
+  )
   np.testing.assert_array_equal(np.asarray(normalised), 2.0)
   assert set(np.unique(out['label'])) == {0, 1, IGNORE}
 

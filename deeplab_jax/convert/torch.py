@@ -26,6 +26,7 @@ NumPy arrays work as well.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -574,7 +575,6 @@ def load(
 
 def read_state_dict(path: str) -> Mapping[str, Any]:
   """A state dict from a `.pth`/`.pt` (needs PyTorch) or `.npz` file."""
-  import os
 
   if not os.path.isfile(path):
     raise UserError(f'{path} does not exist')

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
+import numpy as np
+
 from deeplab_jax.errors import ConfigError
 
 # torchvision / timm / smp / mmseg: ImageNet statistics, given there as
@@ -53,3 +56,23 @@ def parse(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
       '(stds positive)'
     )
   return tuple(values[:3]), tuple(values[3:])
+
+
+def normalize(
+  image: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+  """`(image - mean) / std` in float32 (0-255 units), on the host."""
+  return (image.astype(np.float32) - np.float32(mean)) / np.float32(std)
+
+
+def normalize_on_device(images, mean: Sequence[float], std: Sequence[float]):
+  """`normalize` for a batch inside a jitted step (uint8 in, float32 out).
+
+  Training batches travel as uint8, a quarter of the bytes of float32
+  between Grain's worker processes and to the device.
+  """
+  # A multiply by a host-computed reciprocal rounds the same on every shard
+  # shape; XLA:CPU's vectorised division did not (1 ulp), which training on
+  # different device counts then amplified.
+  inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)
+  return (images.astype(jnp.float32) - np.float32(mean)) * inv_std

@@ -95,28 +95,6 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return np.clip(x, 0, 255)
 
 
-def normalize(
-  image: np.ndarray, mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
-  """`(image - mean) / std` in float32 (0-255 units)."""
-  return (image.astype(np.float32) - np.float32(mean)) / np.float32(std)
-
-
-def normalize_on_device(images, mean: Sequence[float], std: Sequence[float]):
-  """`normalize` for a batch inside a jitted step (uint8 in, float32 out).
-
-  Training batches travel as uint8, a quarter of the bytes of float32
-  between Grain's worker processes and to the device.
-  """
-  import jax.numpy as jnp
-
-  # A multiply by a host-computed reciprocal rounds the same on every shard
-  # shape; XLA:CPU's vectorised division did not (1 ulp), which training on
-  # different device counts then amplified.
-  inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)
-  return (images.astype(jnp.float32) - np.float32(mean)) * inv_std
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainAugment:
   """The full training transform of one decoded example.
@@ -125,9 +103,9 @@ class TrainAugment:
   labels; output `{'image': uint8 [h, w, 3], 'label': uint8 [h, w]}` with
   train ids, `h, w = crop_size`. The image is not normalised here: uint8
   is a quarter of float32's bytes between worker processes and to the
-  device, and the train step applies `normalize_on_device` with `mean` and
-  `std`. Crop padding is the mean colour (zero after normalisation, up to
-  rounding) and the ignore label.
+  device, and the train step applies `normalization.normalize_on_device`
+  with `mean` and `std`. Crop padding is the mean colour (zero after
+  normalisation, up to rounding) and the ignore label.
   """
 
   lut: np.ndarray
@@ -165,6 +143,6 @@ class EvalPrepare:
 
   def __call__(self, example: dict) -> dict:
     return {
-      'image': normalize(example['image'], self.mean, self.std),
+      'image': normalization.normalize(example['image'], self.mean, self.std),
       'label': self.lut[example['label'][..., 0]].astype(np.int32),
     }

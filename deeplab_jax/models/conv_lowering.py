@@ -153,9 +153,7 @@ def _matmul_2d_weight_grad_bwd(res, g):
   # either operand. Autodiff's 4-D contraction is canonicalised to
   # [M, K] x [K, N] instead, and XLA transposes an operand in memory inside
   # the fusion that produces it, with strided reads of every input of that
-  # fusion (1.8 s of one DenseASPP step for a single dense block's
-  # gradient). Paired, train step: DenseASPP-161 +14%, DeepLabV3-R50 +16%
-  # (docs/benchmarks.md).
+  # fusion (docs/benchmarks.md has the profiles and the gain).
   dw = jnp.einsum('mk,mn->kn', x.reshape(-1, k), g.reshape(-1, n))
   return dx, dw
 
@@ -228,8 +226,7 @@ def _per_tap(x, kernel, stride, dilation, padding, out_hw):
   large next to the map (ASPP), most taps lie partly in the padding, and
   their zeros are neither gathered nor multiplied (exact). (For depthwise
   convolutions the same restriction made XLA:CPU's forward + backward
-  slower for 4 of 5 shapes measured, up to 2.7x: `_depthwise` keeps whole
-  padded taps.)
+  slower: `_depthwise` keeps whole padded taps.)
   """
   kh, kw = kernel.shape[:2]
   (sh, sw), (dh, dw), ((top, _), (left, _)) = stride, dilation, padding
@@ -338,8 +335,8 @@ def _winograd_input_fwd(xp, tiling):
 
 def _winograd_input_bwd(tiling, _, dv):
   # Written by hand: autodiff's transpose pads every one of the 64 slices
-  # back to the full input and adds them (the pads alone measured 1.5 s of
-  # op time in a 16 s DeepLabV3-R50 training step on XLA:CPU).
+  # back to the full input and adds them, a large share of a training
+  # step's op time on XLA:CPU.
   cols = [
     _winograd_overlap_add(_winograd_in_transposed(dv[4 * a : 4 * a + 4]), 3)
     for a in range(4)
@@ -455,20 +452,20 @@ def choose_lowering(
 ) -> str:
   """The lowering `'auto'` resolves to, from static shapes and the backend.
 
-  On XLA:CPU a dense convolution runs about 2x faster as one matmul over
-  gathered patches than natively, a 3x3 stride-1 one (dilated or not) in
-  float32 another 1.5-3x faster with Winograd's F(2x2, 3x3) (2.25x fewer
-  multiplies, 4x instead of 9x the input in buffers), and a depthwise one as
-  a sum of per-tap multiplies. Where a dilation is large next to the map
+  On XLA:CPU a dense convolution runs faster as one matmul over gathered
+  patches than natively, a 3x3 stride-1 one (dilated or not) in float32
+  faster still with Winograd's F(2x2, 3x3) (2.25x fewer multiplies, 4x
+  instead of 9x the input in buffers), and a depthwise one as a sum of
+  per-tap multiplies. Where a dilation is large next to the map
   (ASPP), many taps read padding for part of the outputs: one matmul per
   tap on just the outputs it reaches (`'taps'`) then does the fewest
-  multiplies and trains up to 2.8x faster per layer (`live_taps`, the mean
+  multiplies and trains fastest (`live_taps`, the mean
   number of taps per output that read real input, from
   `live_taps_per_output`; `TAPS_OVER_WINOGRAD`, `TAPS_OVER_IM2COL`).
   GPUs and TPUs keep their native convolutions (cuDNN, the TPU MXU path),
   except dense dilated ones on GPU: cuDNN's kernels for their weight
-  gradient are slow, and one matmul over patches made forward + backward
-  2.3-3.5x faster on an H200 (docs/benchmarks.md, measured).
+  gradient are slow, and one matmul over patches is faster there. The
+  figures behind each rule are in docs/benchmarks.md.
   `kernel_shape` and `dilation` are those left after padding-only taps are
   pruned. Winograd computes whole tiles of `2 d` outputs per dimension:
   where rounding `out_hw` up to them wastes more than `WINOGRAD_MAX_WASTE`
@@ -610,8 +607,7 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
   XLA:CPU duplicates cheap elementwise producers into every elementwise
   consumer. A residual stream (`out_k = relu(z_k + out_{k-1})`) is such a
   chain: each block's output fusion recomputed the whole stream back to the
-  stage's first block, O(L^2) elementwise work (ResNet-101's layer3: single
-  fusions of 150 ms in a 4.7 s inference). Ending the block with a
+  stage's first block, O(L^2) elementwise work. Ending the block with a
   division by one stops it (XLA does not duplicate divisions; the
   measurements are in docs/benchmarks.md). Other backends get `x` itself.
   """

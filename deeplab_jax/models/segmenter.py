@@ -39,8 +39,19 @@ def upsample_logits(
 DEFAULT_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
 
+class _AsppRates:
+  """`rates` of an ASPP config: `atrous_rates`, or the paper's rates for
+  the output stride when it is None."""
+
+  @property
+  def rates(self) -> tuple[int, ...]:
+    if self.atrous_rates is not None:
+      return tuple(self.atrous_rates)
+    return DEFAULT_RATES[self.output_stride]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DeepLabV3Config:
+class DeepLabV3Config(_AsppRates):
   """Hyper-parameters of DeepLabV3 on an atrous ResNet.
 
   Defaults are torchvision's `deeplabv3_resnet50`: output stride 8, ASPP
@@ -58,12 +69,6 @@ class DeepLabV3Config:
   aux_head: bool = False
   align_corners: bool = False
   dtype: str = 'float32'
-
-  @property
-  def rates(self) -> tuple[int, ...]:
-    if self.atrous_rates is not None:
-      return tuple(self.atrous_rates)
-    return DEFAULT_RATES[self.output_stride]
 
 
 class DeepLabV3(nnx.Module):
@@ -200,7 +205,7 @@ class DenseASPP(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DeepLabV3PlusConfig:
+class DeepLabV3PlusConfig(_AsppRates):
   """Hyper-parameters of DeepLabV3+ (Chen et al. 2018).
 
   Defaults follow the paper: output stride 16, ASPP rates 6/12/18 (12/24/36
@@ -235,12 +240,6 @@ class DeepLabV3PlusConfig:
   aux_head: bool = False
   align_corners: bool = False
   dtype: str = 'float32'
-
-  @property
-  def rates(self) -> tuple[int, ...]:
-    if self.atrous_rates is not None:
-      return tuple(self.atrous_rates)
-    return DEFAULT_RATES[self.output_stride]
 
 
 class DeepLabV3Plus(nnx.Module):
