@@ -73,36 +73,19 @@ def model_metadata(
   std: Sequence[float] = normalization.IMAGENET[1],
   extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """The JSON metadata that makes a checkpoint of `model` self-describing."""
-  return metadata_record(
-    registry.describe(model),
-    class_names=class_names,
-    mean=mean,
-    std=std,
-    extra=extra,
-  )
-
-
-def metadata_record(
-  model_description: Mapping[str, Any],
-  *,
-  class_names: Sequence[str] | None,
-  mean: Sequence[float],
-  std: Sequence[float],
-  extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-  """The checkpoint metadata: format, the model's `registry.describe`
-  record, class names, input normalisation, and `extra` entries (training
-  adds `dataset` and `weights`: `'ema'` or `'params'`)."""
-  num_classes = model_description['num_classes']
-  if class_names is not None and len(class_names) != num_classes:
+  """The JSON metadata that makes a checkpoint of `model` self-describing:
+  format, the model's `registry.describe` record, class names, input
+  normalisation, and `extra` entries (training adds `dataset` and
+  `weights`: `'ema'` or `'params'`)."""
+  if class_names is not None and len(class_names) != model.num_classes:
     raise CheckpointMismatchError(
-      f'{len(class_names)} class names for a model with {num_classes} classes'
+      f'{len(class_names)} class names for a model with '
+      f'{model.num_classes} classes'
     )
   return {
     'format': FORMAT,
     'version': FORMAT_VERSION,
-    'model': dict(model_description),
+    'model': registry.describe(model),
     'class_names': list(class_names) if class_names else None,
     'normalization': normalization.as_record(mean, std),
     **dict(extra or {}),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import sys
@@ -34,10 +33,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from deeplab_jax import (
@@ -47,14 +44,12 @@ from deeplab_jax import (
   metrics,
   multihost,
   optim,
+  run_dir,
   sharding,
 )
 from deeplab_jax.data import datasets, labels, normalization, pipeline
 from deeplab_jax.errors import ConfigError, UserError
 from deeplab_jax.predict import inference_view
-
-# Config groups whose change makes a workdir's checkpoints incompatible.
-_RUN_IDENTITY = ('model', 'data.dataset', 'data.crop_size', 'train.batch_size')
 
 
 class TrainingDivergedError(UserError):
@@ -278,7 +273,7 @@ def train_and_evaluate(
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(config.train.batch_size, mesh)
   if is_main:
-    _check_workdir(config, workdir)
+    run_dir.check(config, workdir)
   spec = _label_spec(config)
   _check_config(config, spec.num_classes)
 
@@ -331,8 +326,8 @@ def train_and_evaluate(
     # exception that would leave the TensorBoard writer's thread running.
     stop = cleanup.enter_context(_stop_requests(is_main))
     if is_main:
-      _claim_workdir(config, workdir)
-    logger = cleanup.enter_context(_Logger(workdir, is_main))
+      run_dir.claim(config, workdir)
+    logger = cleanup.enter_context(run_dir.MetricsLog(workdir, is_main))
     bar = cleanup.enter_context(
       tqdm(
         total=config.train.num_steps,
@@ -373,7 +368,7 @@ def train_and_evaluate(
         ckpt.wait_until_finished()
         raise Preempted(done, ckpt.directory, interrupted=stop.interrupted)
   if not summary:  # a finished run asked to run again
-    summary = _last_evaluation(workdir) or evaluate_state(state)
+    summary = run_dir.last_evaluation(workdir) or evaluate_state(state)
   return dict(summary, step=int(jax.device_get(state['step'])))
 
 
@@ -625,103 +620,3 @@ def _evaluation_record(summary: dict[str, Any]) -> dict[str, Any]:
     'pixel_accuracy': summary['pixel_accuracy'],
     'per_class_iou': summary['per_class_iou'],
   }
-
-
-# -------------------------------------------------------------- workdir ---
-
-
-def _flat_config(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat_config(v, f'{prefix}.{k}' if prefix else k))
-  return out
-
-
-def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir that holds a run of another config, naming each
-  differing key with both values. Writes nothing: `_claim_workdir` does,
-  once training starts, so a run that fails before its first step (no
-  data, a bad `init_from`) leaves the workdir free for the fixed command."""
-  path = epath.Path(workdir, 'config.json')
-  if not path.exists():
-    return
-  ours = _flat_config(json.loads(config.to_json_best_effort()))
-  theirs = _flat_config(json.loads(path.read_text()))
-  identity = lambda key: any(
-    key == group or key.startswith(group + '.') for group in _RUN_IDENTITY
-  )
-  diff = [
-    f'{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now'
-    for k in sorted(set(ours) | set(theirs))
-    if identity(k) and ours.get(k) != theirs.get(k)
-  ]
-  if diff:
-    raise ConfigError(
-      f'{workdir} holds a run of another config ({"; ".join(diff)}); use '
-      'a new --workdir or the same config'
-    )
-
-
-def _claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the resolved config into the workdir (training has started)."""
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  epath.Path(workdir, 'config.json').write_text(
-    json.dumps(json.loads(config.to_json_best_effort()), indent=2)
-  )
-
-
-def _last_evaluation(workdir: str) -> dict[str, Any] | None:
-  """The last evaluation record of `metrics.jsonl`, if any."""
-  path = epath.Path(workdir, 'metrics.jsonl')
-  if not path.exists():
-    return None
-  last = None
-  for line in path.read_text().splitlines():
-    record = json.loads(line) if line.strip() else {}
-    if 'miou' in record:
-      last = record
-  return last
-
-
-# -------------------------------------------------------------- logging ---
-
-
-class _Logger:
-  """metrics.jsonl (appended across resumes) + TensorBoard, process 0 only."""
-
-  def __init__(self, workdir: str, enabled: bool):
-    self.enabled = enabled
-    self._writer = None
-    if enabled:
-      self._jsonl = epath.Path(workdir, 'metrics.jsonl').open('a')
-      self._writer = SummaryWriter(os.path.join(workdir, 'tb'))
-
-  def write(self, step: int, values: dict[str, Any]) -> None:
-    if not self.enabled:
-      return
-    record = {'step': step}
-    for k, v in values.items():
-      if isinstance(v, dict):
-        record[k] = v
-        for name, x in v.items():
-          if x == x:  # not NaN
-            self._writer.add_scalar(f'{k}/{name}', x, step)
-      else:
-        record[k] = float(v)
-        self._writer.add_scalar(k, float(v), step)
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
-    self._writer.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._writer.close()
-
-  def __enter__(self) -> _Logger:
-    return self
-
-  def __exit__(self, *_) -> None:
-    self.close()
