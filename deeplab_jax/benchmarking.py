@@ -298,7 +298,9 @@ def jax_model(
   train steps are traced there (TensorBoard / Perfetto) and the row gains
   the device kernel time per step by kind (`kernel_time_summary`).
   """
-
+  # `compile_s` is a real compilation, even where the environment turns on
+  # JAX's persistent cache (this runs in a process of its own).
+  jax.config.update('jax_enable_compilation_cache', False)
   mesh = sharding.make_mesh((devices,))
   sharding.check_batch_size(batch, mesh)
   model = models.create(

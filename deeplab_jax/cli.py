@@ -222,3 +222,29 @@ def parse_options(items: list[str], flag: str) -> dict[str, object]:
     except json.JSONDecodeError:
       options[key] = value
   return options
+
+
+def use_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache, so that a resumed or
+  repeated run loads its compiled programs instead of compiling them again.
+
+  The folder is `$DEEPLAB_JAX_CACHE_DIR`, else `$JAX_COMPILATION_CACHE_DIR`,
+  else `$XDG_CACHE_HOME/deeplab_jax/jax` (`~/.cache/...`);
+  `DEEPLAB_JAX_CACHE_DIR=off` turns it off. Returns the folder (None: off).
+  Call before the first compilation.
+  """
+  import jax
+
+  where = os.environ.get('DEEPLAB_JAX_CACHE_DIR') or os.environ.get(
+    'JAX_COMPILATION_CACHE_DIR'
+  )
+  if where is None:
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+      os.path.expanduser('~'), '.cache'
+    )
+    where = os.path.join(base, 'deeplab_jax', 'jax')
+  if where.lower() in ('off', '0', 'none', ''):
+    jax.config.update('jax_enable_compilation_cache', False)
+    return None
+  jax.config.update('jax_compilation_cache_dir', where)
+  return where

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,22 +58,21 @@ def meet(name: str, timeout_s: int = MEET_TIMEOUT_S) -> None:
   ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 
 
-def meet_before_first_run(
-  fn: Callable[..., Any], name: str
-) -> Callable[..., Any]:
-  """`fn` (a jitted function) whose first call compiles, meets the other
-  processes, then runs: compile times differ between hosts by more than the
-  collectives' 30 s. Later calls are `fn` itself (one process: `fn`)."""
-  if jax.process_count() == 1:
-    return fn
-  ready = False
+class CompiledOnFirstCall:
+  """A jitted function whose first call compiles it, timed (`compile_s`;
+  a persistent-cache hit makes it short), then meets the other processes
+  before running it: compile times differ between hosts by more than the
+  collectives' 30 s. Later calls are the function's own."""
 
-  def call(*args):
-    nonlocal ready
-    if not ready:
-      fn.lower(*args).compile()  # cached: the call below does not recompile
-      meet(name)
-      ready = True
-    return fn(*args)
+  def __init__(self, fn: Callable[..., Any], name: str):
+    self.fn = fn
+    self.name = name
+    self.compile_s: float | None = None
 
-  return call
+  def __call__(self, *args):
+    if self.compile_s is None:
+      start = time.perf_counter()
+      self.fn.lower(*args).compile()  # cached: the call below reuses it
+      self.compile_s = time.perf_counter() - start
+      meet(self.name)
+    return self.fn(*args)

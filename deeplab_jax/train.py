@@ -340,6 +340,7 @@ def train_and_evaluate(
     cleanup.callback(ckpt.close)
     cleanup.callback(ckpt.wait_until_finished)
     rate = _Rate(first_step, config.train.batch_size)
+    logged = False
     for step in range(first_step, config.train.num_steps):
       batch = sharding.to_global(next(train_iter), mesh)
       state, logs = train_fn(state, batch)
@@ -349,6 +350,9 @@ def train_and_evaluate(
       eval_now = done % config.eval.every_steps == 0 or last
       if done % config.train.log_every_steps == 0 or eval_now:
         values = _finite_logs(logs, done, rate, ckpt)
+        if not logged:  # seconds; much less from the compilation cache
+          values['compile_s'] = train_fn.compile_s
+        logged = True
         logger.write(done, values)
         bar.set_postfix(
           loss=f'{values["loss"]:.4f}', img_s=f'{values["images_per_sec"]:.1f}'
@@ -462,8 +466,8 @@ def _compile(config, graph, params, stats, tx, schedule, num_classes, mesh):
   )
   return (
     state,
-    multihost.meet_before_first_run(train_fn, 'train step compiled'),
-    multihost.meet_before_first_run(eval_fn, 'eval step compiled'),
+    multihost.CompiledOnFirstCall(train_fn, 'train step compiled'),
+    multihost.CompiledOnFirstCall(eval_fn, 'eval step compiled'),
   )
 
 

@@ -27,6 +27,7 @@ from deeplab_jax.cli import (
   output_dir,
   parse_hw,
   run,
+  use_compilation_cache,
 )
 from deeplab_jax.errors import UserError
 
@@ -61,6 +62,7 @@ _LOAD = ModelLoadFlags()
 @entry_point
 def main(argv):
   del argv
+  use_compilation_cache()  # a rerun or resume loads its compiled programs
   from deeplab_jax import checkpointing, evaluate, metrics
 
   if _CHECKPOINT.value is None:

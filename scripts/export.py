@@ -17,6 +17,7 @@ from deeplab_jax.cli import (
   output_dir,
   parse_hw,
   run,
+  use_compilation_cache,
 )
 from deeplab_jax.errors import UserError
 
@@ -35,6 +36,7 @@ _LOAD = ModelLoadFlags()
 @entry_point
 def main(argv):
   del argv
+  use_compilation_cache()  # a rerun or resume loads its compiled programs
   from deeplab_jax import export
 
   if not (_CHECKPOINT.value and _SIZE.value and _OUTPUT.value):

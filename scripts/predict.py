@@ -13,7 +13,13 @@ import os
 from absl import flags
 
 from deeplab_jax import predict
-from deeplab_jax.cli import ModelLoadFlags, entry_point, output_dir, run
+from deeplab_jax.cli import (
+  ModelLoadFlags,
+  entry_point,
+  output_dir,
+  run,
+  use_compilation_cache,
+)
 from deeplab_jax.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -46,6 +52,7 @@ _LOAD = ModelLoadFlags()
 @entry_point
 def main(argv):
   del argv
+  use_compilation_cache()  # a rerun or resume loads its compiled programs
   from deeplab_jax import demo
 
   if _OUTPUT.value is None:

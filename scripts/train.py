@@ -17,7 +17,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from deeplab_jax.cli import entry_point, run
+from deeplab_jax.cli import entry_point, run, use_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -36,6 +36,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 @entry_point
 def main(argv):
   del argv
+  use_compilation_cache()  # a rerun or resume loads its compiled programs
   import jax
 
   from deeplab_jax import multihost

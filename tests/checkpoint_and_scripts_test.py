@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -23,8 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREDICT_FILES = ('label.png', 'logits.npy', 'overlay.png')
 
 
-def _run(*args, cwd=REPO):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+def _run(*args, cwd=REPO, **env_vars):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **env_vars)
   return subprocess.run(
     [sys.executable, '-m', *args],
     cwd=cwd,
@@ -231,8 +232,19 @@ def test_convert_torch_script_then_predict_script(tmp_path, parity_report):
   assert r.returncode == 1 and 'not empty' in r.stderr
 
 
-def test_predict_demo_runs(tmp_path):
-  r = _run('scripts.predict', '--demo', '--output', str(tmp_path / 'demo'))
+def test_predict_demo_runs_and_fills_the_default_compilation_cache(tmp_path):
+  env = {k: v for k, v in os.environ.items() if 'CACHE_DIR' not in k}
+  with mock.patch.dict(os.environ, env, clear=True):
+    r = _run(
+      'scripts.predict',
+      '--demo',
+      '--output',
+      str(tmp_path / 'demo'),
+      XDG_CACHE_HOME=str(tmp_path / 'cache'),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',  # tiny programs too
+    )
   assert r.returncode == 0, r.stderr
   written = sorted(os.listdir(tmp_path / 'demo'))
   assert written == ['demo_inputs', 'image_label.png', 'image_overlay.png']
+  # On by default, in the documented place: a rerun loads, not compiles.
+  assert os.listdir(tmp_path / 'cache' / 'deeplab_jax' / 'jax')

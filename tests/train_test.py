@@ -47,6 +47,9 @@ def test_smoke_run_logs_evaluates_and_checkpoints(data_dir, tmp_path):
   losses = [r['loss'] for r in records if 'loss' in r]
   assert len(losses) == 5 and losses[-1] < losses[0]
   assert {'step', 'loss', 'lr'} <= set(records[0])
+  # The train step's compile time, once, with the first log line.
+  assert records[0]['compile_s'] > 0
+  assert sum('compile_s' in r for r in records) == 1
   assert any('miou' in r for r in records)
   assert os.listdir(os.path.join(workdir, 'tb'))
   with open(os.path.join(workdir, 'config.json')) as f:
