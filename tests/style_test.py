@@ -1,5 +1,9 @@
-"""The code base is ruff-clean (lint and format), as part of the suite."""
+"""The code base is ruff-clean (lint and format), and keeps its rooms: the
+library never imports the tests, models never look at the backend outside
+conv_lowering.py, scripts stay short."""
 
+import ast
+import glob
 import os
 import shutil
 import subprocess
@@ -17,3 +21,54 @@ def test_ruff(args):
   assert ruff, 'ruff is part of the test extra: pip install -e ".[test]"'
   r = subprocess.run([ruff, *args], cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _py(pattern):
+  return sorted(glob.glob(os.path.join(REPO, pattern), recursive=True))
+
+
+def _text(path):
+  with open(path) as f:
+    return f.read()
+
+
+def _lines(path):
+  return len(_text(path).splitlines())
+
+
+def _imports(path):
+  tree = ast.parse(_text(path))
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      yield from (a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      yield node.module
+
+
+def test_library_and_scripts_never_import_the_tests():
+  offenders = [
+    (os.path.relpath(p, REPO), name)
+    for p in _py('deeplab_jax/**/*.py') + _py('scripts/*.py')
+    for name in _imports(p)
+    if name == 'tests' or name.startswith('tests.')
+  ]
+  assert not offenders
+
+
+def test_only_conv_lowering_looks_at_the_backend():
+  looks = [
+    os.path.relpath(p, REPO)
+    for p in _py('deeplab_jax/models/*.py')
+    if 'default_backend' in _text(p)
+  ]
+  assert looks == ['deeplab_jax/models/conv_lowering.py']
+
+
+def test_scripts_are_short_and_layers_hold_only_layers():
+  long = {
+    os.path.relpath(p, REPO): n
+    for p in _py('scripts/*.py')
+    if (n := _lines(p)) > 125
+  }
+  assert not long, long
+  assert _lines(os.path.join(REPO, 'deeplab_jax/models/layers.py')) < 500
