@@ -79,7 +79,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.allow_unverified = False
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1,)  # ('data',) axis; -1 = every device
+  # (D,): ('data',) axis, -1 = every device; (D, S): each image's height
+  # split over S devices of a host ('spatial' axis).
+  c.mesh.shape = (-1,)
   # 'replicated', or 'fsdp': large parameters and optimizer state split over
   # the data axis (memory per device falls with the device count).
   c.mesh.param_sharding = 'replicated'

@@ -37,17 +37,18 @@ def sharded_confusion_matrix(
   mask: jax.Array,
   num_classes: int,
   mesh: jax.sharding.Mesh,
-  axis: str = 'data',
 ) -> jax.Array:
-  """`confusion_matrix` of batches split over `mesh`'s `axis`: counted per
-  device and summed (a scatter-add over a sharded array would otherwise
-  gather the whole batch first). Returns the replicated `[K, K]` int32."""
+  """`confusion_matrix` of `[B, H, W]` batches split over every axis of
+  `mesh` (batch over the first, height over a second): counted per device
+  and summed (a scatter-add over a sharded array would otherwise gather
+  the whole batch first). Returns the replicated `[K, K]` int32."""
+  axes = tuple(mesh.axis_names)
 
   def local(pred, label, mask):
     cm = confusion_matrix(pred, label, num_classes, mask)
-    return jax.lax.psum(cm, axis)
+    return jax.lax.psum(cm, axes)
 
-  spec = jax.P(axis)
+  spec = jax.P(*axes)
   return jax.shard_map(
     local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=jax.P()
   )(predictions, labels, mask)

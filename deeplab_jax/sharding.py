@@ -11,35 +11,75 @@ import numpy as np
 from deeplab_jax.errors import ConfigError
 
 DATA_AXIS = 'data'
+# Splits each image's height: convolutions then exchange halo rows (XLA).
+SPATIAL_AXIS = 'spatial'
 
 
 def make_mesh(shape: Sequence[int] = (-1,)) -> jax.sharding.Mesh:
-  """A 1-D `('data',)` mesh; `-1` takes every device."""
+  """`(D,)`: a `('data',)` mesh; `(D, S)`: `('data', 'spatial')`, each
+  image's height split over `S` devices of one host. `-1` for `D` takes
+  every (remaining) device."""
   shape = tuple(shape)
-  if len(shape) != 1:
-    raise ConfigError(f"mesh.shape must have one axis ('data'), got {shape}")
-  n = jax.device_count() if shape[0] == -1 else shape[0]
-  if n > jax.device_count():
+  if len(shape) not in (1, 2) or any(n == 0 or n < -1 for n in shape):
     raise ConfigError(
-      f'mesh.shape {shape} asks for {n} devices; {jax.device_count()} exist'
+      f"mesh.shape must be (D,) or (D, S) ('data', 'spatial'), got {shape}"
     )
+  spatial = shape[1] if len(shape) == 2 else 1
+  if spatial == -1:
+    raise ConfigError(f'mesh.shape {shape}: give S, the spatial axis size')
+  if spatial > jax.local_device_count():
+    raise ConfigError(
+      f'mesh.shape {shape}: S={spatial} is more than the '
+      f'{jax.local_device_count()} devices of one host; the spatial axis '
+      'splits an image within a host'
+    )
+  n = jax.device_count() // spatial if shape[0] == -1 else shape[0]
+  if n < 1 or n * spatial > jax.device_count():
+    raise ConfigError(
+      f'mesh.shape {shape} asks for {n * spatial} devices; '
+      f'{jax.device_count()} exist'
+    )
+  names = (DATA_AXIS, SPATIAL_AXIS)[: len(shape)]
   # Auto axes: XLA propagates shardings through the model (reshapes of
-  # FSDP-split kernels included) as jit always did.
+  # FSDP-split kernels, halos of height-split activations) as jit always did.
   return jax.make_mesh(
-    (n,),
-    (DATA_AXIS,),
-    devices=jax.devices()[:n],
-    axis_types=(jax.sharding.AxisType.Auto,),
+    (n, spatial)[: len(shape)],
+    names,
+    devices=jax.devices()[: n * spatial],
+    axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
   )
 
 
+def spatial_size(mesh: jax.sharding.Mesh) -> int:
+  """S: how many devices share each image (1 without a spatial axis)."""
+  return mesh.shape.get(SPATIAL_AXIS, 1)
+
+
+def batch_spec(mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+  """Batch over `'data'`, and height over `'spatial'` when there is one."""
+  if SPATIAL_AXIS in mesh.shape:
+    return jax.P(DATA_AXIS, SPATIAL_AXIS)
+  return jax.P(DATA_AXIS)
+
+
 def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Leading (batch) axis split over `'data'`."""
-  return jax.sharding.NamedSharding(mesh, jax.P(DATA_AXIS))
+  """Batches `[B, H, ...]`: see `batch_spec`."""
+  return jax.sharding.NamedSharding(mesh, batch_spec(mesh))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.P())
+
+
+def check_crop(crop_hw: Sequence[int], mesh: jax.sharding.Mesh) -> None:
+  """A height-split crop must split evenly over the spatial axis."""
+  s = spatial_size(mesh)
+  if crop_hw[0] % s:
+    raise ConfigError(
+      f'data.crop_size height {crop_hw[0]} is not divisible by the {s} '
+      f'devices of the spatial axis (mesh.shape {tuple(mesh.shape.values())});'
+      f' use a multiple of {s}'
+    )
 
 
 def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> None:
@@ -56,7 +96,7 @@ def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> None:
 def to_global(
   batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
 ) -> dict[str, jax.Array]:
-  """Per-host batches -> global arrays sharded on `'data'`."""
+  """Per-host batches -> global arrays sharded as `data_sharding`."""
   sharding = data_sharding(mesh)
   return {
     k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

@@ -251,6 +251,7 @@ def evaluate_params(
     mean=tuple(config.data.mean),
     std=tuple(config.data.std),
     pad_to=config.data.eval_pad_to,
+    height_multiple=sharding.spatial_size(mesh),
   ):
     total = total + eval_fn(params, stats, sharding.to_global(batch, mesh))
   return metrics.summarize(np.asarray(jax.device_get(total)), class_names)
@@ -272,6 +273,7 @@ def train_and_evaluate(
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(config.train.batch_size, mesh)
+  sharding.check_crop(config.data.crop_size, mesh)
   if is_main:
     run_dir.check(config, workdir)
   spec = _label_spec(config)

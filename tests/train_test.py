@@ -68,28 +68,38 @@ def test_smoke_run_logs_evaluates_and_checkpoints(data_dir, tmp_path):
   )
 
 
-def test_one_device_equals_eight_devices(data_dir, tmp_path):
-  """Synchronised BN and the sharded loss: same update on 1 and 8 devices.
+def test_one_device_equals_eight_devices_and_split_images(data_dir, tmp_path):
+  """Synchronised BN and the sharded loss: the same update on 1 device, on
+  8, and on a (4, 2) mesh that splits each image's height over 2 devices
+  (XLA exchanges the halo rows); the same evaluation, exactly.
 
   SGD, not Adam: Adam's update is ~lr * sign(g) for tiny gradients, which
   turns float summation-order noise into lr-sized differences.
   """
-  results = []
-  for n in (1, 8):
-    workdir = str(tmp_path / f'dev{n}')
+  results, summaries, losses = [], [], []
+  for shape in ((1,), (8,), (4, 2)):
+    workdir = str(tmp_path / 'x'.join(map(str, shape)))
     c = config(
       data_dir,
       **{
-        'mesh.shape': (n,),
+        'mesh.shape': shape,
         'train.batch_size': 8,
         'train.num_steps': 2,
         'optim.name': 'sgd',
         'optim.lr': 0.01,
       },
     )
-    train.train_and_evaluate(c, workdir)
+    summaries.append(train.train_and_evaluate(c, workdir))
     results.append(weights(workdir))
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      losses.append([r['loss'] for r in map(json.loads, f) if 'loss' in r])
   assert_same_update(initial_weights(c), *results, rtol=UPDATE_RTOL)
+  np.testing.assert_allclose(losses[2], losses[1], rtol=1e-3)
+  for key in ('miou', 'pixel_accuracy', 'per_class_iou'):
+    got, want = summaries[2][key], summaries[1][key]
+    if isinstance(want, dict):
+      got, want = list(got.values()), list(want.values())
+    np.testing.assert_array_equal(got, want)
 
 
 def test_workdir_of_another_config_and_bad_batch_are_refused(
@@ -120,6 +130,10 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
     train.train_and_evaluate(
       config(data_dir, **{'mesh.shape': (8,), 'train.batch_size': 4}),
       str(tmp_path / 'w2'),
+    )
+  with pytest.raises(ConfigError, match='height 96 is not divisible by the 5'):
+    train.train_and_evaluate(
+      config(data_dir, **{'mesh.shape': (1, 5)}), str(tmp_path / 'w3')
     )
 
 

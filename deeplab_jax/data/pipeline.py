@@ -137,6 +137,7 @@ def eval_batches(
   mean=normalization.IMAGENET[0],
   std=normalization.IMAGENET[1],
   pad_to: tuple[int, int] | None = None,
+  height_multiple: int = 1,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -145,7 +146,8 @@ def eval_batches(
   Host `i` of `n` takes examples `i, i + n, ...`; every host yields the same
   number of batches (padding with masked-out examples) so that collectives
   stay in step. Batches are padded to `pad_to` (required when image sizes
-  vary across hosts) or to the largest example in the batch.
+  vary across hosts) or to the largest example in the batch, the height
+  then rounded up to `height_multiple` (a spatial mesh axis splits it).
   """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -165,6 +167,7 @@ def eval_batches(
       hw = tuple(max(ex['label'].shape[d] for ex in examples) for d in (0, 1))
     else:
       hw = (32, 32)
+    hw = (-(-hw[0] // height_multiple) * height_multiple, hw[1])
     for ex in examples:
       if ex['label'].shape[0] > hw[0] or ex['label'].shape[1] > hw[1]:
         raise ValueError(
