@@ -45,7 +45,7 @@ def test_benchmark_prints_jax_and_torch_rows():
       '--steps',
       '1',
       '--devices',
-      '1,2',
+      '2',
       '--param_sharding',
       'fsdp',
     ],
@@ -59,15 +59,14 @@ def test_benchmark_prints_jax_and_torch_rows():
   rows = [
     json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')
   ]
-  assert [(r['devices'], r['param_sharding']) for r in rows] == [
-    (1, 'fsdp'),
-    (2, 'fsdp'),
-  ]
+  # One child process (each measurement compiles afresh, a minute or two
+  # here): two simulated devices with the FSDP rule.
+  assert [(r['devices'], r['param_sharding']) for r in rows] == [(2, 'fsdp')]
   for row in rows:
     assert JAX_FIELDS <= set(row) and row['framework'] == 'jax'
     assert row['train_img_s'] > 0 and row['gflops_per_img'] > 0
     assert 0 < row['train_mfu'] and row['peak_source'] == 'measured matmul'
-  assert rows[1]['batch'] == 4  # --batch is per device
+  assert rows[0]['batch'] == 4  # --batch is per device
   assert '| framework |' in r.stdout
 
 
