@@ -287,7 +287,7 @@ def train_and_evaluate(
     std=config.data.std,
     extra={'dataset': config.data.dataset, 'weights': _model_key(config)},
   )
-  graph, params, stats = split_model(_training_view(model, config))
+  graph, params, stats = split_model(_training_view(model, config, mesh))
   del model
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   state, train_fn, eval_fn = _compile(
@@ -403,8 +403,13 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
     )
 
 
-def _training_view(model: nnx.Module, config) -> nnx.Module:
-  """Frozen BatchNorm and per-block remat, as the config asks."""
+def _training_view(model: nnx.Module, config, mesh) -> nnx.Module:
+  """Frozen BatchNorm and per-block remat, as the config asks; XLA's own
+  convolutions on a spatial mesh, whose halo exchange XLA partitions (the
+  patch, tap and Winograd lowerings reshape the height into tiles or
+  slices, which made XLA gather whole activations)."""
+  if sharding.spatial_size(mesh) > 1:
+    model = nnx.view(model, conv_lowering='native')
   if config.model.freeze_bn:
     model = nnx.view(model, use_running_average=True)
   if config.model.remat == 'blocks':
