@@ -9,6 +9,10 @@ output stride 8, Adam (lr 3e-4, weight decay 1e-5), poly decay, batch 8,
 (80 * 2975 / 8 = 29,750 steps), ImageNet-initialised backbone (set
 `--config.model.init_from=densenet161.pth`, torchvision's weights). The
 official model reaches 79.9 mIoU on val (80.6 multi-scale).
+`:fullres` = whole 1024x2048 images instead of crops (random scale, flip),
+each image's height split over 4 devices (`mesh.shape=(-1, 4)`; batch 8 =
+2 images per data-axis slot on 16 devices; docs/distributed.md, "Splitting
+images over devices");
 `:smoke` = tiny DenseASPP on synthetic data, a few steps;
 `:cityscapes_smoke` = the same model on a prepared Cityscapes (tests run it
 on generated zips in the official layout).
@@ -35,6 +39,9 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = 2_975  # every 8 epochs
   c.eval.batch_size = 8
   c.checkpoint.every_steps = 1_000
+  if arg == 'fullres':
+    c.data.crop_size = (1024, 2048)
+    c.mesh.shape = (-1, 4)
   if arg in ('smoke', 'cityscapes_smoke'):
     base.smoke(c, 'denseaspp_tiny')
   if arg == 'cityscapes_smoke':
@@ -45,7 +52,9 @@ def get_config(arg: str | None = None):
     c.train.num_steps = 4
     c.eval.every_steps = 4
     c.checkpoint.every_steps = 4
-  elif arg not in (None, 'smoke'):
-    raise ValueError(f'unknown variant {arg!r}; known: smoke, cityscapes_smoke')
+  elif arg not in (None, 'smoke', 'fullres'):
+    raise ValueError(
+      f'unknown variant {arg!r}; known: fullres, smoke, cityscapes_smoke'
+    )
   c.lock()
   return c

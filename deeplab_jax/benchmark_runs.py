@@ -9,6 +9,7 @@ own JAX start-up (`JAX_NUM_CPU_DEVICES` is read then).
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import multiprocessing
 import os
@@ -37,13 +38,17 @@ RESULT_COLUMNS = (
   'arch',
   'device',
   'devices',
+  'spatial',
   'param_sharding',
   'batch',
   'size',
   'dtype',
   'train_img_s',
   'eval_img_s',
+  'step_ms',
+  'compile_s',
   'peak_mem_mb',
+  'train_program_mb_per_device',
   'gflops_per_img',
   'train_mfu',
 )
@@ -62,6 +67,7 @@ def model_rows(
   *,
   device_counts: Sequence[int],
   param_shardings: Sequence[str],
+  spatial_sizes: Sequence[int] = (1,),
   batch_per_device: int,
   size: tuple[int, int],
   steps: int,
@@ -71,8 +77,8 @@ def model_rows(
   tune_malloc: bool = True,
   profile_dir: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-  """One result row per (arch, device count, sharding rule), then the
-  PyTorch reference's row (same batch and size as the last JAX row, with
+  """One result row per (arch, device count, spatial size, sharding rule),
+  then the PyTorch reference's row (same batch and size as the last JAX row, with
   `jax_train_ratio` / `jax_eval_ratio`), yielded as each finishes."""
   if tune_malloc:
     os.environ.setdefault('GLIBC_TUNABLES', GLIBC_TUNABLES)
@@ -85,24 +91,29 @@ def model_rows(
 
   for arch in archs:
     row = None
-    for n in device_counts:
-      kw = dict(batch=batch_per_device * n, size=size, steps=steps, dtype=dtype)
-      for rule in param_shardings:
-        row = isolated(
-          benchmarking.jax_model,
-          arch=arch,
-          conv_lowering=conv_lowering,
-          devices=n,
-          param_sharding=rule,
-          **profile(f'jax_{arch}_{dtype}_d{n}_{rule}'),
-          **kw,
-        )
-        yield row
+    for n, s, rule in itertools.product(
+      device_counts, spatial_sizes, param_shardings
+    ):
+      # `batch_per_device` images per data-axis slot: S devices share them.
+      kw = dict(batch=batch_per_device * n // s, size=size, steps=steps)
+      row = isolated(
+        benchmarking.jax_model,
+        arch=arch,
+        conv_lowering=conv_lowering,
+        devices=n,
+        spatial=s,
+        param_sharding=rule,
+        dtype=dtype,
+        **profile(f'jax_{arch}_{dtype}_d{n}_s{s}_{rule}'),
+        **kw,
+      )
+      yield row
     if torch:
       ref = isolated(
         benchmarking.torch_model,
         arch=arch,
         **profile(f'torch_{arch}_{dtype}'),
+        dtype=dtype,
         **kw,
       )
       ref['jax_train_ratio'] = row['train_img_s'] / ref['train_img_s']

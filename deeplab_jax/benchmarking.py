@@ -287,13 +287,16 @@ def jax_model(
   num_classes: int = 19,
   conv_lowering: str = 'auto',
   devices: int = 1,
+  spatial: int = 1,
   param_sharding: str = 'replicated',
   profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """Train and inference images/s, compile time, memory, FLOPs, MFU.
 
   `batch` is the global batch, split over the first `devices` devices
-  (`('data',)` mesh); `param_sharding` is the train state's rule
+  (`('data',)` mesh; with `spatial > 1` a `(devices / spatial, spatial)`
+  mesh that splits each image's height, XLA's own convolutions as training
+  runs it there); `param_sharding` is the train state's rule
   (`sharding.state_shardings`). With `profile_dir`, `PROFILE_STEPS` more
   train steps are traced there (TensorBoard / Perfetto) and the row gains
   the device kernel time per step by kind (`kernel_time_summary`).
@@ -301,8 +304,12 @@ def jax_model(
   # `compile_s` is a real compilation, even where the environment turns on
   # JAX's persistent cache (this runs in a process of its own).
   jax.config.update('jax_enable_compilation_cache', False)
-  mesh = sharding.make_mesh((devices,))
+  mesh = sharding.make_mesh(
+    (devices // spatial, spatial) if spatial > 1 else (devices,)
+  )
   sharding.check_batch_size(batch, mesh)
+  if spatial > 1:
+    conv_lowering = 'native'  # train._training_view
   model = models.create(
     arch,
     num_classes=num_classes,
@@ -385,6 +392,7 @@ def jax_model(
     'arch': arch,
     'batch': batch,
     'devices': devices,
+    'spatial': spatial,
     'param_sharding': param_sharding,
     'size': f'{size[0]}x{size[1]}',
     'dtype': dtype,

@@ -191,7 +191,8 @@ def headline(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 @functools.partial(nnx.jit, static_argnames=('mode', 'num_classes', 'mesh'))
 def _eval_batch(model, images, labels, mask, *, mode, num_classes, mesh):
-  apply = lambda x: model(x)['out']
+  # Every model input (image, window, scale) split as the mesh says.
+  apply = lambda x: model(sharding.split_images(x, mesh))['out']
   pred = jnp.argmax(scores(apply, images, mode), axis=-1).astype(jnp.int32)
   cm = metrics.sharded_confusion_matrix(pred, labels, mask, num_classes, mesh)
   return pred, cm
@@ -216,6 +217,7 @@ def evaluate(
   on_prediction: Callable[[str, np.ndarray], None] | None = None,
   progress: bool = False,
   devices: Sequence[jax.Device] | None = None,
+  spatial: int = 1,
 ) -> dict[str, Any]:
   """mIoU etc. of `model` over a whole split.
 
@@ -230,6 +232,9 @@ def evaluate(
     on_prediction: called as `(image_id, [H, W] train-id map)` per example.
     progress: show a progress bar with ETA.
     devices: this process's devices to use (default: all local ones).
+    spatial: split each image's height over this many of them (mesh
+      `(-1, spatial)`): for images too large for one device's memory. The
+      numbers are those of `spatial=1` up to float rounding.
 
   Returns:
     `metrics.summarize`'s dict plus `confusion` (a `[K, K]` list),
@@ -247,16 +252,15 @@ def evaluate(
     lut=spec.lut, mean=tuple(norm['mean']), std=tuple(norm['std'])
   )
   devices = list(devices or jax.local_devices())
-  mesh = jax.make_mesh(
-    (len(devices),),
-    (sharding.DATA_AXIS,),
-    devices=devices,
-    axis_types=(jax.sharding.AxisType.Auto,),
-  )
-  batch_size = -(-batch_size // len(devices)) * len(devices)
+  mesh = sharding.make_mesh((-1, spatial) if spatial > 1 else (-1,), devices)
+  slots = mesh.shape[sharding.DATA_AXIS]
+  batch_size = -(-batch_size // slots) * slots
   nnx.update(model, jax.device_put(nnx.state(model), sharding.replicated(mesh)))
   model = inference_view(model)
-  data = sharding.data_sharding(mesh)
+  if spatial > 1:  # as training does on a spatial mesh (train._training_view)
+    model = nnx.view(model, conv_lowering='native')
+  # Whole images on each device of a spatial group; split inside the step.
+  data = jax.sharding.NamedSharding(mesh, jax.P(sharding.DATA_AXIS))
 
   n = len(source) if max_examples is None else min(len(source), max_examples)
   mine = list(range(jax.process_index(), n, jax.process_count()))

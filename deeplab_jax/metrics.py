@@ -41,8 +41,13 @@ def sharded_confusion_matrix(
   """`confusion_matrix` of `[B, H, W]` batches split over every axis of
   `mesh` (batch over the first, height over a second): counted per device
   and summed (a scatter-add over a sharded array would otherwise gather
-  the whole batch first). Returns the replicated `[K, K]` int32."""
+  the whole batch first). A height the second axis does not divide is
+  padded with uncounted rows. Returns the replicated `[K, K]` int32."""
   axes = tuple(mesh.axis_names)
+  if len(axes) > 1:
+    rows = -predictions.shape[1] % mesh.shape[axes[1]]
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, rows), (0, 0)))
+    predictions, labels, mask = pad(predictions), pad(labels), pad(mask)
 
   def local(pred, label, mask):
     cm = confusion_matrix(pred, label, num_classes, mask)

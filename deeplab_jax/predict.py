@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,6 +14,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from deeplab_jax import sharding
 from deeplab_jax.data import images, normalization
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import UserError
@@ -29,28 +31,56 @@ def inference_view(model: nnx.Module) -> nnx.Module:
   )
 
 
-@nnx.jit
-def _main_logits(model: nnx.Module, images: jax.Array) -> jax.Array:
+@functools.partial(nnx.jit, static_argnames='mesh')
+def _main_logits(
+  model: nnx.Module, images: jax.Array, mesh: jax.sharding.Mesh | None
+) -> jax.Array:
+  if mesh is not None:
+    images = sharding.split_images(images, mesh)
   return model(images)['out'].astype(jnp.float32)
 
 
-def logits(model: nnx.Module, images: jax.Array) -> jax.Array:
+def _placed(model: nnx.Module, images, spatial: int):
+  """`(inference view, images, mesh or None)` placed for `_main_logits`."""
+  images = jnp.asarray(images, jnp.float32)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise UserError(
+      f'images must be [B, H, W, 3], got shape {tuple(images.shape)}'
+    )
+  view = inference_view(model)
+  if spatial == 1:
+    return view, images, None
+  mesh = sharding.make_mesh((1, spatial), jax.local_devices())
+  # XLA's own convolutions partition along height (train._training_view).
+  view = nnx.view(view, conv_lowering='native')
+  nnx.update(view, jax.device_put(nnx.state(view), sharding.replicated(mesh)))
+  return view, jax.device_put(images, sharding.replicated(mesh)), mesh
+
+
+def logits(
+  model: nnx.Module, images: jax.Array, *, spatial: int = 1
+) -> jax.Array:
   """Main-head logits of `model` in inference mode, jitted.
 
   Args:
     model: a model from `models.create`, `convert.torch.load` or a
       checkpoint (training mode is fine: the inference view is taken here).
     images: `[B, H, W, 3]` float32, already normalised.
+    spatial: split each image's height over this many local devices (an
+      image too large for one device); the same logits up to float rounding.
 
   Returns:
     `[B, H, W, num_classes]` float32 logits at the input size.
   """
-  images = jnp.asarray(images, jnp.float32)
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise UserError(
-      f'images must be [B, H, W, 3], got shape {tuple(images.shape)}'
-    )
-  return _main_logits(inference_view(model), images)
+  return _main_logits(*_placed(model, images, spatial))
+
+
+def lowered(
+  model: nnx.Module, images: jax.Array, *, spatial: int = 1
+) -> jax.stages.Lowered:
+  """The program `logits` runs, lowered: `.compile().memory_analysis()`
+  gives its per-device memory, `.compile().as_text()` its collectives."""
+  return _main_logits.lower(*_placed(model, images, spatial))
 
 
 def colorize(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -122,6 +152,7 @@ def predict_images(
   *,
   batch_size: int = 4,
   bucket: int = 1,
+  spatial: int = 1,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
   """Predicts image files in batches: yields `(path, [H, W] uint8 class
   ids, [H, W, K] float32 logits)` in the order batches complete.
@@ -134,7 +165,8 @@ def predict_images(
   bottom/right to a multiple of `bucket`, so a folder of mixed sizes
   compiles one program per bucket instead of per size, and the outputs are
   cropped back; but ASPP's image pooling and the final resize then see the
-  padded image (docs/parity.md gives the measured deviation).
+  padded image (docs/parity.md gives the measured deviation). `spatial`
+  splits each image over that many devices (`logits`).
   """
   norm = meta['normalization']
   pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
@@ -144,7 +176,7 @@ def predict_images(
     for i, (_, image) in enumerate(items):
       h, w = image.shape[:2]
       x[i, :h, :w] = normalization.normalize(image, norm['mean'], norm['std'])
-    out = np.asarray(logits(model, x))
+    out = np.asarray(logits(model, x, spatial=spatial))
     for i, (path, image) in enumerate(items):
       h, w = image.shape[:2]
       crop = out[i, :h, :w]

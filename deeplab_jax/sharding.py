@@ -15,11 +15,14 @@ DATA_AXIS = 'data'
 SPATIAL_AXIS = 'spatial'
 
 
-def make_mesh(shape: Sequence[int] = (-1,)) -> jax.sharding.Mesh:
+def make_mesh(
+  shape: Sequence[int] = (-1,), devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """`(D,)`: a `('data',)` mesh; `(D, S)`: `('data', 'spatial')`, each
   image's height split over `S` devices of one host. `-1` for `D` takes
-  every (remaining) device."""
+  every (remaining) device of `devices` (default: all devices)."""
   shape = tuple(shape)
+  devices = list(jax.devices() if devices is None else devices)
   if len(shape) not in (1, 2) or any(n == 0 or n < -1 for n in shape):
     raise ConfigError(
       f"mesh.shape must be (D,) or (D, S) ('data', 'spatial'), got {shape}"
@@ -33,11 +36,11 @@ def make_mesh(shape: Sequence[int] = (-1,)) -> jax.sharding.Mesh:
       f'{jax.local_device_count()} devices of one host; the spatial axis '
       'splits an image within a host'
     )
-  n = jax.device_count() // spatial if shape[0] == -1 else shape[0]
-  if n < 1 or n * spatial > jax.device_count():
+  n = len(devices) // spatial if shape[0] == -1 else shape[0]
+  if n < 1 or n * spatial > len(devices):
     raise ConfigError(
       f'mesh.shape {shape} asks for {n * spatial} devices; '
-      f'{jax.device_count()} exist'
+      f'{len(devices)} exist'
     )
   names = (DATA_AXIS, SPATIAL_AXIS)[: len(shape)]
   # Auto axes: XLA propagates shardings through the model (reshapes of
@@ -45,7 +48,7 @@ def make_mesh(shape: Sequence[int] = (-1,)) -> jax.sharding.Mesh:
   return jax.make_mesh(
     (n, spatial)[: len(shape)],
     names,
-    devices=jax.devices()[: n * spatial],
+    devices=devices[: n * spatial],
     axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
   )
 
@@ -67,18 +70,30 @@ def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, batch_spec(mesh))
 
 
+def split_images(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+  """Inside jit: `x` `[B, H, ...]` laid out as `data_sharding`, any height
+  (XLA pads a height the spatial axis does not divide, invisibly); what
+  evaluation and prediction of whole images of any size use."""
+  return jax.lax.with_sharding_constraint(x, data_sharding(mesh))
+
+
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.P())
 
 
-def check_crop(crop_hw: Sequence[int], mesh: jax.sharding.Mesh) -> None:
-  """A height-split crop must split evenly over the spatial axis."""
+def check_crop(
+  crop_hw: Sequence[int], mesh: jax.sharding.Mesh, output_stride: int = 1
+) -> None:
+  """A height-split crop, and every feature map down to the model's
+  `output_stride`, must split evenly over the spatial axis."""
   s = spatial_size(mesh)
-  if crop_hw[0] % s:
+  if s > 1 and crop_hw[0] % (s * output_stride):
     raise ConfigError(
-      f'data.crop_size height {crop_hw[0]} is not divisible by the {s} '
-      f'devices of the spatial axis (mesh.shape {tuple(mesh.shape.values())});'
-      f' use a multiple of {s}'
+      f'data.crop_size height {crop_hw[0]} gives feature maps of height '
+      f'{crop_hw[0]}/{output_stride} (output stride {output_stride}) that '
+      f'the {s} devices of the spatial axis (mesh.shape '
+      f'{tuple(mesh.shape.values())}) do not split evenly; use a multiple '
+      f'of {s * output_stride}'
     )
 
 

@@ -273,13 +273,13 @@ def train_and_evaluate(
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(config.train.batch_size, mesh)
-  sharding.check_crop(config.data.crop_size, mesh)
   if is_main:
     run_dir.check(config, workdir)
   spec = _label_spec(config)
   _check_config(config, spec.num_classes)
 
   model = initialization.create_model(config, spec.num_classes)
+  sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
   meta = checkpointing.model_metadata(
     model,
     class_names=spec.class_names,

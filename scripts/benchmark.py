@@ -4,6 +4,8 @@ r"""Measures training / inference speed and memory, JAX vs PyTorch, in one run.
       --size 512x512 --steps 5 [--dtype bfloat16] [--torch]
   python -m scripts.benchmark --arch deeplabv3_resnet_tiny --batch 1 \
       --devices 1,2,4,8 --param_sharding replicated,fsdp   # scaling
+  python -m scripts.benchmark --arch deeplabv3plus_resnet_tiny --batch 1 \
+      --size 1024x2048 --devices 8 --spatial 1,2,4,8   # split images
   python -m scripts.benchmark --data --workers 0,1,2   # input pipeline
 
 Every measurement runs in a fresh child process, so peak memory (device
@@ -23,9 +25,14 @@ from deeplab_jax.cli import entry_point, parse_hw, run
 
 _ARCH = flags.DEFINE_list('arch', ['deeplabv3_resnet50'], 'Architectures.')
 _BATCH = flags.DEFINE_integer(
-  'batch', 2, 'Images per device (global batch = batch x devices).'
+  'batch',
+  2,
+  'Images per device (global batch = batch x devices / spatial).',
 )
 _DEVICES = flags.DEFINE_list('devices', ['1'], 'Data-parallel device counts.')
+_SPATIAL = flags.DEFINE_list(
+  'spatial', ['1'], 'Devices splitting each image (mesh (devices / S, S)).'
+)
 _PARAM_SHARDING = flags.DEFINE_list(
   'param_sharding', ['replicated'], 'Train-state rules: replicated, fsdp.'
 )
@@ -70,6 +77,7 @@ def main(argv):
       _ARCH.value,
       device_counts=[int(n) for n in _DEVICES.value],
       param_shardings=_PARAM_SHARDING.value,
+      spatial_sizes=[int(s) for s in _SPATIAL.value],
       batch_per_device=_BATCH.value,
       size=parse_hw(_SIZE.value, 'size'),
       steps=_STEPS.value,

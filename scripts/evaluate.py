@@ -5,7 +5,7 @@ r"""Evaluates a checkpoint on a prepared data set split: exact mIoU.
       [--dataset cityscapes --split validation --data_dir DIR] \
       [--mode slide --crop 512x1024 --stride 341x682] \
       [--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip] \
-      [--output eval_out] [--cityscapes_label_ids]
+      [--output eval_out] [--cityscapes_label_ids] [--spatial 4]
 
 The data set defaults to the one recorded in the checkpoint (or the
 config's `data.dataset`, `data.data_dir` and `data.eval_split`). Prints a
@@ -50,6 +50,7 @@ _SCALES = flags.DEFINE_list('scales', ['1.0'], 'Test scales, e.g. 0.5,1,1.5.')
 _FLIP = flags.DEFINE_bool('flip', False, 'Average with the mirrored image.')
 _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images per step.')
 _MAX = flags.DEFINE_integer('max_examples', None, 'Only the first N images.')
+_SPATIAL = flags.DEFINE_integer('spatial', 1, 'Split each image over S devices.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the results.')
 _LABEL_IDS = flags.DEFINE_bool(
   'cityscapes_label_ids', False, 'Write Cityscapes labelId PNGs to --output.'
@@ -104,6 +105,7 @@ def main(argv):
       mode=mode,
       batch_size=_BATCH.value,
       max_examples=_MAX.value,
+      spatial=_SPATIAL.value,
       on_prediction=writer,
       progress=True,
     )

@@ -41,6 +41,7 @@ _BUCKET = flags.DEFINE_integer(
   'final resize then see the padding). 1 (default) = exact, one compile '
   'per image size.',
 )
+_SPATIAL = flags.DEFINE_integer('spatial', 1, 'Split each image over S devices.')
 _FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
 _DEMO = flags.DEFINE_bool(
   'demo', False, 'Use a tiny random model and a generated image.'
@@ -70,7 +71,12 @@ def main(argv):
       print(f'skipped {len(skipped)} files that are not images ({names}{more})')
     model, meta = _LOAD.load(checkpoint)
     for path, label_map, logits in predict.predict_images(
-      model, meta, paths, batch_size=_BATCH.value, bucket=_BUCKET.value
+      model,
+      meta,
+      paths,
+      batch_size=_BATCH.value,
+      bucket=_BUCKET.value,
+      spatial=_SPATIAL.value,
     ):
       for written in predict.write_prediction(
         path,

@@ -21,6 +21,7 @@ FIELDS = {
 }
 JAX_FIELDS = FIELDS | {
   'devices',
+  'spatial',
   'param_sharding',
   'compile_s',
   'train_program_mb_per_device',
@@ -45,6 +46,8 @@ def test_benchmark_prints_jax_and_torch_rows():
       '--steps',
       '1',
       '--devices',
+      '4',
+      '--spatial',
       '2',
       '--param_sharding',
       'fsdp',
@@ -60,13 +63,15 @@ def test_benchmark_prints_jax_and_torch_rows():
     json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')
   ]
   # One child process (each measurement compiles afresh, a minute or two
-  # here): two simulated devices with the FSDP rule.
-  assert [(r['devices'], r['param_sharding']) for r in rows] == [(2, 'fsdp')]
+  # here): a (2, 2) mesh of simulated devices, each image split over two,
+  # the train state split over the data axis (FSDP).
+  got = [(r['devices'], r['spatial'], r['param_sharding']) for r in rows]
+  assert got == [(4, 2, 'fsdp')]
   for row in rows:
     assert JAX_FIELDS <= set(row) and row['framework'] == 'jax'
     assert row['train_img_s'] > 0 and row['gflops_per_img'] > 0
     assert 0 < row['train_mfu'] and row['peak_source'] == 'measured matmul'
-  assert rows[0]['batch'] == 4  # --batch is per device
+  assert rows[0]['batch'] == 4  # --batch per data-axis slot
   assert '| framework |' in r.stdout
 
 

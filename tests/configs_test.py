@@ -7,6 +7,7 @@ import pytest
 
 from deeplab_jax import train
 from deeplab_jax.data import datasets
+from deeplab_jax.errors import ConfigError
 
 RECIPES = [
   'synthetic_demo',
@@ -60,6 +61,27 @@ def test_denseaspp_recipe_is_the_reported_one():
   assert (c.optim.lr, c.optim.weight_decay) == (3e-4, 1e-5)
   assert tuple(c.data.crop_size) == (512, 512) and c.train.batch_size == 8
   assert c.train.num_steps == 80 * 2975 // 8
+
+
+def test_fullres_recipe_splits_whole_images_over_the_spatial_axis():
+  """`:fullres` on 8 devices: a (2, 4) mesh that the batch and every
+  feature map of DenseASPP-161 (output stride 8) split evenly."""
+  from flax import nnx
+
+  from configs import cityscapes_denseaspp
+  from deeplab_jax import models, sharding
+
+  c = cityscapes_denseaspp.get_config('fullres')
+  assert tuple(c.data.crop_size) == (1024, 2048)
+  mesh = sharding.make_mesh(c.mesh.shape)
+  assert dict(mesh.shape) == {'data': 2, 'spatial': 4}
+  sharding.check_batch_size(c.train.batch_size, mesh)
+  model = nnx.eval_shape(
+    lambda: models.create(c.model.arch, num_classes=19, rngs=nnx.Rngs(0))
+  )
+  sharding.check_crop(c.data.crop_size, mesh, model.config.output_stride)
+  with pytest.raises(ConfigError, match='use a multiple of 32'):
+    sharding.check_crop((1000, 2048), mesh, model.config.output_stride)
 
 
 @pytest.mark.parametrize('name', RECIPES[1:])

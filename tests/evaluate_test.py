@@ -94,6 +94,24 @@ def test_exact_miou_on_mixed_sizes_any_batch_and_device_count(mixed_sizes):
   )
 
 
+def test_images_split_over_devices_evaluate_the_same(mixed_sizes):
+  """`spatial=4` (a (2, 4) mesh; heights 33-48 rows, uneven splits) counts
+  the confusion matrix of the data-parallel run, whole and slide +
+  multi-scale + flip alike."""
+  data_dir, ckpt = mixed_sizes
+  model, meta = checkpointing.load_model(ckpt)
+  common = dict(dataset='image_folder', split='validation', data_dir=data_dir)
+  slide = evaluate.InferenceMode(
+    mode='slide', crop=(32, 40), scales=(0.75, 1.0), flip=True
+  )
+  for mode in (evaluate.InferenceMode(), slide):
+    got = [
+      evaluate.evaluate(model, meta, batch_size=2, mode=mode, **common, **kw)
+      for kw in ({'devices': jax.devices()[:2]}, {'spatial': 4})
+    ]
+    np.testing.assert_array_equal(got[1]['confusion'], got[0]['confusion'])
+
+
 def test_window_starts_hand_computed():
   assert evaluate.window_starts(10, 4, 3) == [0, 3, 6]
   assert evaluate.window_starts(11, 4, 3) == [0, 3, 6, 7]
@@ -224,10 +242,12 @@ def test_evaluate_script_slide_multiscale_flip(mixed_sizes, tmp_path):
     '--flip',
     '--batch_size',
     '2',
+    '--spatial',
+    '2',  # each image over both devices
     '--output',
     str(out),
   ]
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='2')
   r = subprocess.run(
     cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
   )

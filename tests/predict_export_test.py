@@ -1,6 +1,7 @@
 """Batched, bucketed prediction on mixed sizes; export round trips."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -154,3 +155,36 @@ def test_inputs_with_the_same_stem_are_named_and_others_counted(tmp_path):
   paths, skipped = predict.find_inputs(str(tmp_path))
   assert [os.path.basename(p) for p in paths] == ['drawn.png', 'other.png']
   assert skipped == [str(tmp_path / 'notes.txt')]
+
+
+def _gathered_heights(compiled_text):
+  """Heights of the `[B, H, W, C]` arrays a compiled program all-gathers."""
+  shapes = re.findall(
+    r'= \w+\[(\d+),(\d+),(\d+),(\d+)\]\S* all-gather\(', compiled_text
+  )
+  return [int(s[1]) for s in shapes]
+
+
+def test_images_split_over_devices_predict_the_same(model_and_images):
+  """`spatial=4`: each image's height over 4 devices (any height, e.g. 37
+  rows) gives the logits of the image alone; the compiled program never
+  gathers an activation finer than output stride 8."""
+  model, meta, images = model_and_images
+  paths = predict.find_images(str(images))
+  split = predict.predict_images(model, meta, paths, batch_size=2, spatial=4)
+  for p, label_map, out in split:
+    np.testing.assert_allclose(
+      out, _alone(model, meta, p), rtol=1e-5, atol=1e-5
+    )
+  x = np.random.RandomState(0).randn(2, 128, 96, 3).astype(np.float32)
+  for arch in ('deeplabv3plus_resnet_tiny', 'denseaspp_tiny'):
+    m = models.create(arch, num_classes=3, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(
+      predict.logits(m, x, spatial=4), predict.logits(m, x), atol=1e-5
+    )
+    heights = _gathered_heights(
+      predict.lowered(m, x, spatial=4).compile().as_text()
+    )
+    # Atrous rates (ASPP 6-18 at OS16, DenseASPP 3-24 at OS8) that reach
+    # past a device's few rows gather that small map; nothing finer.
+    assert all(h <= 128 // 8 for h in heights), (arch, heights)
