@@ -94,6 +94,8 @@ def model_rows(
     for n, s, rule in itertools.product(
       device_counts, spatial_sizes, param_shardings
     ):
+      if n % s:
+        continue  # S devices split each image: S must divide the count
       # `batch_per_device` images per data-axis slot: S devices share them.
       kw = dict(batch=batch_per_device * n // s, size=size, steps=steps)
       row = isolated(

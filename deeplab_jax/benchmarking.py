@@ -318,7 +318,7 @@ def jax_model(
     **reference_overrides(arch),
   )
   model = nnx.view(model, conv_lowering=conv_lowering)
-  train_model = nnx.view(model, deterministic=True)
+  train_model = nnx.view(model, deterministic=True, raise_if_not_found=False)
   eval_model = inference_view(model)
   graphdef, params, rest = nnx.split(train_model, nnx.Param, ...)
   eval_graphdef = nnx.split(eval_model, nnx.Param, ...)[0]

@@ -27,7 +27,11 @@ def inference_view(model: nnx.Module) -> nnx.Module:
   its convolutions lowered for the fastest forward pass (`forward_only`: do
   not differentiate this view)."""
   return nnx.view(
-    model, use_running_average=True, deterministic=True, forward_only=True
+    model,
+    use_running_average=True,
+    deterministic=True,  # LR-ASPP has no dropout to turn off
+    forward_only=True,
+    raise_if_not_found=False,
   )
 
 

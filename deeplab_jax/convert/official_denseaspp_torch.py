@@ -111,6 +111,71 @@ class OfficialDenseASPP(nn.Module):
     return self.classification(f)
 
 
+class MobileNetV2Block(nn.Module):
+  """The official dilated MobileNetV2 block: expansion (always), depthwise,
+  linear projection, each conv-BN, ReLU6 after the first two."""
+
+  def __init__(self, cin, cout, stride, t, dilation):
+    super().__init__()
+    e = cin * t
+    self.residual = stride == 1 and cin == cout
+    self.conv = nn.Sequential(
+      nn.Conv2d(cin, e, 1, bias=False),
+      nn.BatchNorm2d(e),
+      nn.ReLU6(inplace=True),
+      nn.Conv2d(e, e, 3, stride, dilation, dilation, groups=e, bias=False),
+      nn.BatchNorm2d(e),
+      nn.ReLU6(inplace=True),
+      nn.Conv2d(e, cout, 1, bias=False),
+      nn.BatchNorm2d(cout),
+    )
+
+  def forward(self, x):
+    return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class OfficialMobileNetDenseASPP(nn.Module):
+  """`models/MobileNetDenseASPP.py` of the official repository: the dilated
+  MobileNetV2 (`features.features`), DenseASPP blocks and the x8 classifier.
+  At output stride 16 the official model's x2 feature upsample is
+  registered where its forward never calls it; so here too."""
+
+  def __init__(self, n_class, output_stride=8, d0=128, d1=64):
+    super().__init__()
+    scale = output_stride // 8
+    stages = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, scale))
+    stages += ((6, 96, 3, 1), (6, 160, 3, 1), (6, 320, 1, 1))
+    layers = [
+      nn.Sequential(
+        nn.Conv2d(3, 32, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(inplace=True),
+      )
+    ]
+    c = 32
+    for i, (t, cout, n, s) in enumerate(stages):
+      d = 2 // scale if i >= 3 else 1
+      for j in range(n):
+        layers.append(MobileNetV2Block(c, cout, s if j == 0 else 1, t, d))
+        c = cout
+    self.features = nn.Module()
+    self.features.features = nn.Sequential(*layers)
+    for k, rate in enumerate((3, 6, 12, 18, 24)):
+      setattr(self, f'ASPP_{rate}', AsppBlock(c + k * d1, d0, d1, rate, k > 0))
+    c += 5 * d1
+    self.classification = nn.Sequential(
+      nn.Dropout2d(0.1),
+      nn.Conv2d(c, n_class, 1),
+      nn.Upsample(scale_factor=8, mode='bilinear', align_corners=True),
+    )
+
+  def forward(self, x):
+    f = self.features.features(x)
+    for rate in (3, 6, 12, 18, 24):
+      f = torch.cat([getattr(self, f'ASPP_{rate}')(f), f], 1)
+    return self.classification(f)
+
+
 def official_state_dict(model):
   """Keys as the official checkpoints write them (`norm.1`, `conv.2`)."""
   return {

@@ -10,7 +10,12 @@ weight, is refused with the keys and shapes named.
 Supported layouts:
 - `torchvision_deeplabv3`: `torchvision.models.segmentation.deeplabv3_*`,
   with or without `aux_classifier`.
+- `torchvision_deeplabv3_mobilenet`, `torchvision_lraspp`: torchvision's
+  `deeplabv3_mobilenet_v3_large` (with or without `aux_classifier`) and
+  `lraspp_mobilenet_v3_large`.
 - `official_denseaspp`: the DenseASPP authors' PyTorch model (whole model).
+- `official_mobilenet_denseaspp`: their `MobileNetDenseASPP` (whole model;
+  pass `output_stride=16` for a stride-16 checkpoint).
 - `torchvision_densenet`: `torchvision.models.densenet*` ImageNet weights as
   a DenseASPP backbone; the head starts fresh.
 - `smp_deeplabv3plus`: segmentation_models_pytorch `DeepLabV3Plus` with
@@ -139,6 +144,47 @@ _TORCHVISION_DEEPLABV3 = Layout(
   suggest_arch=_resnet_arch('backbone.layer3.', 'deeplabv3_resnet'),
 )
 
+# torchvision's MobileNetV3 segmentation backbones: `backbone.N` is
+# `features[N]`; a block's layers are `block.M` (conv-BN-act `.0`/`.1`, or
+# squeeze-excitation `fc1`/`fc2`).
+_MOBILENET_V3_RENAMES = (
+  (r'^backbone\.(\d+)\.block\.(\d+)\.0\.', r'backbone.features.\1.block.\2.conv.'),
+  (r'^backbone\.(\d+)\.block\.(\d+)\.1\.', r'backbone.features.\1.block.\2.bn.'),
+  (r'^backbone\.(\d+)\.block\.(\d+)\.fc', r'backbone.features.\1.block.\2.fc'),
+  (r'^backbone\.(\d+)\.0\.', r'backbone.features.\1.conv.'),
+  (r'^backbone\.(\d+)\.1\.', r'backbone.features.\1.bn.'),
+)
+
+_TORCHVISION_DEEPLABV3_MOBILENET = Layout(
+  name='torchvision_deeplabv3_mobilenet',
+  description='torchvision.models.segmentation.deeplabv3_mobilenet_v3_large',
+  detect=lambda keys: (
+    'classifier.0.convs.0.0.weight' in keys and 'backbone.0.0.weight' in keys
+  ),
+  renames=_MOBILENET_V3_RENAMES + _TORCHVISION_DEEPLABV3.renames[3:],
+  arch_prefixes=('deeplabv3_mobilenet',),
+  num_classes=_TORCHVISION_DEEPLABV3.num_classes,
+  overrides=_TORCHVISION_DEEPLABV3.overrides,
+  suggest_arch=lambda sd: 'deeplabv3_mobilenet_v3_large',
+)
+
+_TORCHVISION_LRASPP = Layout(
+  name='torchvision_lraspp',
+  description='torchvision.models.segmentation.lraspp_mobilenet_v3_large',
+  detect=lambda keys: 'classifier.cbr.0.weight' in keys,
+  renames=_MOBILENET_V3_RENAMES
+  + (
+    (r'^classifier\.cbr\.0\.', 'head.cbr.conv.'),
+    (r'^classifier\.cbr\.1\.', 'head.cbr.bn.'),
+    (r'^classifier\.scale\.1\.', 'head.scale.'),
+    (r'^classifier\.', 'head.'),
+  ),
+  arch_prefixes=('lraspp_mobilenet',),
+  num_classes=lambda sd: int(sd['classifier.low_classifier.weight'].shape[0]),
+  overrides=lambda sd: {},
+  suggest_arch=lambda sd: 'lraspp_mobilenet_v3_large',
+)
+
 # DenseNet keys: `denselayerN` is 1-based; our lists are 0-based. The
 # official DenseASPP (and torchvision before 0.4) wrote `norm.1`, `conv.2`.
 _DENSENET_RENAMES = (
@@ -186,6 +232,39 @@ _OFFICIAL_DENSEASPP = Layout(
     'd1': int(sd['ASPP_3.conv.2.weight'].shape[0]),
   },
   suggest_arch=_densenet_arch,
+  normalization=normalization.DENSEASPP_CITYSCAPES,
+)
+
+# The official MobileNetDenseASPP: `features.features.N.conv.M`, M indexing
+# expansion conv/BN (0, 1), depthwise conv/BN (3, 4), projection conv/BN
+# (6, 7) around the ReLU6s; ours lists the three conv-BN(-act) layers.
+_V2_CONV = {0: '0.conv', 1: '0.bn', 3: '1.conv', 4: '1.bn', 6: '2.conv', 7: '2.bn'}
+
+_OFFICIAL_MOBILENET_DENSEASPP = Layout(
+  name='official_mobilenet_denseaspp',
+  description='DeepMotionAIResearch/DenseASPP models/MobileNetDenseASPP.py',
+  detect=lambda keys: (
+    'features.features.0.0.weight' in keys and 'ASPP_3.conv.1.weight' in keys
+  ),
+  renames=(
+    (
+      r'^features\.features\.(\d+)\.conv\.(\d)\.',
+      lambda m: (
+        f'backbone.features.{m.group(1)}.block.{_V2_CONV[int(m.group(2))]}.'
+      ),
+    ),
+    (r'^features\.features\.0\.0\.', 'backbone.features.0.conv.'),
+    (r'^features\.features\.0\.1\.', 'backbone.features.0.bn.'),
+    *_OFFICIAL_DENSEASPP.renames[2:],
+  ),
+  arch_prefixes=('denseaspp_mobilenet',),
+  num_classes=lambda sd: int(sd['classification.1.weight'].shape[0]),
+  overrides=lambda sd: {
+    'align_corners': True,  # PyTorch 0.3's Upsample, as the DenseNet model
+    'd0': int(sd['ASPP_3.conv.1.weight'].shape[0]),
+    'd1': int(sd['ASPP_3.conv.2.weight'].shape[0]),
+  },
+  suggest_arch=lambda sd: 'denseaspp_mobilenet_v2',
   normalization=normalization.DENSEASPP_CITYSCAPES,
 )
 
@@ -358,6 +437,9 @@ _TIMM_XCEPTION = Layout(
 
 LAYOUTS: tuple[Layout, ...] = (
   _TORCHVISION_DEEPLABV3,
+  _TORCHVISION_DEEPLABV3_MOBILENET,
+  _TORCHVISION_LRASPP,
+  _OFFICIAL_MOBILENET_DENSEASPP,
   _SMP_DEEPLABV3PLUS,
   _OFFICIAL_DENSEASPP,
   _TORCHVISION_DENSENET,

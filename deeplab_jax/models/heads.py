@@ -301,3 +301,37 @@ class DeepLabV3PlusHead(nnx.Module):
     for conv in self.convs:
       x = conv(x)
     return self.classifier(x)
+
+
+class LRASPPHead(nnx.Module):
+  """Lite R-ASPP (Howard et al. 2019, "Searching for MobileNetV3", sec.
+  6.1.2), torchvision's `LRASPPHead`: a 1x1 conv-BN-ReLU of the high-level
+  features gated by a sigmoid of their image mean (1x1 conv), resized to
+  the low-level map, classified and added to a 1x1 classifier of the
+  low-level features."""
+
+  def __init__(
+    self,
+    low_channels: int,
+    high_channels: int,
+    num_classes: int,
+    *,
+    inter_channels: int = 128,
+    rngs: nnx.Rngs,
+  ):
+    self.cbr = layers.ConvBN(high_channels, inter_channels, 1, rngs=rngs)
+    self.scale = layers.Conv2d(high_channels, inter_channels, 1, rngs=rngs)
+    self.low_classifier = layers.Conv2d(
+      low_channels, num_classes, 1, use_bias=True, rngs=rngs
+    )
+    self.high_classifier = layers.Conv2d(
+      inter_channels, num_classes, 1, use_bias=True, rngs=rngs
+    )
+
+  def __call__(
+    self, low: jax.Array, high: jax.Array, *, align_corners: bool = False
+  ) -> jax.Array:
+    gate = jax.nn.sigmoid(self.scale(layers.global_avg_pool(high)))
+    x = self.cbr(high) * gate
+    x = layers.resize_bilinear(x, low.shape[1:3], align_corners=align_corners)
+    return self.low_classifier(low) + self.high_classifier(x)

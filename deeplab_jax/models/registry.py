@@ -27,14 +27,15 @@ class ArchSpec:
 
 _ARCHS: dict[str, ArchSpec] = {}
 
-# DenseASPP head widths (d_feature0, d_feature1) per DenseNet depth, from
-# the official configs DeepMotionAIResearch/DenseASPP cfgs/DenseASPP{121,
-# 161,169,201}.py.
+# DenseASPP head widths (d_feature0, d_feature1) per backbone, from the
+# official configs DeepMotionAIResearch/DenseASPP cfgs/DenseASPP{121,161,
+# 169,201}.py and cfgs/MobileNetDenseASPP.py.
 DENSEASPP_HEAD_WIDTHS = {
   121: (128, 64),
   161: (512, 128),
   169: (336, 168),
   201: (480, 240),
+  'mobilenet_v2': (128, 64),
 }
 
 
@@ -60,6 +61,26 @@ def _register_builtin() -> None:
       segmenter.DeepLabV3,
       v3(blocks=(1, 1, 1, 1), width=8, aspp_channels=16),
       'DeepLabV3 on a 4-block, width-8 ResNet (tests and smoke runs)',
+    ),
+  )
+  register(
+    'deeplabv3_mobilenet_v3_large',
+    ArchSpec(
+      segmenter.DeepLabV3,
+      v3(
+        backbone='mobilenet_v3_large',
+        output_stride=16,
+        atrous_rates=(12, 24, 36),
+      ),
+      'DeepLabV3, dilated MobileNetV3-Large (torchvision layout)',
+    ),
+  )
+  register(
+    'lraspp_mobilenet_v3_large',
+    ArchSpec(
+      segmenter.LRASPP,
+      segmenter.LRASPPConfig(),
+      'LR-ASPP, dilated MobileNetV3-Large (torchvision layout)',
     ),
   )
   v3plus = segmenter.DeepLabV3PlusConfig
@@ -116,6 +137,17 @@ def _register_builtin() -> None:
         f'DenseASPP on dilated DenseNet-{depth} (official layout)',
       ),
     )
+  d0, d1 = DENSEASPP_HEAD_WIDTHS['mobilenet_v2']
+  register(
+    'denseaspp_mobilenet_v2',
+    ArchSpec(
+      segmenter.DenseASPP,
+      segmenter.DenseASPPConfig(
+        backbone='mobilenet_v2', os16_upsample=False, d0=d0, d1=d1
+      ),
+      'DenseASPP on the dilated MobileNetV2 (official MobileNetDenseASPP)',
+    ),
+  )
   register(
     'denseaspp_tiny',
     ArchSpec(

@@ -18,6 +18,7 @@ from deeplab_jax.models import (
   heads,
   initializers,
   layers,
+  mobilenet,
   resnet,
   xception,
 )
@@ -52,13 +53,19 @@ class _AsppRates:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeepLabV3Config(_AsppRates):
-  """Hyper-parameters of DeepLabV3 on an atrous ResNet.
+  """Hyper-parameters of DeepLabV3 on an atrous ResNet or MobileNetV3.
 
   Defaults are torchvision's `deeplabv3_resnet50`: output stride 8, ASPP
   rates 12/24/36 (`atrous_rates=None` picks 6/12/18 at stride 16), 256
   channels, dropout 0.5, bilinear resize with `align_corners=False`.
+  `backbone='mobilenet_v3_large'` is torchvision's
+  `deeplabv3_mobilenet_v3_large` with `output_stride=16`,
+  `atrous_rates=(12, 24, 36)` (`blocks`, `width` and `multi_grid` are
+  then unused; `width_mult` scales the MobileNet).
   """
 
+  backbone: str = 'resnet'  # or 'mobilenet_v3_large'
+  width_mult: float = 1.0
   blocks: tuple[int, ...] = resnet.DEPTHS[50]
   width: int = 64
   output_stride: int = 8
@@ -79,18 +86,33 @@ class DeepLabV3(nnx.Module):
   ):
     self.config = config
     self.num_classes = num_classes
-    self.backbone = resnet.ResNet(
-      resnet.ResNetConfig(
-        blocks=config.blocks,
-        width=config.width,
-        output_stride=config.output_stride,
-        multi_grid=config.multi_grid,
-      ),
-      rngs=rngs,
-    )
+    if config.backbone == 'mobilenet_v3_large':
+      self.backbone = mobilenet.MobileNetV3(
+        mobilenet.MobileNetV3Config(
+          output_stride=config.output_stride, width_mult=config.width_mult
+        ),
+        rngs=rngs,
+      )
+    elif config.backbone == 'resnet':
+      self.backbone = resnet.ResNet(
+        resnet.ResNetConfig(
+          blocks=config.blocks,
+          width=config.width,
+          output_stride=config.output_stride,
+          multi_grid=config.multi_grid,
+        ),
+        rngs=rngs,
+      )
+    else:
+      raise ConfigError(
+        f"DeepLabV3 backbone must be 'resnet' or 'mobilenet_v3_large', not "
+        f'{config.backbone!r}'
+      )
     ch = self.backbone.channels()
+    # The head reads the last map, the auxiliary head the stride-8 one.
+    self.features = ('high', 'low') if 'high' in ch else ('layer4', 'layer3')
     self.head = heads.DeepLabV3Head(
-      ch['layer4'],
+      ch[self.features[0]],
       num_classes,
       config.rates,
       channels=config.aspp_channels,
@@ -98,7 +120,7 @@ class DeepLabV3(nnx.Module):
       rngs=rngs,
     )
     self.aux_head = (
-      heads.FCNHead(ch['layer3'], num_classes, rngs=rngs)
+      heads.FCNHead(ch[self.features[1]], num_classes, rngs=rngs)
       if config.aux_head
       else None
     )
@@ -118,10 +140,60 @@ class DeepLabV3(nnx.Module):
     x = images.astype(jnp.dtype(self.config.dtype))
     feats = self.backbone(x)
     up = lambda y: upsample_logits(y, size, self.config.align_corners)
-    out = {'out': up(self.head(feats['layer4']))}
+    out = {'out': up(self.head(feats[self.features[0]]))}
     if self.aux_head is not None:
-      out['aux'] = up(self.aux_head(feats['layer3']))
+      out['aux'] = up(self.aux_head(feats[self.features[1]]))
     return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LRASPPConfig:
+  """Hyper-parameters of LR-ASPP on MobileNetV3-Large; the defaults are
+  torchvision's `lraspp_mobilenet_v3_large` (output stride 16, 128
+  intermediate channels, `align_corners=False`)."""
+
+  output_stride: int = 16
+  width_mult: float = 1.0
+  inter_channels: int = 128
+  align_corners: bool = False
+  dtype: str = 'float32'
+
+
+class LRASPP(nnx.Module):
+  """Lite R-ASPP on MobileNetV3-Large (Howard et al. 2019)."""
+
+  def __init__(self, config: LRASPPConfig, *, num_classes: int, rngs: nnx.Rngs):
+    self.config = config
+    self.num_classes = num_classes
+    self.backbone = mobilenet.MobileNetV3(
+      mobilenet.MobileNetV3Config(
+        output_stride=config.output_stride, width_mult=config.width_mult
+      ),
+      rngs=rngs,
+    )
+    ch = self.backbone.channels()
+    self.head = heads.LRASPPHead(
+      ch['low'],
+      ch['high'],
+      num_classes,
+      inter_channels=config.inter_channels,
+      rngs=rngs,
+    )
+    # torchvision: the head keeps nn.Conv2d's default initialisation.
+    initializers.reinit_convs(
+      self.head,
+      rngs.params(),
+      initializers.torch_default,
+      torch_default_bias=True,
+    )
+
+  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+    size = images.shape[1:3]
+    x = images.astype(jnp.dtype(self.config.dtype))
+    feats = self.backbone(x)
+    ac = self.config.align_corners
+    logits = self.head(feats['low'], feats['high'], align_corners=ac)
+    return {'out': upsample_logits(logits, size, ac)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -135,8 +207,19 @@ class DenseASPPConfig:
   in PyTorch's convention (0.9997 here). `align_corners=False` for new models
   (PyTorch's current default); converted official checkpoints set `True`,
   which is what PyTorch 0.3.1's `nn.Upsample` did when they were trained.
+
+  `backbone='mobilenet_v2'` is the official `MobileNetDenseASPP`
+  (`models/MobileNetDenseASPP.py`, `cfgs/MobileNetDenseASPP.py`: d0/d1 =
+  128/64; the DenseNet fields are then unused). `os16_upsample`: features
+  at output stride 16 are upsampled x2 before the head, as the official
+  DenseNet model does. The official MobileNet model registers the same
+  upsample on a module whose forward never calls it, so its head runs at
+  stride 16: `os16_upsample=False` there.
   """
 
+  backbone: str = 'densenet'  # or 'mobilenet_v2'
+  width_mult: float = 1.0
+  os16_upsample: bool = True
   growth_rate: int = 48
   init_features: int = 96
   blocks: tuple[int, ...] = densenet.VARIANTS[161][2]
@@ -161,17 +244,30 @@ class DenseASPP(nnx.Module):
   ):
     self.config = config
     self.num_classes = num_classes
-    self.backbone = densenet.DenseNet(
-      densenet.DenseNetConfig(
-        growth_rate=config.growth_rate,
-        init_features=config.init_features,
-        blocks=config.blocks,
-        bn_size=config.bn_size,
-        output_stride=config.output_stride,
-        transition4=config.transition4,
-      ),
-      rngs=rngs,
-    )
+    if config.backbone == 'mobilenet_v2':
+      self.backbone = mobilenet.DilatedMobileNetV2(
+        mobilenet.MobileNetV2Config(
+          output_stride=config.output_stride, width_mult=config.width_mult
+        ),
+        rngs=rngs,
+      )
+    elif config.backbone == 'densenet':
+      self.backbone = densenet.DenseNet(
+        densenet.DenseNetConfig(
+          growth_rate=config.growth_rate,
+          init_features=config.init_features,
+          blocks=config.blocks,
+          bn_size=config.bn_size,
+          output_stride=config.output_stride,
+          transition4=config.transition4,
+        ),
+        rngs=rngs,
+      )
+    else:
+      raise ConfigError(
+        f"DenseASPP backbone must be 'densenet' or 'mobilenet_v2', not "
+        f'{config.backbone!r}'
+      )
     self.head = heads.DenseASPPHead(
       self.backbone.out_channels,
       num_classes,
@@ -197,7 +293,7 @@ class DenseASPP(nnx.Module):
     x = images.astype(jnp.dtype(self.config.dtype))
     feats = self.backbone(x)['out']
     ac = self.config.align_corners
-    if self.config.output_stride == 16:
+    if self.config.output_stride == 16 and self.config.os16_upsample:
       # The official model upsamples stride-16 features x2 before the head.
       h, w = feats.shape[1:3]
       feats = layers.resize_bilinear(feats, (2 * h, 2 * w), align_corners=ac)
