@@ -431,7 +431,7 @@ def reference_overrides(arch: str) -> dict[str, Any]:
 
 def torch_reference(arch: str, num_classes: int):
   """The PyTorch model `arch` is checked against (needs the test extra)."""
-  if arch.startswith('deeplabv3_resnet'):
+  if arch.startswith(('deeplabv3_resnet', 'deeplabv3_mobilenet', 'lraspp_')):
     from torchvision.models import segmentation
 
     return getattr(segmentation, arch)(
@@ -443,6 +443,10 @@ def torch_reference(arch: str, num_classes: int):
     encoder = arch.removeprefix('deeplabv3plus_')
     encoder = 'tu-' + encoder if encoder.startswith('xception') else encoder
     return smp.DeepLabV3Plus(encoder, encoder_weights=None, classes=num_classes)
+  if arch == 'denseaspp_mobilenet_v2':
+    from deeplab_jax.convert import official_denseaspp_torch as official
+
+    return official.OfficialMobileNetDenseASPP(num_classes)
   if arch.startswith('denseaspp'):
     from deeplab_jax.convert.official_denseaspp_torch import OfficialDenseASPP
 

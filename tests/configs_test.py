@@ -15,6 +15,7 @@ RECIPES = [
   'cityscapes_deeplabv3',
   'cityscapes_deeplabv3plus',
   'ade20k_deeplabv3plus',
+  'cityscapes_mobilenet',
 ]
 KEYS = [
   'train.num_steps',
