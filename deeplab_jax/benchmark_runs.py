@@ -78,8 +78,10 @@ def model_rows(
   profile_dir: str | None = None,
 ) -> Iterator[dict[str, Any]]:
   """One result row per (arch, device count, spatial size, sharding rule),
-  then the PyTorch reference's row (same batch and size as the last JAX row, with
-  `jax_train_ratio` / `jax_eval_ratio`), yielded as each finishes."""
+  then the PyTorch reference's row (same batch and size as the last JAX
+  row, with `jax_train_ratio` / `jax_eval_ratio`), yielded as each
+  finishes. A spatial size that does not divide a device count is
+  skipped."""
   if tune_malloc:
     os.environ.setdefault('GLIBC_TUNABLES', GLIBC_TUNABLES)
   os.environ.setdefault('JAX_NUM_CPU_DEVICES', str(max(device_counts)))

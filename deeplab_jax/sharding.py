@@ -39,8 +39,7 @@ def make_mesh(
   n = len(devices) // spatial if shape[0] == -1 else shape[0]
   if n < 1 or n * spatial > len(devices):
     raise ConfigError(
-      f'mesh.shape {shape} asks for {n * spatial} devices; '
-      f'{len(devices)} exist'
+      f'mesh.shape {shape} asks for {n * spatial} devices; {len(devices)} exist'
     )
   names = (DATA_AXIS, SPATIAL_AXIS)[: len(shape)]
   # Auto axes: XLA propagates shardings through the model (reshapes of

@@ -172,7 +172,7 @@ def test_images_split_over_devices_predict_the_same(model_and_images):
   model, meta, images = model_and_images
   paths = predict.find_images(str(images))
   split = predict.predict_images(model, meta, paths, batch_size=2, spatial=4)
-  for p, label_map, out in split:
+  for p, _, out in split:
     np.testing.assert_allclose(
       out, _alone(model, meta, p), rtol=1e-5, atol=1e-5
     )

@@ -134,7 +134,9 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
       config(data_dir, **{'mesh.shape': (8,), 'train.batch_size': 4}),
       str(tmp_path / 'w2'),
     )
-  with pytest.raises(ConfigError, match='height 64 gives .* use a multiple of 80'):
+  with pytest.raises(
+    ConfigError, match='height 64 gives .* use a multiple of 80'
+  ):
     train.train_and_evaluate(
       config(data_dir, **{'mesh.shape': (1, 5)}), str(tmp_path / 'w3')
     )

@@ -148,8 +148,14 @@ _TORCHVISION_DEEPLABV3 = Layout(
 # `features[N]`; a block's layers are `block.M` (conv-BN-act `.0`/`.1`, or
 # squeeze-excitation `fc1`/`fc2`).
 _MOBILENET_V3_RENAMES = (
-  (r'^backbone\.(\d+)\.block\.(\d+)\.0\.', r'backbone.features.\1.block.\2.conv.'),
-  (r'^backbone\.(\d+)\.block\.(\d+)\.1\.', r'backbone.features.\1.block.\2.bn.'),
+  (
+    r'^backbone\.(\d+)\.block\.(\d+)\.0\.',
+    r'backbone.features.\1.block.\2.conv.',
+  ),
+  (
+    r'^backbone\.(\d+)\.block\.(\d+)\.1\.',
+    r'backbone.features.\1.block.\2.bn.',
+  ),
   (r'^backbone\.(\d+)\.block\.(\d+)\.fc', r'backbone.features.\1.block.\2.fc'),
   (r'^backbone\.(\d+)\.0\.', r'backbone.features.\1.conv.'),
   (r'^backbone\.(\d+)\.1\.', r'backbone.features.\1.bn.'),
@@ -238,7 +244,14 @@ _OFFICIAL_DENSEASPP = Layout(
 # The official MobileNetDenseASPP: `features.features.N.conv.M`, M indexing
 # expansion conv/BN (0, 1), depthwise conv/BN (3, 4), projection conv/BN
 # (6, 7) around the ReLU6s; ours lists the three conv-BN(-act) layers.
-_V2_CONV = {0: '0.conv', 1: '0.bn', 3: '1.conv', 4: '1.bn', 6: '2.conv', 7: '2.bn'}
+_V2_CONV = {
+  0: '0.conv',
+  1: '0.bn',
+  3: '1.conv',
+  4: '1.bn',
+  6: '2.conv',
+  7: '2.bn',
+}
 
 _OFFICIAL_MOBILENET_DENSEASPP = Layout(
   name='official_mobilenet_denseaspp',

@@ -159,7 +159,9 @@ class MobileNetV3(layers.RematBlocks, nnx.Module):
     dilation = 2 if config.output_stride == 16 else 1
     stem = ch(V3_LARGE[0][0])
     features = [
-      ConvBNAct(3, stem, 3, stride=2, activation='hardswish', bn=V3_BN, rngs=rngs)
+      ConvBNAct(
+        3, stem, 3, stride=2, activation='hardswish', bn=V3_BN, rngs=rngs
+      )
     ]
     for i, (cin, k, exp, cout, se, act, stride) in enumerate(V3_LARGE):
       cin, exp, cout = ch(cin), ch(exp), ch(cout)
@@ -183,7 +185,9 @@ class MobileNetV3(layers.RematBlocks, nnx.Module):
         )
       )
       if se:
-        block.append(SqueezeExcitation(exp, make_divisible(exp // 4), rngs=rngs))
+        block.append(
+          SqueezeExcitation(exp, make_divisible(exp // 4), rngs=rngs)
+        )
       block.append(
         ConvBNAct(exp, cout, 1, activation='none', bn=V3_BN, rngs=rngs)
       )
