@@ -136,7 +136,11 @@ def test_choose_lowering_defaults():
     (3, 3, 8, 8), 1, 'cpu', dtype=jnp.bfloat16
   )
   assert bf16 == 'im2col'
+  # Depthwise (the MobileNets' main work): per-tap on XLA:CPU, XLA's own
+  # grouped convolution on GPU and TPU.
   assert conv_lowering.choose_lowering((3, 3, 1, 8), 8, 'cpu') == 'taps'
+  assert conv_lowering.choose_lowering((5, 5, 1, 96), 96, 'gpu', 2) == 'native'
+  assert conv_lowering.choose_lowering((3, 3, 1, 96), 96, 'tpu') == 'native'
   # Dense per-tap matmuls where large dilations leave taps partly in the
   # padding (ASPP at output stride 8, 64x64 maps): rate 24 reaches 2.25
   # taps per output in each dimension, 5.06 in all, against Winograd's 9
