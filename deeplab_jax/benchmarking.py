@@ -243,13 +243,17 @@ def matmul_flops(jaxpr) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    out = eqn.outvars[0].aval.shape
+    if name == 'scan':  # its body runs `length` times
+      total += eqn.params['length'] * matmul_flops(eqn.params['jaxpr'].jaxpr)
+      continue
     if name == 'conv_general_dilated':
+      out = eqn.outvars[0].aval.shape
       rhs = eqn.invars[1].aval.shape
       spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
       window = np.prod([rhs[d] for d in spec[2:]])
       total += 2.0 * np.prod(out) * rhs[spec[1]] * window
     elif name == 'dot_general':
+      out = eqn.outvars[0].aval.shape
       (contract, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape
       total += 2.0 * np.prod(out) * np.prod([lhs[d] for d in contract])
@@ -289,6 +293,7 @@ def jax_model(
   devices: int = 1,
   spatial: int = 1,
   param_sharding: str = 'replicated',
+  scan_blocks: bool = False,
   profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """Train and inference images/s, compile time, memory, FLOPs, MFU.
@@ -297,7 +302,8 @@ def jax_model(
   (`('data',)` mesh; with `spatial > 1` a `(devices / spatial, spatial)`
   mesh that splits each image's height, XLA's own convolutions as training
   runs it there); `param_sharding` is the train state's rule
-  (`sharding.state_shardings`). With `profile_dir`, `PROFILE_STEPS` more
+  (`sharding.state_shardings`); `scan_blocks` scans identical blocks
+  (`layers.RematBlocks`). With `profile_dir`, `PROFILE_STEPS` more
   train steps are traced there (TensorBoard / Perfetto) and the row gains
   the device kernel time per step by kind (`kernel_time_summary`).
   """
@@ -317,11 +323,20 @@ def jax_model(
     dtype=dtype,
     **reference_overrides(arch),
   )
-  model = nnx.view(model, conv_lowering=conv_lowering)
-  train_model = nnx.view(model, deterministic=True, raise_if_not_found=False)
-  eval_model = inference_view(model)
-  graphdef, params, rest = nnx.split(train_model, nnx.Param, ...)
-  eval_graphdef = nnx.split(eval_model, nnx.Param, ...)[0]
+  model = nnx.view(model, scan_blocks=scan_blocks)
+  # Trained as PyTorch trains it: dropout on, BatchNorm on batch statistics.
+  graphdef, params, rest = nnx.split(
+    nnx.view(model, conv_lowering=conv_lowering), nnx.Param, ...
+  )
+  eval_graphdef = nnx.split(
+    inference_view(nnx.view(model, conv_lowering=conv_lowering)), nnx.Param, ...
+  )[0]
+  # Model FLOPs: the standard count of every convolution (XLA's own
+  # lowering), whatever the lowering that runs performs (e.g. Winograd's
+  # fewer multiplies on CPU).
+  native = nnx.view(model, conv_lowering='native')
+  native_graphdef = nnx.split(native, nnx.Param, ...)[0]
+  native_eval_graphdef = nnx.split(inference_view(native), nnx.Param, ...)[0]
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   tx = optax.sgd(0.01, momentum=0.9)
   rng = np.random.RandomState(0)
@@ -331,23 +346,30 @@ def jax_model(
     rng.randint(0, num_classes, (batch, *size)).astype(np.int32), data
   )
 
-  def train_step(state, images, labels):
-    params, rest, opt_state = state
+  def train_step_of(graphdef):
+    def train_step(state, images, labels):
+      params, rest, opt_state = state
 
-    def loss_fn(params):
-      m = nnx.merge(graphdef, params, rest)
-      out = m(images)
-      _, _, new_rest = nnx.split(m, nnx.Param, ...)
-      return losses.cross_entropy(out['out'], labels), nnx.to_pure_dict(
-        new_rest
-      )
+      def loss_fn(params):
+        m = nnx.merge(graphdef, params, rest)
+        out = m(images)
+        _, _, new_rest = nnx.split(m, nnx.Param, ...)
+        return losses.cross_entropy(out['out'], labels), nnx.to_pure_dict(
+          new_rest
+        )
 
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), rest, opt_state), loss
+      (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), rest, opt_state), loss
 
-  def infer(params, rest, images):
-    return nnx.merge(eval_graphdef, params, rest)(images)['out']
+    return train_step
+
+  def infer_of(graphdef):
+    return lambda params, rest, images: nnx.merge(graphdef, params, rest)(
+      images
+    )['out']
+
+  train_step, infer = train_step_of(graphdef), infer_of(eval_graphdef)
 
   state = (params, rest, tx.init(params))
   state_sh = sharding.state_shardings(state, mesh, param_sharding)
@@ -356,8 +378,12 @@ def jax_model(
   infer_params, infer_rest = jax.tree.map(
     jnp.copy, jax.device_put((params, rest), sharding.replicated(mesh))
   )
-  train_flops = _program_flops(train_step, state, images, labels)
-  infer_flops = _program_flops(infer, infer_params, infer_rest, images)
+  train_flops = _program_flops(
+    train_step_of(native_graphdef), state, images, labels
+  )
+  infer_flops = _program_flops(
+    infer_of(native_eval_graphdef), infer_params, infer_rest, images
+  )
   lowered_infer = jax.jit(infer).lower(infer_params, infer_rest, images)
   lowered_train = jax.jit(
     train_step,
@@ -394,6 +420,7 @@ def jax_model(
     'devices': devices,
     'spatial': spatial,
     'param_sharding': param_sharding,
+    'scan_blocks': scan_blocks,
     'size': f'{size[0]}x{size[1]}',
     'dtype': dtype,
     'device': jax.devices()[0].device_kind,

@@ -49,6 +49,9 @@ _LOWERING = flags.DEFINE_enum(
   'JAX convolution lowering (models.conv_lowering.conv2d); auto picks per '
   'shape.',
 )
+_SCAN = flags.DEFINE_bool(
+  'scan_blocks', False, 'Scan identical blocks (one compiled block each).'
+)
 _MALLOC = flags.DEFINE_bool(
   'tune_malloc',
   True,
@@ -83,6 +86,7 @@ def main(argv):
       steps=_STEPS.value,
       dtype=_DTYPE.value,
       conv_lowering=_LOWERING.value,
+      scan_blocks=_SCAN.value,
       torch=_TORCH.value,
       tune_malloc=_MALLOC.value,
       profile_dir=_PROFILE.value,

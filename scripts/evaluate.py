@@ -50,9 +50,7 @@ _SCALES = flags.DEFINE_list('scales', ['1.0'], 'Test scales, e.g. 0.5,1,1.5.')
 _FLIP = flags.DEFINE_bool('flip', False, 'Average with the mirrored image.')
 _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images per step.')
 _MAX = flags.DEFINE_integer('max_examples', None, 'Only the first N images.')
-_SPATIAL = flags.DEFINE_integer(
-  'spatial', 1, 'Split each image over S devices.'
-)
+_SPATIAL = flags.DEFINE_integer('spatial', 1, 'Devices sharing an image.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the results.')
 _LABEL_IDS = flags.DEFINE_bool(
   'cityscapes_label_ids', False, 'Write Cityscapes labelId PNGs to --output.'

@@ -41,9 +41,7 @@ _BUCKET = flags.DEFINE_integer(
   'final resize then see the padding). 1 (default) = exact, one compile '
   'per image size.',
 )
-_SPATIAL = flags.DEFINE_integer(
-  'spatial', 1, 'Split each image over S devices.'
-)
+_SPATIAL = flags.DEFINE_integer('spatial', 1, 'Devices sharing an image.')
 _FORCE = flags.DEFINE_bool('force', False, 'Write into a non-empty --output.')
 _DEMO = flags.DEFINE_bool(
   'demo', False, 'Use a tiny random model and a generated image.'

@@ -138,6 +138,10 @@ def test_matmul_flops_hand_counted():
   nested = jax.jit(lambda a: jax.checkpoint(lambda a: a @ a)(a) @ a)
   jaxpr = jax.make_jaxpr(nested)(jnp.ones((4, 5, 5))).jaxpr
   assert benchmarking.matmul_flops(jaxpr) == 2 * (2 * 4 * 5 * 5 * 5)
+  # A scan's body counts once per iteration.
+  scanned = lambda a: jax.lax.scan(lambda c, _: (c @ c, None), a, length=3)[0]
+  jaxpr = jax.make_jaxpr(scanned)(jnp.ones((5, 5))).jaxpr
+  assert benchmarking.matmul_flops(jaxpr) == 3 * (2 * 5 * 5 * 5)
 
 
 def test_kernel_time_summary_of_hand_built_traces(tmp_path):

@@ -13,6 +13,10 @@ from PIL import Image
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 from deeplab_jax import checkpointing, models, predict
+from deeplab_jax.convert.official_denseaspp_torch import (
+  OfficialMobileNetDenseASPP,
+  official_state_dict,
+)
 from deeplab_jax.errors import (
   CheckpointCorruptError,
   CheckpointMismatchError,
@@ -230,6 +234,56 @@ def test_convert_torch_script_then_predict_script(tmp_path, parity_report):
     str(pred),
   )
   assert r.returncode == 1 and 'not empty' in r.stderr
+
+
+def test_official_mobilenet_denseaspp_through_the_scripts(tmp_path):
+  """An official MobileNetDenseASPP `.pth` -> `scripts.convert_torch` ->
+  `scripts.predict --spatial 2` (each image over 2 devices): the saved
+  logits equal the PyTorch model's on the image normalised as the official
+  `inference.py` does (0-1 pixels, its Cityscapes mean and std)."""
+  torch.manual_seed(3)
+  tm = OfficialMobileNetDenseASPP(4)
+  randomize_batchnorm(tm, 3)
+  tm.eval()
+  pth = tmp_path / 'mobilenet_denseaspp.pth'
+  torch.save({'state_dict': official_state_dict(tm)}, pth)
+  out = tmp_path / 'ckpt'
+  r = _run(
+    'scripts.convert_torch',
+    '--arch',
+    'denseaspp_mobilenet_v2',
+    '--input',
+    str(pth),
+    '--output',
+    str(out),
+  )
+  assert r.returncode == 0, r.stderr
+  assert 'official_mobilenet_denseaspp' in r.stdout
+  images = tmp_path / 'images'
+  images.mkdir()
+  rgb = np.random.RandomState(4).randint(0, 255, (72, 104, 3), np.uint8)
+  Image.fromarray(rgb).save(images / 'street.png')
+  pred = tmp_path / 'pred'
+  r = _run(
+    'scripts.predict',
+    '--checkpoint',
+    str(out),
+    '--input',
+    str(images),
+    '--output',
+    str(pred),
+    '--save_logits',
+    '--spatial',
+    '2',
+    JAX_NUM_CPU_DEVICES='2',
+  )
+  assert r.returncode == 0, r.stderr
+  mean = torch.tensor([0.290101, 0.328081, 0.286964])[:, None, None]
+  std = torch.tensor([0.182954, 0.186566, 0.184475])[:, None, None]
+  x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
+  with torch.no_grad():
+    ref = nhwc(tm(x[None]))[0]
+  assert rel_err(np.load(pred / 'street_logits.npy'), ref) < 1e-4
 
 
 def test_predict_demo_runs_and_fills_the_default_compilation_cache(tmp_path):

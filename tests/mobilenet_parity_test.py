@@ -146,6 +146,30 @@ def test_official_mobilenet_denseaspp_parity(output_stride, hw, parity_report):
   assert err < TOL
 
 
+def test_official_mobilenet_denseaspp_train_mode_parity(parity_report):
+  """Training mode (batch statistics; dropout off on both sides)."""
+  torch.manual_seed(6)
+  ref = OfficialMobileNetDenseASPP(5)
+  randomize_batchnorm(ref, 6)
+  model = torch_convert.load('denseaspp_mobilenet_v2', official_state_dict(ref))
+  ref.train()
+  for m in ref.modules():
+    if isinstance(m, torch.nn.Dropout2d):
+      m.p = 0.0
+  x = np.random.RandomState(6).randn(2, 64, 88, 3).astype(np.float32)
+  with torch.no_grad():
+    expect = nhwc(ref(nchw(x)))
+  train_view = nnx.view(model, deterministic=True)
+  err = rel_err(_forward(train_view, jnp.asarray(x))['out'], expect)
+  parity_report(
+    'MobileNetDenseASPP, official layout, training mode (batch statistics)',
+    model='denseaspp_mobilenet_v2',
+    input='2x64x88',
+    logits=err,
+  )
+  assert err < TOL
+
+
 def test_make_divisible_and_widths_follow_the_reference():
   # Hand computed: 18 rounds to 16, below 90% of 18, so one step more.
   assert mobilenet.make_divisible(18) == 24

@@ -171,3 +171,42 @@ def test_fresh_model_starts_near_chance_loss(arch):
   logits = nnx.jit(lambda m, x: m(x)['out'])(model, x)
   ce = float(losses.cross_entropy(logits, labels))
   assert np.log(k) <= ce * 1.02 and ce < 1.25 * np.log(k), ce
+
+
+def test_scanned_blocks_equal_the_loop():
+  """`scan_blocks`: runs of identical blocks as one scan give the loop's
+  loss, gradients and BatchNorm updates, and the program has the loop."""
+  model = models.create(
+    'deeplabv3_resnet_tiny',
+    num_classes=3,
+    rngs=nnx.Rngs(0),
+    blocks=(2, 3, 2, 3),
+  )
+  model = nnx.view(model, deterministic=True)
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 48, 40, 3), jnp.float32)
+
+  def step_of(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    def step(params, rest):
+      def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        out = m(x)['out']
+        return jnp.mean(out**2), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+
+      return jax.value_and_grad(loss, has_aux=True)(params)
+
+    return jax.jit(step), (params, rest)
+
+  loop_step, args = step_of(model)
+  (loop_loss, loop_stats), loop_grads = loop_step(*args)
+  scan_step, args = step_of(nnx.view(model, scan_blocks=True))
+  (loss, stats), grads = scan_step(*args)
+  assert 'while' in scan_step.lower(*args).as_text()
+  assert 'while' not in loop_step.lower(*args).as_text()
+  np.testing.assert_allclose(loss, loop_loss, rtol=1e-5)
+  got_leaves = jax.tree.leaves((grads, stats))
+  want_leaves = jax.tree.leaves((loop_grads, loop_stats))
+  for got, want in zip(got_leaves, want_leaves, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

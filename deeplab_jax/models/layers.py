@@ -330,18 +330,38 @@ def resize_bilinear(
   return x
 
 
+def _signature(module: nnx.Module):
+  """`(graphdef, shapes and dtypes of its state)`: equal for blocks one
+  scan can run."""
+  graphdef, state = nnx.split(module)
+  shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), state)
+  return graphdef, tuple(
+    jax.tree.leaves(shapes, is_leaf=lambda v: isinstance(v, tuple))
+  )
+
+
 class RematBlocks:
   """Mixin for backbones, which run every residual / dense / Xception block
   through `block`: `nnx.view(model, remat_blocks=True)` makes each block
   recompute its activations during the backward pass (`nnx.remat`), keeping
-  only block inputs alive."""
+  only block inputs alive. `nnx.view(model, scan_blocks=True)` runs each
+  run of identical consecutive blocks of a stage (`stage`) as one
+  `jax.lax.scan` over their stacked weights, so XLA compiles the block
+  once instead of once per block; the weights stay per block (checkpoints
+  and converters do not change)."""
 
   remat_blocks: bool = False
+  scan_blocks: bool = False
 
-  def set_view(self, remat_blocks: bool | None = None):
-    """Used by `nnx.view`: rematerialise each block in backward."""
+  def set_view(
+    self, remat_blocks: bool | None = None, scan_blocks: bool | None = None
+  ):
+    """Used by `nnx.view`: rematerialise each block in backward; scan
+    identical consecutive blocks."""
     if remat_blocks is not None:
       self.remat_blocks = remat_blocks
+    if scan_blocks is not None:
+      self.scan_blocks = scan_blocks
 
   def block(self, module: nnx.Module, *args):
     """`module(*args)`, rematerialised when `remat_blocks` is on, its output
@@ -355,3 +375,38 @@ class RematBlocks:
     if isinstance(out, tuple):
       return (fusion_barrier(out[0]), *out[1:])
     return fusion_barrier(out)
+
+  def stage(self, modules: Sequence[nnx.Module], x: jax.Array) -> jax.Array:
+    """`x` through `modules` (blocks mapping one array to one array) in
+    order, each through `block`; with `scan_blocks`, runs of at least two
+    structurally identical blocks as one scan."""
+    i = 0
+    while i < len(modules):
+      graphdef, signature = _signature(modules[i])
+      j = i + 1
+      while (
+        self.scan_blocks
+        and j < len(modules)
+        and _signature(modules[j]) == (graphdef, signature)
+      ):
+        j += 1
+      if j - i < 2:
+        x = self.block(modules[i], x)
+      else:
+        x = self._scan(modules[i:j], graphdef, x)
+      i = j
+    return x
+
+  def _scan(self, modules, graphdef, x):
+    stacked = jax.tree.map(
+      lambda *a: jnp.stack(a), *[nnx.split(m)[1] for m in modules]
+    )
+
+    def body(x, state):
+      m = nnx.merge(graphdef, state)
+      return self.block(m, x), nnx.split(m)[1]
+
+    x, states = jax.lax.scan(body, x, stacked)
+    for k, m in enumerate(modules):  # BatchNorm statistics, in training
+      nnx.update(m, jax.tree.map(lambda a, k=k: a[k], states))
+    return x

@@ -207,13 +207,9 @@ class MobileNetV3(layers.RematBlocks, nnx.Module):
     }
 
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-    feats = {}
-    for i, layer in enumerate(self.features):
-      x = self.block(layer, x)
-      if i == V3_LOW_INDEX:
-        feats['low'] = x
-    feats['high'] = x
-    return feats
+    layers_ = list(self.features)
+    low = self.stage(layers_[: V3_LOW_INDEX + 1], x)
+    return {'low': low, 'high': self.stage(layers_[V3_LOW_INDEX + 1 :], low)}
 
 
 # The official DilatedMobileNetV2's stages: expansion, channels, blocks,
@@ -279,6 +275,4 @@ class DilatedMobileNetV2(layers.RematBlocks, nnx.Module):
     self.out_channels = cin
 
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-    for layer in self.features:
-      x = self.block(layer, x)
-    return {'out': x}
+    return {'out': self.stage(list(self.features), x)}

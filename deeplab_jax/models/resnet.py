@@ -151,7 +151,6 @@ class ResNet(layers.RematBlocks, nnx.Module):
     x = layers.max_pool(x, 3, 2, 1)
     feats = {}
     for name in ('layer1', 'layer2', 'layer3', 'layer4'):
-      for block in getattr(self, name):
-        x = self.block(block, x)
+      x = self.stage(getattr(self, name), x)
       feats[name] = x
     return feats
