@@ -52,7 +52,7 @@ def test_deeplabv3_mobilenet_v3_parity_main_and_aux(
   out = _forward(predict.inference_view(model), jnp.asarray(x))
   main, aux = (rel_err(out[k], nhwc(ref[k])) for k in ('out', 'aux'))
   parity_report(
-    'MobileNetV3-Large, torchvision (eval, 21 classes)',
+    'MobileNetV3-Large, torchvision (eval)',
     model='deeplabv3_mobilenet_v3_large (aux head)',
     input=f'2x{hw[0]}x{hw[1]}',
     out=main,
@@ -72,7 +72,7 @@ def test_lraspp_mobilenet_v3_parity(hw, parity_report):
     ref = tm(nchw(x))['out']
   err = rel_err(predict.logits(model, x), nhwc(ref))
   parity_report(
-    'MobileNetV3-Large, torchvision (eval, 21 classes)',
+    'MobileNetV3-Large, torchvision (eval)',
     model='lraspp_mobilenet_v3_large (7 classes)',
     input=f'2x{hw[0]}x{hw[1]}',
     out=err,
