@@ -17,6 +17,11 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+# The test processes themselves compile without the persistent cache: XLA:CPU
+# crashed twice (SIGSEGV) serialising or deserialising a cache entry inside
+# a pytest worker (JAX 0.10, not reproducible alone). The subprocess runs
+# of the scripts still share it through JAX_COMPILATION_CACHE_DIR.
+jax.config.update('jax_enable_compilation_cache', False)
 
 
 # ------------------------------------------------------ parity report ---
