@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
@@ -655,8 +655,12 @@ def load(
       + '. Check --arch, --num_classes and the model options.'
     )
 
+  # device_put, not jnp.asarray: that compiles a program per shape.
   pure = _unflatten(
-    {p: jnp.asarray(v, dtype=expected[p].dtype) for p, v in converted.items()}
+    {
+      p: jax.device_put(np.asarray(v, dtype=expected[p].dtype))
+      for p, v in converted.items()
+    }
   )
   nnx.replace_by_pure_dict(state, pure)
   if not fresh:

@@ -25,11 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deeplab_jax.models import layers
+from deeplab_jax.models import host_random, layers
 
 # (key, kernel shape [kh, kw, C_in/groups, C_out]) -> kernel
 KernelInit = Callable[[jax.Array, tuple[int, ...]], jax.Array]
@@ -41,8 +40,7 @@ def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
   return kh * kw * cin, kh * kw * cout
 
 
-def _uniform(key, shape, bound):
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+_uniform = host_random.uniform
 
 
 def torch_default(key, shape):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deeplab_jax.models import host_random
 from deeplab_jax.models.conv_lowering import (
   LOWERINGS,
   conv2d,
@@ -33,11 +34,10 @@ TORCH_BN_MOMENTUM = 0.9
 TORCH_BN_EPS = 1e-5
 
 
-def _kaiming_fan_out(key, shape, dtype=jnp.float32):
+def _kaiming_fan_out(key, shape):
   # torchvision's init for segmentation convs: kaiming_normal_, fan_out, relu.
   kh, kw, _, cout = shape
-  std = np.sqrt(2.0 / (kh * kw * cout))
-  return std * jax.random.normal(key, shape, dtype)
+  return host_random.normal(key, shape, np.sqrt(2.0 / (kh * kw * cout)))
 
 
 class Conv2d(nnx.Module):
@@ -67,7 +67,9 @@ class Conv2d(nnx.Module):
       raise ValueError(f'channels {in_channels}->{out_channels} % {groups}')
     shape = (kh, kw, in_channels // groups, out_channels)
     self.kernel = nnx.Param(_kaiming_fan_out(rngs.params(), shape))
-    self.bias = nnx.Param(jnp.zeros((out_channels,))) if use_bias else None
+    self.bias = (
+      nnx.Param(host_random.full((out_channels,), 0.0)) if use_bias else None
+    )
     self.stride = stride
     self.dilation = dilation
     self.padding = padding
@@ -130,10 +132,10 @@ class BatchNorm(nnx.Module):
     epsilon: float = TORCH_BN_EPS,
     use_running_average: bool = False,
   ):
-    self.scale = nnx.Param(jnp.ones((num_features,)))
-    self.bias = nnx.Param(jnp.zeros((num_features,)))
-    self.mean = nnx.BatchStat(jnp.zeros((num_features,)))
-    self.var = nnx.BatchStat(jnp.ones((num_features,)))
+    self.scale = nnx.Param(host_random.full((num_features,), 1.0))
+    self.bias = nnx.Param(host_random.full((num_features,), 0.0))
+    self.mean = nnx.BatchStat(host_random.full((num_features,), 0.0))
+    self.var = nnx.BatchStat(host_random.full((num_features,), 1.0))
     self.momentum = momentum
     self.epsilon = epsilon
     self.use_running_average = use_running_average
