@@ -8,12 +8,12 @@ own JAX start-up (`JAX_NUM_CPU_DEVICES` is read then).
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import json
 import multiprocessing
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -51,80 +51,193 @@ RESULT_COLUMNS = (
   'train_program_mb_per_device',
   'gflops_per_img',
   'train_mfu',
+  'error',
 )
 KERNEL_KINDS = ('conv', 'matmul', 'norm', 'copy', 'other', 'total')
 
 
-def isolated(fn: Callable[..., Any], **kwargs) -> Any:
-  """`fn(**kwargs)` in a fresh spawned process."""
+# `--table gpu`: issue #22's GPU table on one device, the most wanted rows
+# first, so that a lease cut short still returns them (`--deadline_s`).
+TABLES = {
+  'gpu': (
+    dict(
+      archs=('deeplabv3plus_resnet101',),
+      batches=(8,),
+      frameworks=('jax', 'torch', 'torch_compile'),
+    ),
+    dict(
+      archs=('deeplabv3_resnet101', 'denseaspp161'),
+      batches=(8,),
+      frameworks=('jax', 'torch'),
+    ),
+    dict(
+      archs=('deeplabv3plus_resnet101',),
+      batches=(16, 32),
+      frameworks=('jax', 'torch'),
+      remat_blocks=True,
+    ),
+  ),
+  # The same mechanism at CPU test sizes (torch.compile is left out: it
+  # compiles for minutes on CPU).
+  'tiny': (
+    dict(
+      archs=('deeplabv3_resnet_tiny',),
+      batches=(1, 2),
+      frameworks=('jax',),
+    ),
+    dict(
+      archs=('lraspp_mobilenet_v3_large',),
+      batches=(1, 2),
+      frameworks=('torch',),
+    ),
+  ),
+}
+TABLE_SETTINGS = {
+  'gpu': dict(size=(512, 1024), dtype='bfloat16', steps=10),
+  'tiny': dict(size=(64, 64), dtype='float32', steps=1),
+}
+FRAMEWORKS = ('jax', 'torch', 'torch_compile')
+TORCH_COMPILE_MODE = 'max-autotune-no-cudagraphs'
+
+
+def _child(conn, fn, kwargs) -> None:
+  try:
+    conn.send(('ok', fn(**kwargs)))
+  except BaseException as e:  # noqa: BLE001 - reported as the row
+    line = (str(e).strip().splitlines() or [''])[0][:300]
+    conn.send(('error', f'{type(e).__name__}: {line}'))
+
+
+def isolated(fn: Callable[..., Any], timeout: float | None = None, **kwargs):
+  """`fn(**kwargs)` in a fresh spawned process. An exception there (e.g.
+  out of memory), a crash, or running past `timeout` seconds (the process
+  is then killed) comes back as `{'error': one line}`."""
   ctx = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-    return pool.submit(fn, **kwargs).result()
+  parent, child = ctx.Pipe(duplex=False)
+  proc = ctx.Process(target=_child, args=(child, fn, kwargs))
+  proc.start()
+  child.close()
+  try:
+    if not parent.poll(None if timeout is None else max(timeout, 0.0)):
+      return {'error': f'stopped at the deadline, after {timeout:.0f} s'}
+    status, value = parent.recv()
+  except EOFError:
+    proc.join()
+    return {'error': f'the measurement process died (exit {proc.exitcode})'}
+  finally:
+    if proc.is_alive():
+      proc.kill()
+    proc.join()
+  return value if status == 'ok' else {'error': value}
 
 
 def model_rows(
   archs: Sequence[str],
   *,
-  device_counts: Sequence[int],
-  param_shardings: Sequence[str],
+  device_counts: Sequence[int] = (1,),
+  param_shardings: Sequence[str] = ('replicated',),
   spatial_sizes: Sequence[int] = (1,),
-  batch_per_device: int,
+  batches: Sequence[int],
   size: tuple[int, int],
   steps: int,
   dtype: str,
+  frameworks: Sequence[str] = ('jax',),
   conv_lowering: str = 'auto',
   scan_blocks: bool = False,
-  torch: bool = False,
+  remat_blocks: bool = False,
   tune_malloc: bool = True,
   profile_dir: str | None = None,
+  deadline: float | None = None,
 ) -> Iterator[dict[str, Any]]:
-  """One result row per (arch, device count, spatial size, sharding rule),
-  then the PyTorch reference's row (same batch and size as the last JAX
-  row, with `jax_train_ratio` / `jax_eval_ratio`), yielded as each
-  finishes. A spatial size that does not divide a device count is
-  skipped."""
+  """Result rows, yielded as each measurement finishes: per arch and batch
+  (images per data-axis slot), one JAX row per (device count, spatial size,
+  sharding rule) with `'jax'` in `frameworks`, then PyTorch eager
+  (`'torch'`) and `torch.compile` (`'torch_compile'`) rows on the same
+  batch and size as the last JAX row (with `jax_train_ratio` /
+  `jax_eval_ratio` when there is one). A spatial size that does not divide
+  a device count is skipped. A measurement that fails, or that would run
+  past `deadline` (`time.monotonic()`), is a row with `error`."""
+  unknown = set(frameworks) - set(FRAMEWORKS)
+  if unknown:
+    raise ValueError(
+      f'unknown frameworks {sorted(unknown)}; known: {FRAMEWORKS}'
+    )
   if tune_malloc:
     os.environ.setdefault('GLIBC_TUNABLES', GLIBC_TUNABLES)
   os.environ.setdefault('JAX_NUM_CPU_DEVICES', str(max(device_counts)))
 
-  def profile(name):
-    return (
-      {'profile_dir': os.path.join(profile_dir, name)} if profile_dir else {}
-    )
+  def measure(fn, framework, name, **kw):
+    timeout = None if deadline is None else deadline - time.monotonic()
+    if timeout is not None and timeout <= 0:
+      row = {'error': 'skipped: past the deadline'}
+    else:
+      if profile_dir:
+        kw['profile_dir'] = os.path.join(profile_dir, name)
+      row = isolated(fn, timeout=timeout, **kw)
+    if 'error' in row:
+      row = {'framework': framework, **kw, **row}
+      row['size'] = f'{size[0]}x{size[1]}'
+      row.pop('profile_dir', None)
+    return row
 
-  for arch in archs:
-    row = None
-    for n, s, rule in itertools.product(
-      device_counts, spatial_sizes, param_shardings
-    ):
-      if n % s:
-        continue  # S devices split each image: S must divide the count
-      # `batch_per_device` images per data-axis slot: S devices share them.
-      kw = dict(batch=batch_per_device * n // s, size=size, steps=steps)
-      row = isolated(
-        benchmarking.jax_model,
-        arch=arch,
-        conv_lowering=conv_lowering,
-        scan_blocks=scan_blocks,
-        devices=n,
-        spatial=s,
-        param_sharding=rule,
-        dtype=dtype,
-        **profile(f'jax_{arch}_{dtype}_d{n}_s{s}_{rule}'),
-        **kw,
-      )
-      yield row
-    if torch:
-      ref = isolated(
+  for arch, per_slot in itertools.product(archs, batches):
+    jax_row = None
+    if 'jax' in frameworks:
+      for n, s, rule in itertools.product(
+        device_counts, spatial_sizes, param_shardings
+      ):
+        if n % s:
+          continue  # S devices split each image: S must divide the count
+        # `per_slot` images per data-axis slot: S devices share them.
+        kw = dict(arch=arch, batch=per_slot * n // s, size=size, steps=steps)
+        jax_row = measure(
+          benchmarking.jax_model,
+          'jax',
+          f'jax_{arch}_{dtype}_b{per_slot}_d{n}_s{s}_{rule}',
+          conv_lowering=conv_lowering,
+          scan_blocks=scan_blocks,
+          remat_blocks=remat_blocks,
+          devices=n,
+          spatial=s,
+          param_sharding=rule,
+          dtype=dtype,
+          **kw,
+        )
+        yield jax_row
+    batch = jax_row['batch'] if jax_row else per_slot
+    for framework in ('torch', 'torch_compile'):
+      if framework not in frameworks:
+        continue
+      mode = TORCH_COMPILE_MODE if framework == 'torch_compile' else None
+      ref = measure(
         benchmarking.torch_model,
+        framework,
+        f'{framework}_{arch}_{dtype}_b{batch}',
         arch=arch,
-        **profile(f'torch_{arch}_{dtype}'),
+        batch=batch,
+        size=size,
+        steps=steps,
         dtype=dtype,
-        **kw,
+        compile_mode=mode,
       )
-      ref['jax_train_ratio'] = row['train_img_s'] / ref['train_img_s']
-      ref['jax_eval_ratio'] = row['eval_img_s'] / ref['eval_img_s']
+      if jax_row and 'error' not in jax_row and 'error' not in ref:
+        ref['jax_train_ratio'] = jax_row['train_img_s'] / ref['train_img_s']
+        ref['jax_eval_ratio'] = jax_row['eval_img_s'] / ref['eval_img_s']
       yield ref
+
+
+def table_rows(
+  name: str, *, frameworks: Sequence[str], **options
+) -> Iterator[dict[str, Any]]:
+  """The rows of `TABLES[name]` at its `TABLE_SETTINGS`, keeping only the
+  measurements of `frameworks` (a JAX-only or PyTorch-only phase);
+  `options` go to `model_rows` (e.g. `deadline`)."""
+  for group in TABLES[name]:
+    chosen = [f for f in group['frameworks'] if f in frameworks]
+    if chosen:
+      yield from model_rows(
+        **{**group, **TABLE_SETTINGS[name], **options, 'frameworks': chosen}
+      )
 
 
 def input_pipeline_rows(workers: Sequence[int]) -> Iterator[dict[str, Any]]:
@@ -197,13 +310,23 @@ def kernel_table(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def print_rows(rows: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Prints each row as one JSON line as it comes, then the tables."""
+def print_rows(
+  rows: Iterator[dict[str, Any]], output: str | None = None
+) -> list[dict[str, Any]]:
+  """Prints each row as one JSON line as it comes (and appends it to the
+  JSON-lines file `output`, flushed to disk: a run cut short keeps every
+  finished row), then the tables."""
   done = []
   for row in rows:
-    print(json.dumps(row), flush=True)
+    line = json.dumps(row)
+    print(line, flush=True)
+    if output:
+      with open(output, 'a') as f:
+        f.write(line + '\n')
+        f.flush()
+        os.fsync(f.fileno())
     done.append(row)
-  if done and 'train_img_s' in done[0]:
+  if done and any('train_img_s' in r or 'error' in r for r in done):
     print(results_table(done))
     profiled = [r for r in done if 'kernel_ms_per_step' in r]
     if profiled:

@@ -294,6 +294,7 @@ def jax_model(
   spatial: int = 1,
   param_sharding: str = 'replicated',
   scan_blocks: bool = False,
+  remat_blocks: bool = False,
   profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """Train and inference images/s, compile time, memory, FLOPs, MFU.
@@ -303,7 +304,9 @@ def jax_model(
   mesh that splits each image's height, XLA's own convolutions as training
   runs it there); `param_sharding` is the train state's rule
   (`sharding.state_shardings`); `scan_blocks` scans identical blocks
-  (`layers.RematBlocks`). With `profile_dir`, `PROFILE_STEPS` more
+  (`layers.RematBlocks`), `remat_blocks` recomputes each block's
+  activations in the backward pass (`model.remat='blocks'` in training:
+  larger batches fit). With `profile_dir`, `PROFILE_STEPS` more
   train steps are traced there (TensorBoard / Perfetto) and the row gains
   the device kernel time per step by kind (`kernel_time_summary`).
   """
@@ -323,7 +326,7 @@ def jax_model(
     dtype=dtype,
     **reference_overrides(arch),
   )
-  model = nnx.view(model, scan_blocks=scan_blocks)
+  model = nnx.view(model, scan_blocks=scan_blocks, remat_blocks=remat_blocks)
   # Trained as PyTorch trains it: dropout on, BatchNorm on batch statistics.
   graphdef, params, rest = nnx.split(
     nnx.view(model, conv_lowering=conv_lowering), nnx.Param, ...
@@ -421,6 +424,7 @@ def jax_model(
     'spatial': spatial,
     'param_sharding': param_sharding,
     'scan_blocks': scan_blocks,
+    'remat_blocks': remat_blocks,
     'size': f'{size[0]}x{size[1]}',
     'dtype': dtype,
     'device': jax.devices()[0].device_kind,
@@ -492,11 +496,15 @@ def torch_model(
   steps: int,
   dtype: str = 'float32',
   num_classes: int = 19,
+  compile_mode: str | None = None,
   profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """The PyTorch reference on the same shapes, in its fastest eager
   settings: channels_last, AMP for bfloat16, cuDNN autotuning on GPU.
-  `profile_dir` as in `jax_model` (`torch.profiler`)."""
+  `compile_mode` (e.g. `'max-autotune-no-cudagraphs'`) runs it under
+  `torch.compile` instead (framework `torch_compile`; `compile_s` is the
+  first train and inference calls less one step each). `profile_dir` as
+  in `jax_model` (`torch.profiler`)."""
   import torch
   import torch.nn.functional as F
 
@@ -511,9 +519,11 @@ def torch_model(
   labels = torch.randint(0, num_classes, (batch, *size), device=device)
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
   amp = dtype == 'bfloat16'
+  # Train and eval mode are compiled separately (dynamo guards on it).
+  run_model = torch.compile(model, mode=compile_mode) if compile_mode else model
 
   def out_of(x):
-    out = model(x)
+    out = run_model(x)
     return out['out'] if isinstance(out, dict) else out
 
   def sync():
@@ -534,8 +544,12 @@ def torch_model(
       out_of(images)
     sync()
 
+  first_calls = []
+
   def timed(fn):
+    t = time.perf_counter()
     fn()
+    first_calls.append(time.perf_counter() - t)
     times = []
     for _ in range(steps):
       t = time.perf_counter()
@@ -552,13 +566,15 @@ def torch_model(
     kernels = _torch_profile(train, profile_dir)
   model.eval()
   infer_s = timed(infer)
+  compile_s = first_calls[0] - train_s + first_calls[1] - infer_s
   peak = (
     torch.cuda.max_memory_allocated() / 2**20
     if device == 'cuda'
     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   )
   return {
-    'framework': 'torch',
+    'framework': 'torch_compile' if compile_mode else 'torch',
+    'compile_mode': compile_mode,
     'arch': arch,
     'batch': batch,
     'size': f'{size[0]}x{size[1]}',
@@ -566,7 +582,7 @@ def torch_model(
     'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
     'train_img_s': batch / train_s,
     'eval_img_s': batch / infer_s,
-    'compile_s': 0.0,
+    'compile_s': compile_s if compile_mode else 0.0,
     'peak_mem_mb': peak,
     'gflops_per_img': float('nan'),
     **kernels,

@@ -44,21 +44,33 @@ def _main_logits(
   return model(images)['out'].astype(jnp.float32)
 
 
-def _placed(model: nnx.Module, images, spatial: int):
-  """`(inference view, images, mesh or None)` placed for `_main_logits`."""
-  images = jnp.asarray(images, jnp.float32)
+def _view_and_mesh(model: nnx.Module, spatial: int):
+  """`(inference view, mesh or None)` for `_main_logits`. With `spatial >
+  1`, the view is a copy whose weights are replicated over a `(1, spatial)`
+  mesh of local devices; the caller's model stays where it is."""
+  view = inference_view(model)
+  if spatial == 1:
+    return view, None
+  mesh = sharding.make_mesh((1, spatial), jax.local_devices())
+  # XLA's own convolutions partition along height (train._training_view).
+  graphdef, state = nnx.split(nnx.view(view, conv_lowering='native'))
+  state = jax.device_put(state, sharding.replicated(mesh))
+  return nnx.merge(graphdef, state), mesh
+
+
+def _placed_images(images, mesh: jax.sharding.Mesh | None):
+  """`images` as float32, checked, and replicated over `mesh` if any."""
+  if not isinstance(images, jax.Array):
+    # Placed, not converted with jnp.asarray (a program per shape).
+    images = jax.device_put(np.asarray(images, np.float32))
   if images.ndim != 4 or images.shape[-1] != 3:
     raise UserError(
       f'images must be [B, H, W, 3], got shape {tuple(images.shape)}'
     )
-  view = inference_view(model)
-  if spatial == 1:
-    return view, images, None
-  mesh = sharding.make_mesh((1, spatial), jax.local_devices())
-  # XLA's own convolutions partition along height (train._training_view).
-  view = nnx.view(view, conv_lowering='native')
-  nnx.update(view, jax.device_put(nnx.state(view), sharding.replicated(mesh)))
-  return view, jax.device_put(images, sharding.replicated(mesh)), mesh
+  images = images.astype(jnp.float32)
+  if mesh is None:
+    return images
+  return jax.device_put(images, sharding.replicated(mesh))
 
 
 def logits(
@@ -76,7 +88,8 @@ def logits(
   Returns:
     `[B, H, W, num_classes]` float32 logits at the input size.
   """
-  return _main_logits(*_placed(model, images, spatial))
+  view, mesh = _view_and_mesh(model, spatial)
+  return _main_logits(view, _placed_images(images, mesh), mesh)
 
 
 def lowered(
@@ -84,7 +97,8 @@ def lowered(
 ) -> jax.stages.Lowered:
   """The program `logits` runs, lowered: `.compile().memory_analysis()`
   gives its per-device memory, `.compile().as_text()` its collectives."""
-  return _main_logits.lower(*_placed(model, images, spatial))
+  view, mesh = _view_and_mesh(model, spatial)
+  return _main_logits.lower(view, _placed_images(images, mesh), mesh)
 
 
 def colorize(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -173,6 +187,7 @@ def predict_images(
   splits each image over that many devices (`logits`).
   """
   norm = meta['normalization']
+  view, mesh = _view_and_mesh(model, spatial)
   pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
 
   def run(hw, items):
@@ -180,7 +195,7 @@ def predict_images(
     for i, (_, image) in enumerate(items):
       h, w = image.shape[:2]
       x[i, :h, :w] = normalization.normalize(image, norm['mean'], norm['std'])
-    out = np.asarray(logits(model, x, spatial=spatial))
+    out = np.asarray(_main_logits(view, _placed_images(x, mesh), mesh))
     for i, (path, image) in enumerate(items):
       h, w = image.shape[:2]
       crop = out[i, :h, :w]

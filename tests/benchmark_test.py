@@ -75,6 +75,89 @@ def test_benchmark_prints_jax_and_torch_rows():
   assert '| framework |' in r.stdout
 
 
+def test_prepared_table_streams_rows_to_a_file_by_phase(tmp_path):
+  # The PyTorch phase of the CPU-sized table (the GPU table runs the same
+  # code): each row is in the file as it finished.
+  out = tmp_path / 'rows.jsonl'
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'scripts.benchmark',
+      '--table',
+      'tiny',
+      '--nojax',
+      '--torch',
+      '--output',
+      str(out),
+    ],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r['framework'], r['arch'], r['batch']) for r in rows] == [
+    ('torch', 'lraspp_mobilenet_v3_large', 1),
+    ('torch', 'lraspp_mobilenet_v3_large', 2),
+  ]
+  for row in rows:
+    assert FIELDS <= set(row) and row['train_img_s'] > 0
+    assert row['compile_s'] == 0.0 and row['compile_mode'] is None
+
+
+def _raise_oom():
+  raise MemoryError('RESOURCE_EXHAUSTED: out of memory\nmore detail')
+
+
+def _sleep_long():
+  import time
+
+  time.sleep(60)
+
+
+def _die():
+  os._exit(3)
+
+
+def test_failed_or_late_measurements_become_rows():
+  import time
+
+  from deeplab_jax import benchmark_runs
+
+  assert benchmark_runs.isolated(_raise_oom) == {
+    'error': 'MemoryError: RESOURCE_EXHAUSTED: out of memory'
+  }
+  assert benchmark_runs.isolated(_die) == {
+    'error': 'the measurement process died (exit 3)'
+  }
+  t = time.monotonic()
+  row = benchmark_runs.isolated(_sleep_long, timeout=1.0)
+  assert row == {'error': 'stopped at the deadline, after 1 s'}
+  assert time.monotonic() - t < 30  # killed, not waited for
+  # Past the deadline nothing starts; each skipped measurement says so.
+  rows = list(
+    benchmark_runs.model_rows(
+      ['deeplabv3_resnet_tiny'],
+      batches=[1, 2],
+      size=(32, 32),
+      steps=1,
+      dtype='float32',
+      frameworks=('jax', 'torch'),
+      deadline=time.monotonic() - 1,
+    )
+  )
+  assert [(r['framework'], r['batch'], r['error']) for r in rows] == [
+    ('jax', 1, 'skipped: past the deadline'),
+    ('torch', 1, 'skipped: past the deadline'),
+    ('jax', 2, 'skipped: past the deadline'),
+    ('torch', 2, 'skipped: past the deadline'),
+  ]
+  assert '| error |' in benchmark_runs.results_table(rows).splitlines()[0]
+
+
 def test_torch_reference_row_has_every_field():
   from deeplab_jax import benchmarking
 

@@ -172,7 +172,6 @@ def official_121():
   'arch,hw',
   [
     ('denseaspp121', (256, 384)),
-    ('denseaspp121', (136, 200)),
     ('denseaspp161', (136, 200)),
     ('denseaspp169', (136, 200)),
     ('denseaspp201', (120, 168)),

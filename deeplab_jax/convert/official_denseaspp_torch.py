@@ -64,7 +64,29 @@ class AsppBlock(nn.Module):
     return self.drop(self.conv2(self.relu2(self.norm2(y))))
 
 
-class OfficialDenseASPP(nn.Module):
+class OfficialHead(nn.Module):
+  """The head both official models share: five densely connected atrous
+  blocks (attributes `ASPP_3` ... `ASPP_24`) and the x8 classifier."""
+
+  RATES = (3, 6, 12, 18, 24)
+
+  def add_head(self, c, d0, d1, n_class):
+    for k, rate in enumerate(self.RATES):
+      setattr(self, f'ASPP_{rate}', AsppBlock(c + k * d1, d0, d1, rate, k > 0))
+    c += len(self.RATES) * d1
+    self.classification = nn.Sequential(
+      nn.Dropout2d(0.1),
+      nn.Conv2d(c, n_class, 1),
+      nn.Upsample(scale_factor=8, mode='bilinear', align_corners=True),
+    )
+
+  def head(self, f):
+    for rate in self.RATES:
+      f = torch.cat([getattr(self, f'ASPP_{rate}')(f), f], 1)
+    return self.classification(f)
+
+
+class OfficialDenseASPP(OfficialHead):
   def __init__(self, growth, stem, blocks, d0, d1, n_class, output_stride=8):
     super().__init__()
     fs = output_stride // 8
@@ -95,20 +117,10 @@ class OfficialDenseASPP(nn.Module):
         'upsample',
         nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True),
       )
-    for k, rate in enumerate((3, 6, 12, 18, 24)):
-      setattr(self, f'ASPP_{rate}', AsppBlock(c + k * d1, d0, d1, rate, k > 0))
-    c += 5 * d1
-    self.classification = nn.Sequential(
-      nn.Dropout2d(0.1),
-      nn.Conv2d(c, n_class, 1),
-      nn.Upsample(scale_factor=8, mode='bilinear', align_corners=True),
-    )
+    self.add_head(c, d0, d1, n_class)
 
   def forward(self, x):
-    f = self.features(x)
-    for rate in (3, 6, 12, 18, 24):
-      f = torch.cat([getattr(self, f'ASPP_{rate}')(f), f], 1)
-    return self.classification(f)
+    return self.head(self.features(x))
 
 
 class MobileNetV2Block(nn.Module):
@@ -134,7 +146,7 @@ class MobileNetV2Block(nn.Module):
     return x + self.conv(x) if self.residual else self.conv(x)
 
 
-class OfficialMobileNetDenseASPP(nn.Module):
+class OfficialMobileNetDenseASPP(OfficialHead):
   """`models/MobileNetDenseASPP.py` of the official repository: the dilated
   MobileNetV2 (`features.features`), DenseASPP blocks and the x8 classifier.
   At output stride 16 the official model's x2 feature upsample is
@@ -160,20 +172,10 @@ class OfficialMobileNetDenseASPP(nn.Module):
         c = cout
     self.features = nn.Module()
     self.features.features = nn.Sequential(*layers)
-    for k, rate in enumerate((3, 6, 12, 18, 24)):
-      setattr(self, f'ASPP_{rate}', AsppBlock(c + k * d1, d0, d1, rate, k > 0))
-    c += 5 * d1
-    self.classification = nn.Sequential(
-      nn.Dropout2d(0.1),
-      nn.Conv2d(c, n_class, 1),
-      nn.Upsample(scale_factor=8, mode='bilinear', align_corners=True),
-    )
+    self.add_head(c, d0, d1, n_class)
 
   def forward(self, x):
-    f = self.features.features(x)
-    for rate in (3, 6, 12, 18, 24):
-      f = torch.cat([getattr(self, f'ASPP_{rate}')(f), f], 1)
-    return self.classification(f)
+    return self.head(self.features.features(x))
 
 
 def official_state_dict(model):

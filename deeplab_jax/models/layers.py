@@ -165,8 +165,18 @@ class BatchNorm(nnx.Module):
     return x * inv.astype(x.dtype) + shift.astype(x.dtype)
 
 
+# Activations by name, for blocks configured with one.
+ACTIVATIONS = {
+  'relu': jax.nn.relu,
+  'relu6': jax.nn.relu6,
+  'hardswish': jax.nn.hard_swish,
+  'none': lambda x: x,
+}
+
+
 class ConvBN(nnx.Module):
-  """Conv2d (no bias) followed by BatchNorm and, optionally, ReLU."""
+  """Conv2d (no bias), BatchNorm, then an activation (`ACTIVATIONS` name;
+  `'none'` for none): torchvision's `Conv2dNormActivation`."""
 
   def __init__(
     self,
@@ -177,7 +187,7 @@ class ConvBN(nnx.Module):
     stride: int = 1,
     dilation: int = 1,
     groups: int = 1,
-    relu: bool = True,
+    activation: str = 'relu',
     bn_momentum: float = TORCH_BN_MOMENTUM,
     epsilon: float = TORCH_BN_EPS,
     rngs: nnx.Rngs,
@@ -192,11 +202,10 @@ class ConvBN(nnx.Module):
       rngs=rngs,
     )
     self.bn = BatchNorm(out_channels, momentum=bn_momentum, epsilon=epsilon)
-    self.relu = relu
+    self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.bn(self.conv(x))
-    return jax.nn.relu(y) if self.relu else y
+    return ACTIVATIONS[self.activation](self.bn(self.conv(x)))
 
 
 class SeparableConvBN(nnx.Module):
@@ -382,14 +391,17 @@ class RematBlocks:
     """`x` through `modules` (blocks mapping one array to one array) in
     order, each through `block`; with `scan_blocks`, runs of at least two
     structurally identical blocks as one scan."""
+    if not self.scan_blocks:
+      for m in modules:
+        x = self.block(m, x)
+      return x
     i = 0
     while i < len(modules):
       graphdef, signature = _signature(modules[i])
       j = i + 1
-      while (
-        self.scan_blocks
-        and j < len(modules)
-        and _signature(modules[j]) == (graphdef, signature)
+      while j < len(modules) and _signature(modules[j]) == (
+        graphdef,
+        signature,
       ):
         j += 1
       if j - i < 2:

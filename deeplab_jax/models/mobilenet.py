@@ -28,14 +28,7 @@ from deeplab_jax.errors import ConfigError
 from deeplab_jax.models import layers
 
 # torchvision's MobileNetV3 BatchNorm: eps 1e-3, PyTorch momentum 0.01.
-V3_BN = dict(epsilon=1e-3, momentum=0.99)
-
-ACTIVATIONS = {
-  'relu': jax.nn.relu,
-  'relu6': jax.nn.relu6,
-  'hardswish': jax.nn.hard_swish,
-  'none': lambda x: x,
-}
+V3_BN = dict(epsilon=1e-3, bn_momentum=0.99)
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -44,39 +37,6 @@ def make_divisible(value: float, divisor: int = 8) -> int:
   torchvision's `_make_divisible` follows)."""
   rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
   return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-class ConvBNAct(nnx.Module):
-  """Conv (no bias) - BatchNorm - activation (`ACTIVATIONS` name):
-  torchvision's `Conv2dNormActivation`."""
-
-  def __init__(
-    self,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int,
-    *,
-    stride: int = 1,
-    dilation: int = 1,
-    groups: int = 1,
-    activation: str = 'relu',
-    bn: dict | None = None,
-    rngs: nnx.Rngs,
-  ):
-    self.conv = layers.Conv2d(
-      in_channels,
-      out_channels,
-      kernel_size,
-      stride=stride,
-      dilation=dilation,
-      groups=groups,
-      rngs=rngs,
-    )
-    self.bn = layers.BatchNorm(out_channels, **(bn or {}))
-    self.activation = activation
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return ACTIVATIONS[self.activation](self.bn(self.conv(x)))
 
 
 class SqueezeExcitation(nnx.Module):
@@ -159,8 +119,8 @@ class MobileNetV3(layers.RematBlocks, nnx.Module):
     dilation = 2 if config.output_stride == 16 else 1
     stem = ch(V3_LARGE[0][0])
     features = [
-      ConvBNAct(
-        3, stem, 3, stride=2, activation='hardswish', bn=V3_BN, rngs=rngs
+      layers.ConvBN(
+        3, stem, 3, stride=2, activation='hardswish', **V3_BN, rngs=rngs
       )
     ]
     for i, (cin, k, exp, cout, se, act, stride) in enumerate(V3_LARGE):
@@ -169,10 +129,10 @@ class MobileNetV3(layers.RematBlocks, nnx.Module):
       block = []
       if exp != cin:
         block.append(
-          ConvBNAct(cin, exp, 1, activation=act, bn=V3_BN, rngs=rngs)
+          layers.ConvBN(cin, exp, 1, activation=act, **V3_BN, rngs=rngs)
         )
       block.append(
-        ConvBNAct(
+        layers.ConvBN(
           exp,
           exp,
           k,
@@ -180,7 +140,7 @@ class MobileNetV3(layers.RematBlocks, nnx.Module):
           dilation=d,
           groups=exp,
           activation=act,
-          bn=V3_BN,
+          **V3_BN,
           rngs=rngs,
         )
       )
@@ -189,12 +149,14 @@ class MobileNetV3(layers.RematBlocks, nnx.Module):
           SqueezeExcitation(exp, make_divisible(exp // 4), rngs=rngs)
         )
       block.append(
-        ConvBNAct(exp, cout, 1, activation='none', bn=V3_BN, rngs=rngs)
+        layers.ConvBN(exp, cout, 1, activation='none', **V3_BN, rngs=rngs)
       )
       features.append(InvertedResidual(block, stride == 1 and cin == cout))
     last = ch(V3_LARGE[-1][3])
     features.append(
-      ConvBNAct(last, 6 * last, 1, activation='hardswish', bn=V3_BN, rngs=rngs)
+      layers.ConvBN(
+        last, 6 * last, 1, activation='hardswish', **V3_BN, rngs=rngs
+      )
     )
     self.features = nnx.List(features)
 
@@ -247,7 +209,7 @@ class DilatedMobileNetV2(layers.RematBlocks, nnx.Module):
     self.config = config
     scale = config.output_stride // 8
     cin = int(32 * config.width_mult)
-    features = [ConvBNAct(3, cin, 3, stride=2, rngs=rngs)]
+    features = [layers.ConvBN(3, cin, 3, stride=2, rngs=rngs)]
     for stage, (t, c, n, s) in enumerate(V2_STAGES):
       cout = int(c * config.width_mult)
       stride = scale if stage == 3 else s
@@ -255,8 +217,8 @@ class DilatedMobileNetV2(layers.RematBlocks, nnx.Module):
       for j in range(n):
         exp = cin * t
         block = [
-          ConvBNAct(cin, exp, 1, activation='relu6', rngs=rngs),
-          ConvBNAct(
+          layers.ConvBN(cin, exp, 1, activation='relu6', rngs=rngs),
+          layers.ConvBN(
             exp,
             exp,
             3,
@@ -266,7 +228,7 @@ class DilatedMobileNetV2(layers.RematBlocks, nnx.Module):
             activation='relu6',
             rngs=rngs,
           ),
-          ConvBNAct(exp, cout, 1, activation='none', rngs=rngs),
+          layers.ConvBN(exp, cout, 1, activation='none', rngs=rngs),
         ]
         residual = (stride if j == 0 else 1) == 1 and cin == cout
         features.append(InvertedResidual(block, residual))

@@ -85,7 +85,9 @@ class Bottleneck(nnx.Module):
     self.bn3 = layers.BatchNorm(out)
     needs_projection = stride != 1 or inplanes != out
     self.downsample = (
-      layers.ConvBN(inplanes, out, 1, stride=stride, relu=False, rngs=rngs)
+      layers.ConvBN(
+        inplanes, out, 1, stride=stride, activation='none', rngs=rngs
+      )
       if needs_projection
       else None
     )

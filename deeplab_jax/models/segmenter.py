@@ -37,6 +37,26 @@ def upsample_logits(
   return up.astype(jnp.float32)
 
 
+def _backbone(model: str, name: str, builders: dict, rngs: nnx.Rngs):
+  """`builders[name](rngs)`, or one line naming the backbones `model`
+  can use."""
+  if name not in builders:
+    raise ConfigError(
+      f'{model} backbone must be one of {", ".join(map(repr, builders))}, '
+      f'not {name!r}'
+    )
+  return builders[name](rngs)
+
+
+def _mobilenet_v3(config, rngs: nnx.Rngs) -> mobilenet.MobileNetV3:
+  return mobilenet.MobileNetV3(
+    mobilenet.MobileNetV3Config(
+      output_stride=config.output_stride, width_mult=config.width_mult
+    ),
+    rngs=rngs,
+  )
+
+
 DEFAULT_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
 
@@ -86,28 +106,23 @@ class DeepLabV3(nnx.Module):
   ):
     self.config = config
     self.num_classes = num_classes
-    if config.backbone == 'mobilenet_v3_large':
-      self.backbone = mobilenet.MobileNetV3(
-        mobilenet.MobileNetV3Config(
-          output_stride=config.output_stride, width_mult=config.width_mult
+    self.backbone = _backbone(
+      'DeepLabV3',
+      config.backbone,
+      {
+        'resnet': lambda rngs: resnet.ResNet(
+          resnet.ResNetConfig(
+            blocks=config.blocks,
+            width=config.width,
+            output_stride=config.output_stride,
+            multi_grid=config.multi_grid,
+          ),
+          rngs=rngs,
         ),
-        rngs=rngs,
-      )
-    elif config.backbone == 'resnet':
-      self.backbone = resnet.ResNet(
-        resnet.ResNetConfig(
-          blocks=config.blocks,
-          width=config.width,
-          output_stride=config.output_stride,
-          multi_grid=config.multi_grid,
-        ),
-        rngs=rngs,
-      )
-    else:
-      raise ConfigError(
-        f"DeepLabV3 backbone must be 'resnet' or 'mobilenet_v3_large', not "
-        f'{config.backbone!r}'
-      )
+        'mobilenet_v3_large': lambda rngs: _mobilenet_v3(config, rngs),
+      },
+      rngs,
+    )
     ch = self.backbone.channels()
     # The head reads the last map, the auxiliary head the stride-8 one.
     self.features = ('high', 'low') if 'high' in ch else ('layer4', 'layer3')
@@ -165,12 +180,7 @@ class LRASPP(nnx.Module):
   def __init__(self, config: LRASPPConfig, *, num_classes: int, rngs: nnx.Rngs):
     self.config = config
     self.num_classes = num_classes
-    self.backbone = mobilenet.MobileNetV3(
-      mobilenet.MobileNetV3Config(
-        output_stride=config.output_stride, width_mult=config.width_mult
-      ),
-      rngs=rngs,
-    )
+    self.backbone = _mobilenet_v3(config, rngs)
     ch = self.backbone.channels()
     self.head = heads.LRASPPHead(
       ch['low'],
@@ -244,30 +254,30 @@ class DenseASPP(nnx.Module):
   ):
     self.config = config
     self.num_classes = num_classes
-    if config.backbone == 'mobilenet_v2':
-      self.backbone = mobilenet.DilatedMobileNetV2(
-        mobilenet.MobileNetV2Config(
-          output_stride=config.output_stride, width_mult=config.width_mult
+    self.backbone = _backbone(
+      'DenseASPP',
+      config.backbone,
+      {
+        'densenet': lambda rngs: densenet.DenseNet(
+          densenet.DenseNetConfig(
+            growth_rate=config.growth_rate,
+            init_features=config.init_features,
+            blocks=config.blocks,
+            bn_size=config.bn_size,
+            output_stride=config.output_stride,
+            transition4=config.transition4,
+          ),
+          rngs=rngs,
         ),
-        rngs=rngs,
-      )
-    elif config.backbone == 'densenet':
-      self.backbone = densenet.DenseNet(
-        densenet.DenseNetConfig(
-          growth_rate=config.growth_rate,
-          init_features=config.init_features,
-          blocks=config.blocks,
-          bn_size=config.bn_size,
-          output_stride=config.output_stride,
-          transition4=config.transition4,
+        'mobilenet_v2': lambda rngs: mobilenet.DilatedMobileNetV2(
+          mobilenet.MobileNetV2Config(
+            output_stride=config.output_stride, width_mult=config.width_mult
+          ),
+          rngs=rngs,
         ),
-        rngs=rngs,
-      )
-    else:
-      raise ConfigError(
-        f"DenseASPP backbone must be 'densenet' or 'mobilenet_v2', not "
-        f'{config.backbone!r}'
-      )
+      },
+      rngs,
+    )
     self.head = heads.DenseASPPHead(
       self.backbone.out_channels,
       num_classes,
@@ -346,37 +356,40 @@ class DeepLabV3Plus(nnx.Module):
   ):
     self.config = config
     self.num_classes = num_classes
-    if config.backbone == 'resnet':
-      self.backbone = resnet.ResNet(
-        resnet.ResNetConfig(
-          blocks=config.resnet_blocks,
-          width=config.resnet_width,
-          output_stride=config.output_stride,
-          multi_grid=config.multi_grid,
-          uniform_dilation=config.resnet_uniform_dilation,
+    if config.backbone == 'xception' and config.aux_head:
+      raise ConfigError('aux_head needs a ResNet backbone (layer3 features)')
+    self.backbone = _backbone(
+      'DeepLabV3+',
+      config.backbone,
+      {
+        'resnet': lambda rngs: resnet.ResNet(
+          resnet.ResNetConfig(
+            blocks=config.resnet_blocks,
+            width=config.resnet_width,
+            output_stride=config.output_stride,
+            multi_grid=config.multi_grid,
+            uniform_dilation=config.resnet_uniform_dilation,
+          ),
+          rngs=rngs,
         ),
-        rngs=rngs,
-      )
+        'xception': lambda rngs: xception.Xception(
+          xception.XceptionConfig(
+            depth=config.xception_depth,
+            output_stride=config.output_stride,
+            middle_blocks=config.xception_middle_blocks,
+            width_divisor=config.xception_width_divisor,
+          ),
+          rngs=rngs,
+        ),
+      },
+      rngs,
+    )
+    if config.backbone == 'resnet':
       ch = self.backbone.channels()
       high, low = ch['layer4'], ch['layer1']
-    elif config.backbone == 'xception':
-      if config.aux_head:
-        raise ConfigError('aux_head needs a ResNet backbone (layer3 features)')
-      self.backbone = xception.Xception(
-        xception.XceptionConfig(
-          depth=config.xception_depth,
-          output_stride=config.output_stride,
-          middle_blocks=config.xception_middle_blocks,
-          width_divisor=config.xception_width_divisor,
-        ),
-        rngs=rngs,
-      )
+    else:
       high = self.backbone.out_channels
       low = self.backbone.low_level_channels
-    else:
-      raise ConfigError(
-        f"backbone must be 'resnet' or 'xception', got {config.backbone!r}"
-      )
     self.head = heads.DeepLabV3PlusHead(
       high,
       low,

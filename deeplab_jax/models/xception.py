@@ -112,7 +112,13 @@ class XceptionBlock(nnx.Module):
     needs_projection = not no_skip and (couts[-1] != cin or stride != 1)
     self.shortcut = (
       layers.ConvBN(
-        cin, couts[-1], 1, stride=stride, relu=False, epsilon=BN_EPS, rngs=rngs
+        cin,
+        couts[-1],
+        1,
+        stride=stride,
+        activation='none',
+        epsilon=BN_EPS,
+        rngs=rngs,
       )
       if needs_projection
       else None
