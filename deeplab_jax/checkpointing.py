@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
@@ -373,12 +374,42 @@ def _tree_digests(tree: Any) -> Any:
   return jax.tree.map(_leaf_digest, tree)
 
 
+def _host_leaf_digest(x: Any) -> tuple[int, int]:
+  """`_leaf_digest` in NumPy, for an array this process can read whole:
+  the same two numbers (uint32 arithmetic wraps alike), without compiling
+  a digest program for every tree structure."""
+  x = np.asarray(x)
+  x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype)).reshape(-1)
+  if x.dtype == np.bool_:
+    bits = x.astype(np.uint32)
+  elif x.dtype.itemsize in (1, 2):
+    udtype = np.uint8 if x.dtype.itemsize == 1 else np.uint16
+    bits = x.view(udtype).astype(np.uint32)
+  else:  # 4 bytes, or 8 as two uint32 words in memory order
+    bits = x.view(np.uint32)
+  i = np.arange(bits.size, dtype=np.uint32)
+  w1 = i * np.uint32(2) + np.uint32(1)
+  w2 = (i * np.uint32(0x9E3779B1) + np.uint32(0x7F4A7C15)) | np.uint32(1)
+  mixed = bits ^ (bits >> np.uint32(15)) ^ (bits << np.uint32(7))
+  return (
+    int(np.sum(bits * w1, dtype=np.uint32)),
+    int(np.sum(mixed * w2, dtype=np.uint32)),
+  )
+
+
+def _readable_here(x: Any) -> bool:
+  return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
 def array_digests(tree: Any) -> dict[str, list]:
-  """`{path: [d1, d2, shape, dtype]}` for every array leaf of `tree`,
-  computed on the devices holding it (any sharding gives the same value)."""
+  """`{path: [d1, d2, shape, dtype]}` for every array leaf of `tree` (any
+  sharding gives the same value): in NumPy where this process holds every
+  leaf whole, else on the devices holding them."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  values = jax.device_get(_tree_digests(tree))
-  flat = jax.tree_util.tree_flatten_with_path(values)[0]
+  if all(_readable_here(leaf) for _, leaf in leaves):
+    digests = [_host_leaf_digest(leaf) for _, leaf in leaves]
+  else:
+    digests = jax.tree.leaves(jax.device_get(_tree_digests(tree)))
   return {
     jax.tree_util.keystr(path): [
       int(d[0]),
@@ -386,7 +417,7 @@ def array_digests(tree: Any) -> dict[str, list]:
       list(leaf.shape),
       str(leaf.dtype),
     ]
-    for (path, leaf), (_, d) in zip(leaves, flat, strict=True)
+    for (path, leaf), d in zip(leaves, digests, strict=True)
   }
 
 

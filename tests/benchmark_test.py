@@ -31,27 +31,9 @@ JAX_FIELDS = FIELDS | {
 }
 
 
-def test_benchmark_prints_jax_and_torch_rows():
+def _benchmark(*flags: str) -> subprocess.CompletedProcess:
   r = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'scripts.benchmark',
-      '--arch',
-      'deeplabv3_resnet_tiny',
-      '--batch',
-      '2',
-      '--size',
-      '64x64',
-      '--steps',
-      '1',
-      '--devices',
-      '4',
-      '--spatial',
-      '2',
-      '--param_sharding',
-      'fsdp',
-    ],
+    [sys.executable, '-m', 'scripts.benchmark', *flags],
     cwd=REPO,
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
     capture_output=True,
@@ -59,6 +41,15 @@ def test_benchmark_prints_jax_and_torch_rows():
     timeout=600,
   )
   assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+def test_benchmark_prints_jax_and_torch_rows():
+  r = _benchmark(
+    *('--arch', 'deeplabv3_resnet_tiny', '--batch', '2', '--size', '64x64'),
+    *('--steps', '1', '--devices', '4', '--spatial', '2'),
+    *('--param_sharding', 'fsdp'),
+  )
   rows = [
     json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')
   ]
@@ -79,25 +70,7 @@ def test_prepared_table_streams_rows_to_a_file_by_phase(tmp_path):
   # The PyTorch phase of the CPU-sized table (the GPU table runs the same
   # code): each row is in the file as it finished.
   out = tmp_path / 'rows.jsonl'
-  r = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'scripts.benchmark',
-      '--table',
-      'tiny',
-      '--nojax',
-      '--torch',
-      '--output',
-      str(out),
-    ],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
+  _benchmark('--table', 'tiny', '--nojax', '--torch', '--output', str(out))
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r['framework'], r['arch'], r['batch']) for r in rows] == [
     ('torch', 'lraspp_mobilenet_v3_large', 1),
@@ -166,6 +139,8 @@ def test_torch_reference_row_has_every_field():
   )
   assert FIELDS <= set(row) and row['framework'] == 'torch'
   assert row['train_img_s'] > 0 and row['eval_img_s'] > 0
+  with pytest.raises(ValueError, match='no PyTorch reference for deeplabv3_r'):
+    benchmarking.torch_reference('deeplabv3_resnet_tiny', num_classes=19)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from unittest import mock
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -89,6 +90,37 @@ def test_converted_checkpoints_are_verified_on_load(tmp_path):
   assert r.returncode == 1 and 'Traceback' not in r.stderr
   [line] = r.stderr.strip().splitlines()
   assert line.startswith(f'error: {ckpt}/0: item model, array [')
+
+
+def test_host_digests_equal_device_digests():
+  """Single-process saves digest in NumPy, multi-host ones on the devices:
+  both must give the same numbers for every dtype and sharding, or a
+  checkpoint written by one would be refused by the other."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  rng = np.random.RandomState(0)
+  mesh = jax.make_mesh((8,), ('data',))
+  tree = {
+    'f32': rng.randn(16, 3).astype(np.float32),
+    'bf16': jnp.asarray(rng.randn(5, 7), jnp.bfloat16),
+    'i32': np.arange(-7, 6, dtype=np.int32),
+    'u8': rng.randint(0, 256, (4, 4)).astype(np.uint8),
+    'bool': rng.rand(9) > 0.5,
+    'scalar': np.float32(-0.0),
+    'i64': np.arange(5, dtype=np.int64),  # int32 on the device (no x64)
+    'sharded': jax.device_put(
+      rng.randn(16, 4).astype(np.float32),
+      NamedSharding(mesh, PartitionSpec('data')),
+    ),
+  }
+  host = [checkpointing._host_leaf_digest(v) for v in jax.tree.leaves(tree)]
+  device = jax.device_get(checkpointing._tree_digests(tree))
+  assert host == [(int(a), int(b)) for a, b in jax.tree.leaves(device)]
+  # By hand: bits 0x3F800000 (1.0) and 0x40000000 (2.0), weights 1 and 3.
+  assert checkpointing._host_leaf_digest(np.float32([1, 2]))[0] == (
+    0x3F800000 + 3 * 0x40000000
+  ) % 2**32
 
 
 def test_remote_paths_pass_through_untouched(tmp_path, monkeypatch):

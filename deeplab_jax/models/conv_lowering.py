@@ -383,8 +383,10 @@ def _winograd_tiles_to_image(prods):
   return y.reshape(b, 2 * dh * th, 2 * dw * tw, n)
 
 
-# A^T as a matrix, from `_winograd_out` itself.
+# A^T as a matrix, from `_winograd_out` itself; and `A^T (x) A^T`, which
+# maps a tile's 16 products to its 4 outputs (rows `2 e + f`).
 _WINOGRAD_AT = np.stack(_winograd_out(list(np.eye(4, dtype=np.float32))))
+_WINOGRAD_AT2 = np.kron(_WINOGRAD_AT, _WINOGRAD_AT)
 
 
 @jax.custom_vjp
@@ -397,20 +399,20 @@ def _winograd_output_fwd(prods):
 
 
 def _winograd_output_bwd(shape, g):
-  # The 16 product gradients as one small matmul over the output tiles.
-  # Written elementwise, XLA:CPU fuses the producer of `g` (BatchNorm's
-  # backward, say) into each of the 16 consumers and recomputes it there.
+  # The 16 product gradients as one [16, 4] x [4, tiles * n] matmul, whose
+  # rows are each product's gradient, contiguous. Written elementwise,
+  # XLA:CPU fuses the producer of `g` (BatchNorm's backward, say) into each
+  # of the 16 consumers and recomputes it there; as an einsum over the tile
+  # axes, every product's slice is copied out with a transpose.
   b, th, dh, tw, dw, n = shape
-  g = g.reshape(b, th, 2, dh, tw, 2, dw, n)
-  at = jnp.asarray(_WINOGRAD_AT, g.dtype)
+  g = g.reshape(b, th, 2, dh, tw, 2, dw, n).transpose(2, 5, 0, 1, 3, 4, 6, 7)
   dm = jnp.einsum(
-    'ea,fb,xtepsfqn->abxtpsqn',
-    at,
-    at,
-    g,
+    'ek,em->km',
+    jnp.asarray(_WINOGRAD_AT2, g.dtype),
+    g.reshape(4, -1),
     precision=jax.lax.Precision.HIGHEST,
   )
-  return (tuple(dm[t // 4, t % 4] for t in range(16)),)
+  return (tuple(dm[t].reshape(shape) for t in range(16)),)
 
 
 _winograd_output.defvjp(_winograd_output_fwd, _winograd_output_bwd)
