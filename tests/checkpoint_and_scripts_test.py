@@ -118,9 +118,10 @@ def test_host_digests_equal_device_digests():
   device = jax.device_get(checkpointing._tree_digests(tree))
   assert host == [(int(a), int(b)) for a, b in jax.tree.leaves(device)]
   # By hand: bits 0x3F800000 (1.0) and 0x40000000 (2.0), weights 1 and 3.
-  assert checkpointing._host_leaf_digest(np.float32([1, 2]))[0] == (
-    0x3F800000 + 3 * 0x40000000
-  ) % 2**32
+  assert (
+    checkpointing._host_leaf_digest(np.float32([1, 2]))[0]
+    == (0x3F800000 + 3 * 0x40000000) % 2**32
+  )
 
 
 def test_remote_paths_pass_through_untouched(tmp_path, monkeypatch):
