@@ -397,16 +397,23 @@ def _host_leaf_digest(x: Any) -> tuple[int, int]:
   )
 
 
-def _readable_here(x: Any) -> bool:
-  return not isinstance(x, jax.Array) or x.is_fully_addressable
+def _in_host_memory(x: Any) -> bool:
+  """Whether this process holds `x` whole in its own memory (NumPy, or a
+  JAX array on this process's CPU devices)."""
+  if not isinstance(x, jax.Array):
+    return True
+  return x.is_fully_addressable and all(
+    d.platform == 'cpu' for d in x.devices()
+  )
 
 
 def array_digests(tree: Any) -> dict[str, list]:
   """`{path: [d1, d2, shape, dtype]}` for every array leaf of `tree` (any
-  sharding gives the same value): in NumPy where this process holds every
-  leaf whole, else on the devices holding them."""
+  sharding gives the same value): in NumPy where every leaf is in this
+  process's memory, else on the accelerators or hosts holding them (one
+  jitted pass, and no copy of the weights to the host before the save)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if all(_readable_here(leaf) for _, leaf in leaves):
+  if all(_in_host_memory(leaf) for _, leaf in leaves):
     digests = [_host_leaf_digest(leaf) for _, leaf in leaves]
   else:
     digests = jax.tree.leaves(jax.device_get(_tree_digests(tree)))
