@@ -356,17 +356,18 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x, udtype).astype(jnp.uint32)
   else:  # 8-byte types become [..., 2] uint32
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  bits = bits.reshape(-1)
-  i = jnp.arange(bits.size, dtype=jnp.uint32)
-  w1 = i * jnp.uint32(2) + jnp.uint32(1)
-  w2 = (i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
-  mixed = bits ^ (bits >> 15) ^ (bits << 7)
-  return jnp.stack(
-    [
-      jnp.sum(bits * w1, dtype=jnp.uint32),
-      jnp.sum(mixed * w2, dtype=jnp.uint32),
-    ]
-  )
+  return jnp.stack(_weighted_sums(bits.reshape(-1), jnp))
+
+
+def _weighted_sums(bits, xp) -> tuple[Any, Any]:
+  """`_leaf_digest`'s two sums of flat uint32 `bits`, with `xp` NumPy or
+  jax.numpy (uint32 arithmetic wraps alike in both)."""
+  u32 = xp.uint32
+  i = xp.arange(bits.size, dtype=u32)
+  w1 = i * u32(2) + u32(1)
+  w2 = (i * u32(0x9E3779B1) + u32(0x7F4A7C15)) | u32(1)
+  mixed = bits ^ (bits >> u32(15)) ^ (bits << u32(7))
+  return xp.sum(bits * w1, dtype=u32), xp.sum(mixed * w2, dtype=u32)
 
 
 @jax.jit
@@ -375,9 +376,8 @@ def _tree_digests(tree: Any) -> Any:
 
 
 def _host_leaf_digest(x: Any) -> tuple[int, int]:
-  """`_leaf_digest` in NumPy, for an array this process can read whole:
-  the same two numbers (uint32 arithmetic wraps alike), without compiling
-  a digest program for every tree structure."""
+  """`_leaf_digest` in NumPy, for an array in this process's memory: the
+  same two numbers, without compiling a digest program per tree structure."""
   x = np.asarray(x)
   x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype)).reshape(-1)
   if x.dtype == np.bool_:
@@ -387,14 +387,8 @@ def _host_leaf_digest(x: Any) -> tuple[int, int]:
     bits = x.view(udtype).astype(np.uint32)
   else:  # 4 bytes, or 8 as two uint32 words in memory order
     bits = x.view(np.uint32)
-  i = np.arange(bits.size, dtype=np.uint32)
-  w1 = i * np.uint32(2) + np.uint32(1)
-  w2 = (i * np.uint32(0x9E3779B1) + np.uint32(0x7F4A7C15)) | np.uint32(1)
-  mixed = bits ^ (bits >> np.uint32(15)) ^ (bits << np.uint32(7))
-  return (
-    int(np.sum(bits * w1, dtype=np.uint32)),
-    int(np.sum(mixed * w2, dtype=np.uint32)),
-  )
+  d1, d2 = _weighted_sums(bits, np)
+  return int(d1), int(d2)
 
 
 def _in_host_memory(x: Any) -> bool:
