@@ -16,6 +16,9 @@ from deeplab_jax.errors import ConfigError
 
 # Config groups whose change makes a workdir's checkpoints incompatible.
 RUN_IDENTITY = ('model', 'data.dataset', 'data.crop_size', 'train.batch_size')
+# How the step is computed, not what it computes: a run resumes with these
+# changed (and from workdirs written before they existed).
+COMPUTE_ONLY = ('model.remat', 'model.scan_blocks')
 
 
 def _flat_config(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -37,8 +40,11 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   ours = _flat_config(json.loads(config.to_json_best_effort()))
   theirs = _flat_config(json.loads(path.read_text()))
-  identity = lambda key: any(
-    key == group or key.startswith(group + '.') for group in RUN_IDENTITY
+  identity = lambda key: (
+    key not in COMPUTE_ONLY
+    and any(
+      key == group or key.startswith(group + '.') for group in RUN_IDENTITY
+    )
   )
   diff = [
     f'{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now'

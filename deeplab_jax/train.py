@@ -404,16 +404,18 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
 
 
 def _training_view(model: nnx.Module, config, mesh) -> nnx.Module:
-  """Frozen BatchNorm and per-block remat, as the config asks; XLA's own
-  convolutions on a spatial mesh, whose halo exchange XLA partitions (the
-  patch, tap and Winograd lowerings reshape the height into tiles or
-  slices, which made XLA gather whole activations)."""
+  """Frozen BatchNorm, per-block remat and scanned blocks, as the config
+  asks; XLA's own convolutions on a spatial mesh, whose halo exchange XLA
+  partitions (the patch, tap and Winograd lowerings reshape the height into
+  tiles or slices, which made XLA gather whole activations)."""
   if sharding.spatial_size(mesh) > 1:
     model = nnx.view(model, conv_lowering='native')
   if config.model.freeze_bn:
     model = nnx.view(model, use_running_average=True)
   if config.model.remat == 'blocks':
     model = nnx.view(model, remat_blocks=True)
+  if config.model.scan_blocks:
+    model = nnx.view(model, scan_blocks=True)
   return model
 
 

@@ -71,7 +71,10 @@ _REMAT = flags.DEFINE_bool(
   'remat', False, "Recompute each block in backward (model.remat='blocks')."
 )
 _SCAN = flags.DEFINE_bool(
-  'scan_blocks', False, 'Scan identical blocks (one compiled block each).'
+  'scan_blocks',
+  False,
+  'Scan repeated blocks (model.scan_blocks): one compiled body per run of '
+  'identical blocks or chunk of dense layers.',
 )
 _MALLOC = flags.DEFINE_bool(
   'tune_malloc', True, 'Tune glibc malloc in both (see docs/benchmarks.md).'

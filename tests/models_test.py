@@ -173,16 +173,29 @@ def test_fresh_model_starts_near_chance_loss(arch):
   assert np.log(k) <= ce * 1.02 and ce < 1.25 * np.log(k), ce
 
 
-def test_scanned_blocks_equal_the_loop():
-  """`scan_blocks`: runs of identical blocks as one scan give the loop's
-  loss, gradients and BatchNorm updates, and the program has the loop."""
-  model = models.create(
-    'deeplabv3_resnet_tiny',
-    num_classes=3,
-    rngs=nnx.Rngs(0),
-    blocks=(2, 3, 2, 3),
-  )
-  model = nnx.view(model, deterministic=True)
+@pytest.mark.parametrize(
+  'arch,blocks,frozen_bn',
+  [
+    ('deeplabv3_resnet_tiny', (2, 3, 2, 3), False),
+    # Dense block 2 has 7 layers: a full scanned chunk (SCAN_CHUNK = 6) and
+    # one of a single layer; growth 8 from 16 channels.
+    ('denseaspp_tiny', (2, 7, 1, 2), False),
+    ('denseaspp_tiny', (2, 7, 1, 2), True),
+  ],
+)
+def test_scanned_blocks_equal_the_loop(arch, blocks, frozen_bn):
+  """`scan_blocks`: runs of identical blocks as one scan (ResNet), dense
+  layers as chunks of one scan over weights padded to the chunk's widest
+  input (DenseNet), give the loop's loss, gradients and BatchNorm updates,
+  in training and with frozen BatchNorm, and the program has the loop."""
+  model = models.create(arch, num_classes=3, rngs=nnx.Rngs(0), blocks=blocks)
+  # Running statistics unlike the initial 0 / 1, so that frozen BatchNorm
+  # and the padded channels' statistics are exercised.
+  rng = np.random.RandomState(1)
+  for _, stat in nnx.iter_graph(model):
+    if isinstance(stat, nnx.BatchStat):
+      stat[...] = jnp.asarray(rng.uniform(0.5, 1.5, stat.shape), jnp.float32)
+  model = nnx.view(model, deterministic=True, use_running_average=frozen_bn)
   x = jnp.asarray(np.random.RandomState(0).randn(2, 48, 40, 3), jnp.float32)
 
   def step_of(model):
@@ -206,7 +219,14 @@ def test_scanned_blocks_equal_the_loop():
   assert 'while' in scan_step.lower(*args).as_text()
   assert 'while' not in loop_step.lower(*args).as_text()
   np.testing.assert_allclose(loss, loop_loss, rtol=1e-5)
-  got_leaves = jax.tree.leaves((grads, stats))
-  want_leaves = jax.tree.leaves((loop_grads, loop_stats))
-  for got, want in zip(got_leaves, want_leaves, strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # Against the largest value of its tree (gradients, statistics): the
+  # scan sums each map's gradient in another order, and gradients that
+  # cancel to ~0 (a bias before BatchNorm) keep only rounding. By this
+  # measure the loop with XLA's own convolutions differs from the loop by
+  # up to 8e-6 (DenseASPP, training); a wrong padded channel gives ~1.
+  for got, want in ((grads, loop_grads), (stats, loop_stats)):
+    scale = max(float(np.max(np.abs(w))) for w in jax.tree.leaves(want))
+    errors = jax.tree.map(
+      lambda g, w, scale=scale: float(np.max(np.abs(g - w))) / scale, got, want
+    )
+    assert max(jax.tree.leaves(errors)) < 2e-5, errors

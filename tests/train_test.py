@@ -139,8 +139,10 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
     )
   assert not os.path.exists(os.path.join(workdir, 'config.json'))
   first = train.train_and_evaluate(config(data_dir), workdir)
-  # Asked again, the finished run reports its final evaluation.
-  again = train.train_and_evaluate(config(data_dir), workdir)
+  # Asked again, the finished run reports its final evaluation, also when
+  # only how the step is computed changed (remat, scanned blocks).
+  compute_only = {'model.remat': 'blocks', 'model.scan_blocks': True}
+  again = train.train_and_evaluate(config(data_dir, **compute_only), workdir)
   assert again['step'] == 10 and again['miou'] == first['miou']
   other = config(data_dir, **{'model.arch': 'deeplabv3_resnet_tiny'})
   with pytest.raises(ConfigError) as e:
@@ -344,6 +346,20 @@ def test_fsdp_and_remat_give_the_same_step(data_dir, tmp_path, eight_devices):
   plain = weights(eight_devices[0])
   for other in (fsdp, blocks):
     assert_same_update(w0, plain, weights(other), rtol=UPDATE_RTOL)
+
+
+def test_scanned_dense_blocks_train_as_the_loop(data_dir, tmp_path):
+  """`model.scan_blocks=True` on DenseASPP (each 2-layer dense block as
+  one scan over zero-padded weights) makes the plain run's SGD update,
+  BatchNorm statistics included."""
+  common = {'model.arch': 'denseaspp_tiny', **SGD_STEPS}
+  plain, scanned = str(tmp_path / 'plain'), str(tmp_path / 'scanned')
+  train.train_and_evaluate(config(data_dir, **common), plain)
+  train.train_and_evaluate(
+    config(data_dir, **common, **{'model.scan_blocks': True}), scanned
+  )
+  w0 = initial_weights(config(data_dir, **common))
+  assert_same_update(w0, weights(plain), weights(scanned), rtol=UPDATE_RTOL)
 
 
 def test_fsdp_rule_splits_large_arrays_only():

@@ -34,6 +34,10 @@ VARIANTS = {
   201: (32, 64, (6, 12, 48, 32)),
 }
 
+# Dense layers per `jax.lax.scan` under `scan_blocks`: longer chunks compile
+# less and pad more (docs/benchmarks.md, DenseASPP-161).
+SCAN_CHUNK = 6
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DenseNetConfig:
@@ -88,6 +92,26 @@ class DenseLayer(nnx.Module):
       jax.nn.relu(self.norm1(_concat(features), _concat_stats(stats)))
     )
     return self.conv2(jax.nn.relu(self.norm2(y)))
+
+
+def _resize_inputs(state: nnx.State, width: int) -> nnx.State:
+  """A `DenseLayer`'s state with its input-channel axis (`norm1`'s vectors,
+  `conv1`'s kernel) cut or padded to `width`; padding is 0, and 1 for the
+  running variance."""
+
+  def resize(path, a):
+    module, name = path[0].key, path[1].key
+    if module != 'norm1' and (module, name) != ('conv1', 'kernel'):
+      return a
+    axis = a.ndim - 2 if module == 'conv1' else 0
+    have = a.shape[axis]
+    if have >= width:
+      return jax.lax.slice_in_dim(a, 0, width, axis=axis)
+    pads = [(0, 0)] * a.ndim
+    pads[axis] = (0, width - have)
+    return jnp.pad(a, pads, constant_values=1.0 if name == 'var' else 0.0)
+
+  return jax.tree_util.tree_map_with_path(resize, state)
 
 
 def _concat(arrays: Sequence[jax.Array]) -> jax.Array:
@@ -158,20 +182,11 @@ class DenseNet(layers.RematBlocks, nnx.Module):
     x = layers.max_pool(x, 3, 2, 1)
     feats = {}
     for i in range(1, 5):
-      # Every layer normalises the concatenation of all maps so far, whose
-      # channels' batch statistics never change: each map's are computed
-      # once and shared (the same numbers; torchvision recomputes them per
-      # layer). Unused, and removed by XLA, when BatchNorm runs on its
-      # running averages.
-      features = [x]
-      stats = [layers.batch_stats(x)]
-      for layer in getattr(self, f'denseblock{i}'):
-        # `block` ends with the fusion barrier: a map's gradient sums a
-        # slice of every later layer's, which XLA:CPU then adds up once.
-        features.append(self.block(layer, features, stats))
-        stats.append(layers.batch_stats(features[-1]))
-      x = _concat(features)
-      block_stats = _concat_stats(stats)
+      block = list(getattr(self, f'denseblock{i}'))
+      if self.scan_blocks:
+        x, block_stats = self._scanned_dense_block(block, x)
+      else:
+        x, block_stats = self._dense_block(block, x)
       if i == 1:
         feats['layer1'] = x
       transition = getattr(self, f'transition{i}')
@@ -179,3 +194,66 @@ class DenseNet(layers.RematBlocks, nnx.Module):
         x = transition(x, block_stats)
     feats['out'] = self.norm5(x, block_stats if transition is None else None)
     return feats
+
+  def _dense_block(self, block: Sequence[DenseLayer], x: jax.Array):
+    """The block's output (all its maps concatenated) and its channels'
+    batch statistics."""
+    # Every layer normalises the concatenation of all maps so far, whose
+    # channels' batch statistics never change: each map's are computed once
+    # and shared (the same numbers; torchvision recomputes them per layer).
+    # Unused, and removed by XLA, when BatchNorm runs on its running
+    # averages.
+    features = [x]
+    stats = [layers.batch_stats(x)]
+    for layer in block:
+      # `block` ends with the fusion barrier: a map's gradient sums a slice
+      # of every later layer's, which XLA:CPU then adds up once.
+      features.append(self.block(layer, features, stats))
+      stats.append(layers.batch_stats(features[-1]))
+    return _concat(features), _concat_stats(stats)
+
+  def _scanned_dense_block(self, block: Sequence[DenseLayer], x: jax.Array):
+    """`_dense_block` as one `jax.lax.scan` per `SCAN_CHUNK` layers.
+
+    The maps are written into one buffer of the block's output width. The
+    layers of a chunk read its widest input, their weights zero-padded to it
+    (`_resize_inputs`), so the chunk's layers have one shape and XLA
+    compiles one body for them. A padded channel has BatchNorm scale and
+    bias 0, so it normalises to exactly 0 whatever the buffer holds there,
+    and the result is the unpadded layer's."""
+    growth = self.config.growth_rate
+    c0 = x.shape[-1]
+    width = c0 + len(block) * growth
+    pad = width - c0
+    buf = jnp.pad(x, ((0, 0),) * 3 + ((0, pad),))
+    mean, var = (jnp.pad(s, (0, pad)) for s in layers.batch_stats(x))
+    for start in range(0, len(block), SCAN_CHUNK):
+      chunk = block[start : start + SCAN_CHUNK]
+      first = c0 + start * growth  # the chunk's first layer's input width
+      widest = first + (len(chunk) - 1) * growth
+      graphdef = nnx.split(chunk[0])[0]
+      stacked = jax.tree.map(
+        lambda *a: jnp.stack(a),
+        *[_resize_inputs(nnx.state(layer), widest) for layer in chunk],
+      )
+
+      def body(carry, layer_state, graphdef=graphdef, widest=widest):
+        buf, mean, var, offset = carry
+        layer = nnx.merge(graphdef, layer_state)
+        new = self.block(
+          layer, [buf[..., :widest]], [(mean[:widest], var[:widest])]
+        )
+        new_mean, new_var = layers.batch_stats(new)
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, new, offset, axis=3)
+        mean = jax.lax.dynamic_update_slice_in_dim(mean, new_mean, offset, 0)
+        var = jax.lax.dynamic_update_slice_in_dim(var, new_var, offset, 0)
+        carry = (buf, mean, var, offset + growth)
+        return carry, nnx.state(layer, nnx.BatchStat)
+
+      (buf, mean, var, _), batch_stats = jax.lax.scan(
+        body, (buf, mean, var, jnp.int32(first)), stacked
+      )
+      for j, layer in enumerate(chunk):  # running statistics, in training
+        own = jax.tree.map(lambda a, j=j: a[j], batch_stats)
+        nnx.update(layer, _resize_inputs(own, first + j * growth))
+    return buf, (mean, var)
