@@ -143,7 +143,27 @@ class Transition(nnx.Module):
 
 
 class DenseNet(layers.RematBlocks, nnx.Module):
-  """Dilated DenseNet; returns `{'layer1': stride-4 features, 'out': norm5}`."""
+  """Dilated DenseNet; returns `{'layer1': stride-4 features, 'out': norm5}`.
+
+  An inference view (`forward_only`, `predict.inference_view`) always
+  scans its dense layers (`_scanned_dense_block`): without a backward pass
+  the scan both compiles and runs faster than the unrolled layers
+  (docs/benchmarks.md); training scans them with `scan_blocks`.
+  """
+
+  forward_only: bool = False
+
+  def set_view(
+    self,
+    remat_blocks: bool | None = None,
+    scan_blocks: bool | None = None,
+    forward_only: bool | None = None,
+  ):
+    """Used by `nnx.view`: as `RematBlocks`, and `forward_only` (an
+    inference view, never differentiated) scans the dense layers."""
+    super().set_view(remat_blocks=remat_blocks, scan_blocks=scan_blocks)
+    if forward_only is not None:
+      self.forward_only = forward_only
 
   def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -183,7 +203,7 @@ class DenseNet(layers.RematBlocks, nnx.Module):
     feats = {}
     for i in range(1, 5):
       block = list(getattr(self, f'denseblock{i}'))
-      if self.scan_blocks:
+      if self.scan_blocks or self.forward_only:
         x, block_stats = self._scanned_dense_block(block, x)
       else:
         x, block_stats = self._dense_block(block, x)
