@@ -174,20 +174,23 @@ def test_fresh_model_starts_near_chance_loss(arch):
 
 
 @pytest.mark.parametrize(
-  'arch,blocks,frozen_bn',
+  'arch,blocks,frozen_bn,loop_view,scan_view',
   [
-    ('deeplabv3_resnet_tiny', (2, 3, 2, 3), False),
-    # Dense block 2 has 7 layers: a full scanned chunk (SCAN_CHUNK = 6) and
-    # one of a single layer; growth 8 from 16 channels.
-    ('denseaspp_tiny', (2, 7, 1, 2), False),
-    ('denseaspp_tiny', (2, 7, 1, 2), True),
+    ('deeplabv3_resnet_tiny', (2, 3, 2, 3), False, {}, {'scan_blocks': True}),
+    # DenseNet scans by default. Dense block 2 has 7 layers: a full chunk
+    # (SCAN_CHUNK = 6) and one of a single layer; growth 8 from 16 channels.
+    ('denseaspp_tiny', (2, 7, 1, 2), False, {'scan_dense_layers': False}, {}),
+    ('denseaspp_tiny', (2, 7, 1, 2), True, {'scan_dense_layers': False}, {}),
   ],
 )
-def test_scanned_blocks_equal_the_loop(arch, blocks, frozen_bn):
-  """`scan_blocks`: runs of identical blocks as one scan (ResNet), dense
-  layers as chunks of one scan over weights padded to the chunk's widest
-  input (DenseNet), give the loop's loss, gradients and BatchNorm updates,
-  in training and with frozen BatchNorm, and the program has the loop."""
+def test_scanned_blocks_equal_the_loop(
+  arch, blocks, frozen_bn, loop_view, scan_view
+):
+  """Runs of identical blocks as one scan (ResNet, `scan_blocks`), and
+  dense layers as chunks of one scan over weights padded to the chunk's
+  widest input with a written-out backward pass (DenseNet, by default),
+  give the unrolled loop's loss, gradients and BatchNorm updates, in
+  training and with frozen BatchNorm, and the program has the loop."""
   model = models.create(arch, num_classes=3, rngs=nnx.Rngs(0), blocks=blocks)
   # Running statistics unlike the initial 0 / 1, so that frozen BatchNorm
   # and the padded channels' statistics are exercised.
@@ -212,9 +215,9 @@ def test_scanned_blocks_equal_the_loop(arch, blocks, frozen_bn):
 
     return jax.jit(step), (params, rest)
 
-  loop_step, args = step_of(model)
+  loop_step, args = step_of(nnx.view(model, **loop_view))
   (loop_loss, loop_stats), loop_grads = loop_step(*args)
-  scan_step, args = step_of(nnx.view(model, scan_blocks=True))
+  scan_step, args = step_of(nnx.view(model, **scan_view))
   (loss, stats), grads = scan_step(*args)
   assert 'while' in scan_step.lower(*args).as_text()
   assert 'while' not in loop_step.lower(*args).as_text()
