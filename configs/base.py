@@ -27,10 +27,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.freeze_bn = False
   # Recompute activations in the backward pass (less memory, more compute).
   c.model.remat = 'none'  # 'full': the whole forward; 'blocks': each block
-  # Compile repeated backbone blocks once: each run of identical blocks
-  # (ResNet) or each chunk of dense layers (DenseNet) as one jax.lax.scan.
-  # Halves DenseASPP-161's compile time, costs ~15% per CPU step
-  # (docs/benchmarks.md); the weights and checkpoints do not change.
+  # Each run of identical ResNet / MobileNet blocks as one jax.lax.scan
+  # (compiled once; slower on XLA:CPU, docs/benchmarks.md). DenseNet scans
+  # its dense layers whatever this says. Checkpoints do not change.
   c.model.scan_blocks = False
   # Architecture options passed to models.create (e.g. output_stride).
   c.model.options = ml_collections.ConfigDict()

@@ -73,8 +73,8 @@ _REMAT = flags.DEFINE_bool(
 _SCAN = flags.DEFINE_bool(
   'scan_blocks',
   False,
-  'Scan repeated blocks (model.scan_blocks): one compiled body per run of '
-  'identical blocks or chunk of dense layers.',
+  'Scan runs of identical blocks (model.scan_blocks; DenseNet scans its '
+  'dense layers anyway).',
 )
 _MALLOC = flags.DEFINE_bool(
   'tune_malloc', True, 'Tune glibc malloc in both (see docs/benchmarks.md).'

@@ -35,8 +35,8 @@ VARIANTS = {
   201: (32, 64, (6, 12, 48, 32)),
 }
 
-# Dense layers per `jax.lax.scan` under `scan_blocks`: longer chunks compile
-# less and pad more (docs/benchmarks.md, DenseASPP-161).
+# Dense layers per `jax.lax.scan` (`DenseNet._scanned_dense_block`): longer
+# chunks compile less and pad more (docs/benchmarks.md, DenseASPP-161).
 SCAN_CHUNK = 6
 
 

@@ -358,9 +358,9 @@ class RematBlocks:
   only block inputs alive. `nnx.view(model, scan_blocks=True)` runs each
   run of identical consecutive blocks of a stage (`stage`) as one
   `jax.lax.scan` over their stacked weights, so XLA compiles the block
-  once instead of once per block (DenseNet, whose layers grow, scans chunks
-  of them over padded weights instead); the weights stay per block
-  (checkpoints and converters do not change)."""
+  once instead of once per block (DenseNet, whose layers grow, always scans
+  chunks of them over padded weights instead, `densenet.py`); the weights
+  stay per block (checkpoints and converters do not change)."""
 
   remat_blocks: bool = False
   scan_blocks: bool = False
