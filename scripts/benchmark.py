@@ -71,10 +71,7 @@ _REMAT = flags.DEFINE_bool(
   'remat', False, "Recompute each block in backward (model.remat='blocks')."
 )
 _SCAN = flags.DEFINE_bool(
-  'scan_blocks',
-  False,
-  'Scan runs of identical blocks (model.scan_blocks; DenseNet scans its '
-  'dense layers anyway).',
+  'scan_blocks', False, 'Scan runs of identical blocks (model.scan_blocks).'
 )
 _MALLOC = flags.DEFINE_bool(
   'tune_malloc', True, 'Tune glibc malloc in both (see docs/benchmarks.md).'

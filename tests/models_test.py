@@ -178,9 +178,10 @@ def test_fresh_model_starts_near_chance_loss(arch):
   [
     ('deeplabv3_resnet_tiny', (2, 3, 2, 3), False, {}, {'scan_blocks': True}),
     # DenseNet scans by default. Dense block 2 has 7 layers: a full chunk
-    # (SCAN_CHUNK = 6) and one of a single layer; growth 8 from 16 channels.
-    ('denseaspp_tiny', (2, 7, 1, 2), False, {'scan_dense_layers': False}, {}),
-    ('denseaspp_tiny', (2, 7, 1, 2), True, {'scan_dense_layers': False}, {}),
+    # (SCAN_CHUNK = 6) and one of a single layer, as the other blocks;
+    # growth 8 from 16 channels.
+    ('denseaspp_tiny', (1, 7, 1, 1), False, {'scan_dense_layers': False}, {}),
+    ('denseaspp_tiny', (1, 7, 1, 1), True, {'scan_dense_layers': False}, {}),
   ],
 )
 def test_scanned_blocks_equal_the_loop(

@@ -348,21 +348,6 @@ def test_fsdp_and_remat_give_the_same_step(data_dir, tmp_path, eight_devices):
     assert_same_update(w0, plain, weights(other), rtol=UPDATE_RTOL)
 
 
-def test_scanned_dense_layers_train_as_the_unrolled_ones(data_dir, tmp_path):
-  """DenseASPP's default step (each dense block as a scan over zero-padded
-  weights, its backward pass written out) makes the SGD update, BatchNorm
-  statistics included, of `model.remat='blocks'`, which unrolls the layers
-  and leaves their gradients to autodiff."""
-  common = {'model.arch': 'denseaspp_tiny', **SGD_STEPS}
-  scanned, unrolled = str(tmp_path / 'scanned'), str(tmp_path / 'unrolled')
-  train.train_and_evaluate(config(data_dir, **common), scanned)
-  train.train_and_evaluate(
-    config(data_dir, **common, **{'model.remat': 'blocks'}), unrolled
-  )
-  w0 = initial_weights(config(data_dir, **common))
-  assert_same_update(w0, weights(unrolled), weights(scanned), rtol=UPDATE_RTOL)
-
-
 def test_fsdp_rule_splits_large_arrays_only():
   import jax
 
