@@ -318,7 +318,7 @@ def jax_model(
   )
   sharding.check_batch_size(batch, mesh)
   if spatial > 1:
-    conv_lowering = 'native'  # train._training_view
+    conv_lowering = 'native'  # train.training_view
   model = models.create(
     arch,
     num_classes=num_classes,
@@ -326,7 +326,11 @@ def jax_model(
     dtype=dtype,
     **reference_overrides(arch),
   )
-  model = nnx.view(model, scan_blocks=scan_blocks, remat_blocks=remat_blocks)
+  model = nnx.view(
+    models.platform_view(model, models.platform_of(mesh)),
+    scan_blocks=scan_blocks,
+    remat_blocks=remat_blocks,
+  )
   # Trained as PyTorch trains it: dropout on, BatchNorm on batch statistics.
   graphdef, params, rest = nnx.split(
     nnx.view(model, conv_lowering=conv_lowering), nnx.Param, ...

@@ -39,6 +39,7 @@ from deeplab_jax import figures, metrics, multihost, sharding
 from deeplab_jax.data import datasets, transforms
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import ConfigError, UserError
+from deeplab_jax.models import platform_of
 from deeplab_jax.models.layers import resize_bilinear
 from deeplab_jax.predict import inference_view
 
@@ -256,8 +257,8 @@ def evaluate(
   slots = mesh.shape[sharding.DATA_AXIS]
   batch_size = -(-batch_size // slots) * slots
   nnx.update(model, jax.device_put(nnx.state(model), sharding.replicated(mesh)))
-  model = inference_view(model)
-  if spatial > 1:  # as training does on a spatial mesh (train._training_view)
+  model = inference_view(model, platform_of(mesh))
+  if spatial > 1:  # as training does on a spatial mesh (train.training_view)
     model = nnx.view(model, conv_lowering='native')
   # Whole images on each device of a spatial group; split inside the step.
   data = jax.sharding.NamedSharding(mesh, jax.P(sharding.DATA_AXIS))

@@ -18,14 +18,19 @@ from deeplab_jax import sharding
 from deeplab_jax.data import images, normalization
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import UserError
+from deeplab_jax.models import platform_of, platform_view
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
 
 
-def inference_view(model: nnx.Module) -> nnx.Module:
+def inference_view(
+  model: nnx.Module, platform: str | None = None
+) -> nnx.Module:
   """The model with running BN statistics and dropout off (shares weights),
-  its convolutions lowered for the fastest forward pass (`forward_only`: do
-  not differentiate this view)."""
+  its convolutions lowered for the fastest forward pass on `platform` (the
+  model's own, if None) (`forward_only`: do not differentiate this view)."""
+  if platform is not None:
+    model = platform_view(model, platform)
   return nnx.view(
     model,
     use_running_average=True,
@@ -48,11 +53,11 @@ def _view_and_mesh(model: nnx.Module, spatial: int):
   """`(inference view, mesh or None)` for `_main_logits`. With `spatial >
   1`, the view is a copy whose weights are replicated over a `(1, spatial)`
   mesh of local devices; the caller's model stays where it is."""
-  view = inference_view(model)
   if spatial == 1:
-    return view, None
+    return inference_view(model, platform_of(jax.local_devices()[:1])), None
   mesh = sharding.make_mesh((1, spatial), jax.local_devices())
-  # XLA's own convolutions partition along height (train._training_view).
+  view = inference_view(model, platform_of(mesh))
+  # XLA's own convolutions partition along height (train.training_view).
   graphdef, state = nnx.split(nnx.view(view, conv_lowering='native'))
   state = jax.device_put(state, sharding.replicated(mesh))
   return nnx.merge(graphdef, state), mesh

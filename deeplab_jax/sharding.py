@@ -20,7 +20,8 @@ def make_mesh(
 ) -> jax.sharding.Mesh:
   """`(D,)`: a `('data',)` mesh; `(D, S)`: `('data', 'spatial')`, each
   image's height split over `S` devices of one host. `-1` for `D` takes
-  every (remaining) device of `devices` (default: all devices)."""
+  every (remaining) device of `devices` (default: all devices; TPU device
+  descriptions of a topology plan a program ahead of time)."""
   shape = tuple(shape)
   devices = list(jax.devices() if devices is None else devices)
   if len(shape) not in (1, 2) or any(n == 0 or n < -1 for n in shape):
@@ -30,11 +31,11 @@ def make_mesh(
   spatial = shape[1] if len(shape) == 2 else 1
   if spatial == -1:
     raise ConfigError(f'mesh.shape {shape}: give S, the spatial axis size')
-  if spatial > jax.local_device_count():
+  per_host = sum(d.process_index == devices[0].process_index for d in devices)
+  if spatial > per_host:
     raise ConfigError(
-      f'mesh.shape {shape}: S={spatial} is more than the '
-      f'{jax.local_device_count()} devices of one host; the spatial axis '
-      'splits an image within a host'
+      f'mesh.shape {shape}: S={spatial} is more than the {per_host} devices '
+      'of one host; the spatial axis splits an image within a host'
     )
   n = len(devices) // spatial if shape[0] == -1 else shape[0]
   if n < 1 or n * spatial > len(devices):

@@ -42,6 +42,7 @@ from deeplab_jax import (
   initialization,
   losses,
   metrics,
+  models,
   multihost,
   optim,
   run_dir,
@@ -287,7 +288,7 @@ def train_and_evaluate(
     std=config.data.std,
     extra={'dataset': config.data.dataset, 'weights': _model_key(config)},
   )
-  graph, params, stats = split_model(_training_view(model, config, mesh))
+  graph, params, stats = split_model(training_view(model, config, mesh))
   del model
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   state, train_fn, eval_fn = _compile(
@@ -403,11 +404,13 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
     )
 
 
-def _training_view(model: nnx.Module, config, mesh) -> nnx.Module:
-  """Frozen BatchNorm, per-block remat and scanned blocks, as the config
+def training_view(model: nnx.Module, config, mesh) -> nnx.Module:
+  """The model as `mesh`'s devices train it: kernels for their platform,
+  frozen BatchNorm, per-block remat and scanned blocks, as the config
   asks; XLA's own convolutions on a spatial mesh, whose halo exchange XLA
   partitions (the patch, tap and Winograd lowerings reshape the height into
   tiles or slices, which made XLA gather whole activations)."""
+  model = models.platform_view(model, models.platform_of(mesh))
   if sharding.spatial_size(mesh) > 1:
     model = nnx.view(model, conv_lowering='native')
   if config.model.freeze_bn:

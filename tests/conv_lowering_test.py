@@ -15,6 +15,8 @@ from flax import nnx
 
 from deeplab_jax import models, predict
 from deeplab_jax.models import conv_lowering, layers
+from deeplab_jax.models.xla_cpu import conv as xla_cpu_conv
+from deeplab_jax.models.xla_cpu import fusion
 from tests.torch_refs import nchw, nhwc, rel_err
 
 CONV_CASES = [
@@ -231,7 +233,9 @@ def test_forward_only_lowering_for_inference():
   tk = torch.from_numpy(k.transpose(3, 2, 0, 1))
   ref = nhwc(F.conv2d(nchw(x), tk, padding=12, dilation=12))
   for forward_only in (False, True):
-    y = conv_lowering.conv2d(x, k, dilation=12, forward_only=forward_only)
+    y = conv_lowering.conv2d(
+      x, k, dilation=12, forward_only=forward_only, platform='cpu'
+    )
     assert rel_err(y, ref) < 2e-6
   # The inference view reaches every convolution, not the training model's.
   model = models.create(
@@ -256,10 +260,10 @@ def _max_fusion_operands(fn, *args) -> int:
 def test_fusion_barrier_is_exact_and_stops_residual_recomputation():
   x = np.random.RandomState(0).randn(2, 4, 4, 8).astype(np.float32) * 1e30
   x[0, 0, 0, :2] = (-0.0, 0.0)
-  y = np.asarray(conv_lowering.fusion_barrier(jnp.asarray(x)))
+  y = np.asarray(fusion.fusion_barrier(jnp.asarray(x)))
   np.testing.assert_array_equal(y.view(np.uint32), x.view(np.uint32))
   w = jnp.asarray(np.random.RandomState(1).randn(*x.shape), jnp.float32)
-  grad = jax.grad(lambda v: jnp.sum(conv_lowering.fusion_barrier(v) * w))(x)
+  grad = jax.grad(lambda v: jnp.sum(fusion.fusion_barrier(v) * w))(x)
   np.testing.assert_array_equal(grad, w)
 
   # A residual stream: out_k = relu(out_{k-1} @ w_k * s + out_{k-1}). XLA:CPU
@@ -268,7 +272,7 @@ def test_fusion_barrier_is_exact_and_stops_residual_recomputation():
   def stream(barrier):
     def run(x, ws):
       for w in ws:
-        x = jax.nn.relu(conv_lowering._matmul(x, w) * 0.5 + x)
+        x = jax.nn.relu(xla_cpu_conv.matmul(x, w) * 0.5 + x)
         x = barrier(x)
       return x
 
@@ -277,7 +281,7 @@ def test_fusion_barrier_is_exact_and_stops_residual_recomputation():
   ws = [jnp.eye(8) * (k + 1) for k in range(8)]
   xs = jnp.ones((1, 4, 4, 8))
   assert _max_fusion_operands(stream(lambda v: v), xs, ws) >= 8
-  assert _max_fusion_operands(stream(conv_lowering.fusion_barrier), xs, ws) <= 3
+  assert _max_fusion_operands(stream(fusion.fusion_barrier), xs, ws) <= 3
 
 
 @pytest.mark.parametrize('k,n', [(36, 8), (8, 36)])
@@ -290,9 +294,9 @@ def test_matmul_weight_gradient_form_gives_autodiff_gradients(k, n):
   w = jnp.asarray(rng.randn(k, n), jnp.float32)
   g = jnp.asarray(rng.randn(2, 5, 7, n), jnp.float32)
   loss = lambda x, w, matmul: jnp.sum(matmul(x, w) * g)
-  got = jax.grad(loss, argnums=(0, 1))(x, w, conv_lowering._matmul)
-  want = jax.grad(loss, argnums=(0, 1))(x, w, conv_lowering._einsum_matmul)
-  np.testing.assert_allclose(conv_lowering._matmul(x, w), x @ w, rtol=1e-5)
+  got = jax.grad(loss, argnums=(0, 1))(x, w, xla_cpu_conv.matmul)
+  want = jax.grad(loss, argnums=(0, 1))(x, w, xla_cpu_conv.einsum_matmul)
+  np.testing.assert_allclose(xla_cpu_conv.matmul(x, w), x @ w, rtol=1e-5)
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # Reference in float64 NumPy for the weight gradient.

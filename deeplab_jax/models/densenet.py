@@ -22,10 +22,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from deeplab_jax.models import layers
+from deeplab_jax.models.xla_cpu import dense_scan
 
 VARIANTS = {
   # depth: (growth rate, stem width, dense block sizes)
@@ -34,10 +34,6 @@ VARIANTS = {
   169: (32, 64, (6, 12, 32, 32)),
   201: (32, 64, (6, 12, 48, 32)),
 }
-
-# Dense layers per `jax.lax.scan` (`DenseNet._scanned_dense_block`): longer
-# chunks compile less and pad more (docs/benchmarks.md, DenseASPP-161).
-SCAN_CHUNK = 6
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,26 +98,6 @@ class DenseLayer(nnx.Module):
     return self.conv2(jax.nn.relu(self.norm2(y)))
 
 
-def _resize_inputs(state: nnx.State, width: int) -> nnx.State:
-  """A `DenseLayer`'s state with its input-channel axis (`norm1`'s vectors,
-  `conv1`'s kernel) cut or padded to `width`; padding is 0, and 1 for the
-  running variance."""
-
-  def resize(path, a):
-    module, name = path[0].key, path[1].key
-    if module != 'norm1' and (module, name) != ('conv1', 'kernel'):
-      return a
-    axis = a.ndim - 2 if module == 'conv1' else 0
-    have = a.shape[axis]
-    if have >= width:
-      return jax.lax.slice_in_dim(a, 0, width, axis=axis)
-    pads = [(0, 0)] * a.ndim
-    pads[axis] = (0, width - have)
-    return jnp.pad(a, pads, constant_values=1.0 if name == 'var' else 0.0)
-
-  return jax.tree_util.tree_map_with_path(resize, state)
-
-
 def _concat(arrays: Sequence[jax.Array]) -> jax.Array:
   return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=-1)
 
@@ -153,23 +129,26 @@ class Transition(nnx.Module):
 class DenseNet(layers.RematBlocks, nnx.Module):
   """Dilated DenseNet; returns `{'layer1': stride-4 features, 'out': norm5}`.
 
-  Each dense block runs as scans over chunks of its layers
-  (`_scanned_dense_block`): faster and about 3x quicker to compile than the
-  unrolled layers (docs/benchmarks.md), the same numbers up to float
-  rounding. `nnx.view(model, scan_dense_layers=False)` unrolls them, and so
-  does `remat_blocks` (which rematerialises each layer).
+  On XLA:CPU each dense block runs as scans over chunks of its layers
+  (`xla_cpu.dense_scan`), measured faster there; other platforms unroll
+  the layers until a measurement there says otherwise.
+  `scan_dense_layers` (a view) forces either; `remat_blocks` unrolls them
+  (it rematerialises each layer).
   """
 
-  scan_dense_layers: bool = True
+  scan_dense_layers: bool | None = None  # None: scanned on XLA:CPU only
 
   def set_view(
     self,
     remat_blocks: bool | None = None,
     scan_blocks: bool | None = None,
+    platform: str | None = None,
     scan_dense_layers: bool | None = None,
   ):
     """Used by `nnx.view`: as `RematBlocks`, and `scan_dense_layers`."""
-    super().set_view(remat_blocks=remat_blocks, scan_blocks=scan_blocks)
+    super().set_view(
+      remat_blocks=remat_blocks, scan_blocks=scan_blocks, platform=platform
+    )
     if scan_dense_layers is not None:
       self.scan_dense_layers = scan_dense_layers
 
@@ -211,8 +190,10 @@ class DenseNet(layers.RematBlocks, nnx.Module):
     feats = {}
     for i in range(1, 5):
       block = list(getattr(self, f'denseblock{i}'))
-      if self.scan_dense_layers and not self.remat_blocks:
-        x, block_stats = self._scanned_dense_block(block, x)
+      if self._scans_dense_layers():
+        x, block_stats = dense_scan.scanned_dense_block(
+          block, x, self.config.growth_rate
+        )
       else:
         x, block_stats = self._dense_block(block, x)
       if i == 1:
@@ -222,6 +203,13 @@ class DenseNet(layers.RematBlocks, nnx.Module):
         x = transition(x, block_stats)
     feats['out'] = self.norm5(x, block_stats if transition is None else None)
     return feats
+
+  def _scans_dense_layers(self) -> bool:
+    if self.remat_blocks:
+      return False
+    if self.scan_dense_layers is None:
+      return self.platform == 'cpu'
+    return self.scan_dense_layers
 
   def _dense_block(self, block: Sequence[DenseLayer], x: jax.Array):
     """The block's output (all its maps concatenated) and its channels'
@@ -239,161 +227,3 @@ class DenseNet(layers.RematBlocks, nnx.Module):
       features.append(self.block(layer, features, stats))
       stats.append(layers.batch_stats(features[-1]))
     return _concat(features), _concat_stats(stats)
-
-  def _scanned_dense_block(self, block: Sequence[DenseLayer], x: jax.Array):
-    """`_dense_block` as one scan per `SCAN_CHUNK` layers (`_scan_chunk`).
-
-    The maps are written into one buffer of the block's output width. The
-    layers of a chunk read its widest input, their weights zero-padded to it
-    (`_resize_inputs`), so the chunk's layers have one shape and XLA
-    compiles one body for them. A padded channel has BatchNorm scale and
-    bias 0, so it normalises to exactly 0 whatever the buffer holds there,
-    and the result is the unpadded layer's."""
-    growth = self.config.growth_rate
-    c0 = x.shape[-1]
-    pad = len(block) * growth
-    buf = jnp.pad(x, ((0, 0),) * 3 + ((0, pad),))
-    mean, var = (jnp.pad(s, (0, pad)) for s in layers.batch_stats(x))
-    for start in range(0, len(block), SCAN_CHUNK):
-      chunk = block[start : start + SCAN_CHUNK]
-      first = c0 + start * growth  # the chunk's first layer's input width
-      widest = first + (len(chunk) - 1) * growth
-      graphdef = nnx.split(chunk[0], nnx.Param, nnx.BatchStat)[0]
-
-      def stacked(kind, widest=widest, chunk=chunk):
-        parts = [nnx.to_pure_dict(nnx.state(layer, kind)) for layer in chunk]
-        parts = [_resize_inputs(part, widest) for part in parts]
-        return jax.tree.map(lambda *a: jnp.stack(a), *parts)
-
-      buf, mean, var, running = _scan_chunk(
-        graphdef,
-        stacked(nnx.Param),
-        stacked(nnx.BatchStat),
-        buf,
-        mean,
-        var,
-        offsets=first + growth * np.arange(len(chunk)),
-        widest=widest,
-        growth=growth,
-      )
-      for j, layer in enumerate(chunk):  # running statistics, in training
-        own = jax.tree.map(lambda a, j=j: a[j], running)
-        nnx.update(layer, _resize_inputs(own, first + j * growth))
-    return buf, (mean, var)
-
-
-def _bottleneck(graphdef, params, stats, x, mean, var):
-  """`DenseLayer.bottleneck` of a layer given as arrays: `(y, its updated
-  running statistics)`."""
-  layer = nnx.merge(graphdef, params, stats)
-  y = layer.bottleneck(x, (mean, var))
-  return y, nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat))
-
-
-def _expand(graphdef, params, stats, y):
-  """`DenseLayer.expand` (behind the fusion barrier, as `RematBlocks.block`
-  puts every layer) of a layer given as arrays: `(maps, statistics)`."""
-  layer = nnx.merge(graphdef, params, stats)
-  new = layers.fusion_barrier(layer.expand(y))
-  return new, nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat))
-
-
-def _scan_chunk(
-  graphdef, params, stats, buf, mean, var, *, offsets, widest, growth
-):
-  """Dense layers (`params` and running `stats` stacked, inputs padded to
-  `widest` channels) over a block's buffer `buf` and its channels' batch
-  `mean` / `var`: layer `j` reads the first `widest` channels and writes
-  its `growth` maps and their statistics at `offsets[j]`. Returns the updated
-  `(buf, mean, var, stacked running statistics)`.
-
-  The backward pass is written out (`jax.custom_vjp`). Autodiff of a scan
-  stacks every layer's input (`widest` channels) and ReLU mask for the
-  backward pass; XLA:CPU zero-fills, writes and reads back each stack,
-  which made the step slower than the unrolled layers. Here a layer's input
-  is read back from the output buffer instead: maps are never overwritten,
-  and channels past a layer's own input (written later) have scale 0.
-  Only each layer's bottleneck output is kept; the backward pass
-  recomputes the elementwise BN-ReLUs, and XLA removes the forward matmuls
-  the recomputation does not use.
-  """
-  offsets = np.asarray(offsets, np.int32)
-
-  def forward(params, stats, buf, mean, var):
-    def body(carry, xs):
-      buf, mean, var = carry
-      p, s, offset = xs
-      y, s = _bottleneck(
-        graphdef, p, s, buf[..., :widest], mean[:widest], var[:widest]
-      )
-      new, s = _expand(graphdef, p, s, y)
-      new_mean, new_var = layers.batch_stats(new)
-      buf = jax.lax.dynamic_update_slice_in_dim(buf, new, offset, axis=3)
-      mean = jax.lax.dynamic_update_slice_in_dim(mean, new_mean, offset, 0)
-      var = jax.lax.dynamic_update_slice_in_dim(var, new_var, offset, 0)
-      return (buf, mean, var), (y, s)
-
-    (buf, mean, var), (ys, running) = jax.lax.scan(
-      body, (buf, mean, var), (params, stats, offsets)
-    )
-    return (buf, mean, var, running), ys
-
-  @jax.custom_vjp
-  def run(params, stats, buf, mean, var):
-    return forward(params, stats, buf, mean, var)[0]
-
-  def run_fwd(params, stats, buf, mean, var):
-    out, ys = forward(params, stats, buf, mean, var)
-    return out, (params, stats, *out[:3], ys)
-
-  def run_bwd(residuals, cotangents):
-    params, stats, buf, mean, var, ys = residuals
-    ct_buf, ct_mean, ct_var, _ = cotangents
-
-    def body(carry, xs):
-      ct_buf, ct_mean, ct_var = carry
-      p, s, y, offset = xs
-      new = jax.lax.dynamic_slice_in_dim(buf, offset, growth, axis=3)
-      # The maps' cotangent: where they were written, and through their
-      # batch statistics; that slot held zeros before, so its cotangent
-      # goes no further.
-      ct_new = jax.lax.dynamic_slice_in_dim(ct_buf, offset, growth, axis=3)
-      ct_stats = tuple(
-        jax.lax.dynamic_slice_in_dim(c, offset, growth, 0)
-        for c in (ct_mean, ct_var)
-      )
-      ct_buf, ct_mean, ct_var = (
-        jax.lax.dynamic_update_slice_in_dim(c, jnp.zeros_like(z), offset, a)
-        for c, z, a in (
-          (ct_buf, ct_new, 3),
-          (ct_mean, ct_stats[0], 0),
-          (ct_var, ct_stats[1], 0),
-        )
-      )
-      ct_new = ct_new + jax.vjp(layers.batch_stats, new)[1](ct_stats)[0]
-      _, expand_vjp = jax.vjp(lambda p, y: _expand(graphdef, p, s, y)[0], p, y)
-      ct_p_expand, ct_y = expand_vjp(ct_new)
-      _, bottleneck_vjp = jax.vjp(
-        lambda p, x, m, v: _bottleneck(graphdef, p, s, x, m, v)[0],
-        p,
-        buf[..., :widest],
-        mean[:widest],
-        var[:widest],
-      )
-      ct_p, ct_x, ct_m, ct_v = bottleneck_vjp(ct_y)
-      ct_buf = ct_buf.at[..., :widest].add(ct_x)
-      ct_mean = ct_mean.at[:widest].add(ct_m)
-      ct_var = ct_var.at[:widest].add(ct_v)
-      return (ct_buf, ct_mean, ct_var), jax.tree.map(jnp.add, ct_p, ct_p_expand)
-
-    (ct_buf, ct_mean, ct_var), ct_params = jax.lax.scan(
-      body,
-      (ct_buf, ct_mean, ct_var),
-      (params, stats, ys, offsets),
-      reverse=True,
-    )
-    ct_stats = jax.tree.map(jnp.zeros_like, stats)  # not differentiated
-    return ct_params, ct_stats, ct_buf, ct_mean, ct_var
-
-  run.defvjp(run_fwd, run_bwd)
-  return run(params, stats, buf, mean, var)

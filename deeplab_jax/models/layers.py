@@ -6,8 +6,9 @@ transpose. Padding is always explicit and symmetric, `p = d * (k - 1) // 2`
 by default, as `torch.nn.Conv2d(padding=p)`; never `'SAME'`, which pads a
 stride-2 convolution asymmetrically.
 
-How a convolution is lowered (and the fusion barrier that ends each block)
-is `conv_lowering`'s concern; the layers here say what is computed.
+How a convolution is lowered is `conv_lowering`'s concern, for the target
+platform each module carries as a static attribute (`platform`, set by
+`models.platform_view`); the layers here say what is computed.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from flax import nnx
 from deeplab_jax.models import host_random
 from deeplab_jax.models.conv_lowering import (
   LOWERINGS,
+  check_platform,
   conv2d,
-  fusion_barrier,
   pair,
 )
+from deeplab_jax.models.xla_cpu.fusion import fusion_barrier
 
 # PyTorch BatchNorm2d defaults, written in Flax's convention: Flax keeps
 # `momentum * old + (1 - momentum) * new`, PyTorch `(1 - m) * old + m * new`.
@@ -46,7 +48,9 @@ class Conv2d(nnx.Module):
   `lowering` is a static attribute: `nnx.view(model, conv_lowering='native')`
   switches every convolution of a model at once, and `nnx.view(model,
   forward_only=True)` (`predict.inference_view`) lets `'auto'` pick the
-  fastest forward pass for a model that is not differentiated.
+  fastest forward pass for a model that is not differentiated. `platform`
+  (`models.platform_view`) is the target `'auto'` chooses for; None, until
+  set, gives XLA's own convolutions.
   """
 
   def __init__(
@@ -76,12 +80,19 @@ class Conv2d(nnx.Module):
     self.groups = groups
     self.lowering = 'auto'
     self.forward_only = False
+    self.platform = None
 
   def set_view(
-    self, conv_lowering: str | None = None, forward_only: bool | None = None
+    self,
+    conv_lowering: str | None = None,
+    forward_only: bool | None = None,
+    platform: str | None = None,
   ):
-    """Used by `nnx.view`: selects the convolution lowering, and whether
-    `'auto'` optimises the forward pass alone (inference)."""
+    """Used by `nnx.view`: selects the convolution lowering, whether
+    `'auto'` optimises the forward pass alone (inference), and the target
+    platform."""
+    if platform is not None:
+      self.platform = check_platform(platform)
     if conv_lowering is not None:
       if conv_lowering not in LOWERINGS:
         raise ValueError(f'conv_lowering must be one of {LOWERINGS}')
@@ -99,6 +110,7 @@ class Conv2d(nnx.Module):
       padding=self.padding,
       groups=self.groups,
       lowering=self.lowering,
+      platform=self.platform,
       forward_only=self.forward_only,
     )
     if self.bias is not None:
@@ -358,32 +370,42 @@ class RematBlocks:
   only block inputs alive. `nnx.view(model, scan_blocks=True)` runs each
   run of identical consecutive blocks of a stage (`stage`) as one
   `jax.lax.scan` over their stacked weights, so XLA compiles the block
-  once instead of once per block (DenseNet, whose layers grow, always scans
-  chunks of them over padded weights instead, `densenet.py`); the weights
-  stay per block (checkpoints and converters do not change)."""
+  once instead of once per block (DenseNet, whose layers grow, scans
+  chunks of them over padded weights instead on XLA:CPU, `densenet.py`);
+  the weights stay per block (checkpoints and converters do not change).
+  `platform` is the target platform (`models.platform_view`)."""
 
   remat_blocks: bool = False
   scan_blocks: bool = False
+  platform: str | None = None
 
   def set_view(
-    self, remat_blocks: bool | None = None, scan_blocks: bool | None = None
+    self,
+    remat_blocks: bool | None = None,
+    scan_blocks: bool | None = None,
+    platform: str | None = None,
   ):
     """Used by `nnx.view`: rematerialise each block in backward; scan
-    identical consecutive blocks."""
+    identical consecutive blocks; the target platform."""
+    if platform is not None:
+      self.platform = check_platform(platform)
     if remat_blocks is not None:
       self.remat_blocks = remat_blocks
     if scan_blocks is not None:
       self.scan_blocks = scan_blocks
 
   def block(self, module: nnx.Module, *args):
-    """`module(*args)`, rematerialised when `remat_blocks` is on, its output
-    (the first, for a block that returns several) passed through
-    `fusion_barrier`: a block's output feeds the next block's residual sum
-    or concatenation, the chain XLA:CPU would otherwise recompute."""
+    """`module(*args)`, rematerialised when `remat_blocks` is on. On XLA:CPU
+    its output (the first, for a block that returns several) passes through
+    `xla_cpu.fusion.fusion_barrier`: a block's output feeds the next
+    block's residual sum or concatenation, the chain XLA:CPU would
+    otherwise recompute."""
     if self.remat_blocks:
       out = nnx.remat(lambda m, *a: m(*a))(module, *args)
     else:
       out = module(*args)
+    if self.platform != 'cpu':
+      return out
     if isinstance(out, tuple):
       return (fusion_barrier(out[0]), *out[1:])
     return fusion_barrier(out)

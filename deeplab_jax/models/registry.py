@@ -243,6 +243,32 @@ def from_description(desc: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
   )
 
 
+def platform_of(devices) -> str:
+  """The platform a program compiled for `devices` (a mesh, or a sequence
+  of devices or device descriptions) runs on: `'cpu'`, `'gpu'` or `'tpu'`
+  (every device must agree)."""
+  if isinstance(devices, jax.sharding.Mesh):
+    devices = devices.devices.flat
+  kinds = {_PLATFORM_NAMES.get(d.platform, d.platform) for d in devices}
+  if len(kinds) != 1:
+    raise ConfigError(f'devices of several platforms: {sorted(kinds)}')
+  return kinds.pop()
+
+
+# `jax.export` and device descriptions may spell a GPU by its runtime.
+_PLATFORM_NAMES = {'cuda': 'gpu', 'rocm': 'gpu'}
+
+
+def platform_view(model: nnx.Module, platform: str) -> nnx.Module:
+  """`model` (sharing its weights) with every module told the platform its
+  program is compiled for (`platform_of`): the one place kernels are
+  chosen. `'cpu'` selects the XLA:CPU lowerings of `models.xla_cpu`; GPU
+  and TPU programs get XLA's own kernels (and on GPU the measured im2col
+  rule for dilated convolutions, `conv_lowering.choose_lowering`)."""
+  platform = _PLATFORM_NAMES.get(platform, platform)
+  return nnx.view(model, platform=platform, raise_if_not_found=False)
+
+
 def materialize(rest: nnx.State, seed: int = 0) -> nnx.State:
   """Concrete values for abstract non-weight state (dropout RNG streams).
 
