@@ -286,7 +286,7 @@ def train_and_evaluate(
     class_names=spec.class_names,
     mean=config.data.mean,
     std=config.data.std,
-    extra={'dataset': config.data.dataset, 'weights': _model_key(config)},
+    extra={'dataset': config.data.dataset, 'weights': model_key(config)},
   )
   graph, params, stats = split_model(training_view(model, config, mesh))
   del model
@@ -317,7 +317,7 @@ def train_and_evaluate(
     return evaluate_params(
       config,
       eval_fn,
-      state[_model_key(config)],
+      state[model_key(config)],
       state['batch_stats'],
       mesh,
       spec.class_names,
@@ -422,7 +422,7 @@ def training_view(model: nnx.Module, config, mesh) -> nnx.Module:
   return model
 
 
-def _model_key(config) -> str:
+def model_key(config) -> str:
   """The state entry that evaluation, and the checkpoint's `model` item,
   use: the EMA when one is kept."""
   return 'ema' if config.optim.ema_decay else 'params'
@@ -445,17 +445,36 @@ def _input_config(config) -> pipeline.TrainInputConfig:
   )
 
 
-def _compile(config, graph, params, stats, tx, schedule, num_classes, mesh):
-  """The sharded initial state, and the jitted train and eval steps."""
+class Programs(NamedTuple):
+  """The jitted programs of a run, with the shardings they were built for:
+  what `train_and_evaluate` runs and `plan` compiles ahead of time."""
+
+  init: Callable[..., Any]  # (params, stats) -> state, created sharded
+  train: Callable[..., Any]  # (state, batch) -> (state, logs); donates state
+  eval: Callable[..., Any]  # (weights, batch_stats, batch) -> confusion
+  state: Any  # the state's shapes, each with its sharding
+  data: jax.sharding.NamedSharding  # of every batch array
+
+
+def build_programs(
+  config: ml_collections.ConfigDict,
+  graph: Graph,
+  params: Any,
+  stats: Any,
+  tx: optax.GradientTransformation,
+  schedule: Callable[[jax.Array], jax.Array],
+  num_classes: int,
+  mesh: jax.sharding.Mesh,
+) -> Programs:
+  """The run's programs over `mesh`: the state replicated, or split with
+  `mesh.param_sharding='fsdp'`, the batch as `sharding.data_sharding`, the
+  state donated into the train step. `params` and `stats` may be concrete
+  or `jax.ShapeDtypeStruct`s (a plan for devices that are not attached)."""
   init = functools.partial(
     initial_state, tx=tx, ema=bool(config.optim.ema_decay)
   )
-  # Created directly with its sharding (replicated, or split over the data
-  # axis with `mesh.param_sharding='fsdp'`).
-  shardings = sharding.state_shardings(
-    jax.eval_shape(init, params, stats), mesh, config.mesh.param_sharding
-  )
-  state = jax.jit(init, out_shardings=shardings)(params, stats)
+  shapes = jax.eval_shape(init, params, stats)
+  shardings = sharding.state_shardings(shapes, mesh, config.mesh.param_sharding)
   data = sharding.data_sharding(mesh)
   train_fn = jax.jit(
     functools.partial(
@@ -470,16 +489,35 @@ def _compile(config, graph, params, stats, tx, schedule, num_classes, mesh):
       eval_step, graph=graph, num_classes=num_classes, mesh=mesh
     ),
     in_shardings=(
-      shardings[_model_key(config)],
+      shardings[model_key(config)],
       shardings['batch_stats'],
       data,
     ),
     out_shardings=sharding.replicated(mesh),
   )
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    shapes,
+    shardings,
+  )
+  return Programs(
+    init=jax.jit(init, out_shardings=shardings),
+    train=train_fn,
+    eval=eval_fn,
+    state=abstract,
+    data=data,
+  )
+
+
+def _compile(config, graph, params, stats, tx, schedule, num_classes, mesh):
+  """The sharded initial state, and the jitted train and eval steps."""
+  programs = build_programs(
+    config, graph, params, stats, tx, schedule, num_classes, mesh
+  )
   return (
-    state,
-    multihost.CompiledOnFirstCall(train_fn, 'train step compiled'),
-    multihost.CompiledOnFirstCall(eval_fn, 'eval step compiled'),
+    programs.init(params, stats),
+    multihost.CompiledOnFirstCall(programs.train, 'train step compiled'),
+    multihost.CompiledOnFirstCall(programs.eval, 'eval step compiled'),
   )
 
 
@@ -493,7 +531,7 @@ class _CheckpointItems:
   def __init__(self, config, meta: dict[str, Any]):
     self.config = config
     self.meta = meta
-    self.key = _model_key(config)
+    self.key = model_key(config)
 
   def weights(self, state) -> dict:
     merged = checkpointing.deep_merge(state[self.key], state['batch_stats'])

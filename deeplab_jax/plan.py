@@ -1,0 +1,372 @@
+"""An ahead-of-time plan of a recipe on a TPU slice, from any host.
+
+`plan(config, 'v5e:2x4')` compiles the programs `train.train_and_evaluate`
+runs (the same `train.build_programs`: jit, shardings, donation, remat,
+dtype and the kernels of the target platform) for a TPU topology through
+libtpu's compile-only client: nothing runs and no TPU is needed. From the
+compiled programs it reads what XLA reports: per-chip memory against the
+chip's HBM, the FLOPs and bytes of a step (`cost_analysis`), a roofline
+step time from the chip's data sheet, and the collectives of a step. The
+largest global batch that fits is found by compiling.
+
+Data sheet figures (per chip, bf16 peak, HBM capacity and bandwidth) are
+Google Cloud's: cloud.google.com/tpu/docs/v5e, /v5p and /v6e.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from deeplab_jax import models, optim, sharding, train
+from deeplab_jax.errors import ConfigError, UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation's data sheet, per chip."""
+
+  name: str
+  hbm_bytes: float
+  peak_flops: float  # bf16
+  hbm_bytes_per_s: float
+  source: str
+
+
+_SHEETS = 'cloud.google.com/tpu/docs/'
+# Keyed by the `device_kind` libtpu reports for the generation.
+CHIPS = {
+  'TPU v5 lite': Chip(
+    'v5e', 16e9, 197e12, 819e9, 'cloud.google.com/tpu/docs/v5e'
+  ),
+  'TPU v5': Chip('v5p', 95e9, 459e12, 2765e9, 'cloud.google.com/tpu/docs/v5p'),
+  'TPU v6 lite': Chip(
+    'v6e', 32e9, 918e12, 1638e9, 'cloud.google.com/tpu/docs/v6e'
+  ),
+}
+EXAMPLE_TOPOLOGIES = ('v5e:2x2', 'v5e:2x4', 'v5p:2x2x1', 'v5p:2x2x2', 'v6e:2x4')
+COLLECTIVES = (
+  'all-reduce',
+  'all-gather',
+  'reduce-scatter',
+  'collective-permute',
+  'all-to-all',
+)
+_DTYPE_BYTES = {
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  'bf16': 2,
+  'f16': 2,
+  's16': 2,
+  'u16': 2,
+  'f32': 4,
+  's32': 4,
+  'u32': 4,
+  'f64': 8,
+  's64': 8,
+  'u64': 8,
+}
+
+
+def topology_devices(topology: str) -> tuple[list[Any], Chip]:
+  """The TPU device descriptions of `topology` (e.g. `'v5e:2x4'`) and its
+  chip's data sheet; one-line errors for a missing libtpu or an unknown
+  topology."""
+  if importlib.util.find_spec('libtpu') is None:
+    raise UserError(
+      'planning for a TPU needs libtpu (compile-only, no TPU needed): '
+      f'pip install "jax[tpu]=={jax.__version__}", or pip install -e ".[tpu]"'
+    )
+  from jax.experimental import topologies
+
+  try:
+    devices = topologies.get_topology_desc(topology, 'tpu').devices
+  except Exception as e:  # libtpu's own error types
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(
+      f'unknown TPU topology {topology!r} ({reason}); use GENERATION:SHAPE '
+      f'with a generation of {", ".join(c.name for c in CHIPS.values())}, '
+      f'e.g. {", ".join(EXAMPLE_TOPOLOGIES)}'
+    ) from None
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise UserError(
+      f'{topology}: no data sheet figures for {kind!r}; known: '
+      f'{", ".join(c.name for c in CHIPS.values())}'
+    )
+  return list(devices), CHIPS[kind]
+
+
+def abstract_model(config: ml_collections.ConfigDict, num_classes: int):
+  """`config.model.arch` as shapes only (no weights are drawn)."""
+  options = dict(config.model.options.to_dict())
+  options.setdefault('dtype', config.model.dtype)
+  return nnx.eval_shape(
+    lambda: models.create(
+      config.model.arch,
+      num_classes=num_classes,
+      rngs=nnx.Rngs(config.seed),
+      **options,
+    )
+  )
+
+
+def _with_batch(config, batch: int) -> ml_collections.ConfigDict:
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.train.batch_size = batch
+  return config
+
+
+def compile_programs(
+  config: ml_collections.ConfigDict,
+  devices: list[Any],
+  num_classes: int,
+  *,
+  train_batch: int | None = None,
+  with_eval: bool = True,
+) -> dict[str, Any]:
+  """The compiled train (and eval) programs of `config` over `devices`.
+
+  Returns `{'train': Compiled, 'eval': Compiled or None, 'mesh': Mesh,
+  'compile_s': seconds}`.
+  """
+  batch = train_batch or config.train.batch_size
+  config = _with_batch(config, batch)
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  slots = mesh.shape[sharding.DATA_AXIS]
+  if batch % slots:
+    raise ConfigError(
+      f'train.batch_size={batch} does not split over the {slots} devices of '
+      f'the data axis (mesh {dict(mesh.shape)}); use a multiple of {slots}'
+    )
+  model = abstract_model(config, num_classes)
+  sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
+  graph, params, stats = train.split_model(
+    train.training_view(model, config, mesh)
+  )
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  programs = train.build_programs(
+    config, graph, params, stats, tx, schedule, num_classes, mesh
+  )
+  h, w = config.data.crop_size
+  batch_in = {
+    'image': _spec((batch, h, w, 3), jnp.uint8, programs.data),
+    'label': _spec((batch, h, w), jnp.uint8, programs.data),
+  }
+  start = time.perf_counter()
+  compiled = {'train': programs.train.lower(programs.state, batch_in).compile()}
+  compiled['eval'] = None
+  if with_eval:
+    eb = -(-config.eval.batch_size // slots) * slots
+    eh, ew = config.data.eval_pad_to or config.data.crop_size
+    eval_in = {
+      'image': _spec((eb, eh, ew, 3), jnp.float32, programs.data),
+      'label': _spec((eb, eh, ew), jnp.int32, programs.data),
+      'mask': _spec((eb, eh, ew), jnp.bool_, programs.data),
+    }
+    key = train.model_key(config)
+    compiled['eval'] = programs.eval.lower(
+      programs.state[key], programs.state['batch_stats'], eval_in
+    ).compile()
+  compiled['compile_s'] = time.perf_counter() - start
+  compiled['mesh'] = mesh
+  return compiled
+
+
+def _spec(shape, dtype, sharding_):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_)
+
+
+def memory(compiled) -> dict[str, int]:
+  """Per-chip bytes of a compiled program: arguments, temporaries, outputs
+  (less those aliased to donated arguments) and their total."""
+  m = compiled.memory_analysis()
+  out = {
+    'argument_bytes': int(m.argument_size_in_bytes),
+    'temp_bytes': int(m.temp_size_in_bytes),
+    'output_bytes': int(m.output_size_in_bytes - m.alias_size_in_bytes),
+    'code_bytes': int(m.generated_code_size_in_bytes),
+  }
+  out['total_bytes'] = sum(out.values())
+  return out
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """`{kind: {'count', 'bytes'}}` of the collectives in optimised HLO
+  (asynchronous pairs counted once, at their start), bytes of each result
+  shape."""
+  out = {}
+  for kind in COLLECTIVES:
+    pattern = re.compile(
+      rf'=\s*(\(?[^=]*?\)?)\s+{kind}(?:-start)?\(', re.MULTILINE
+    )
+    shapes = pattern.findall(hlo_text)
+    if shapes:
+      out[kind] = {
+        'count': len(shapes),
+        'bytes': sum(_shape_bytes(s) for s in shapes),
+      }
+  return out
+
+
+def _shape_bytes(shape: str) -> int:
+  total = 0
+  for dtype, dims in re.findall(r'([a-z]+\d*)\[([\d,]*)\]', shape):
+    n = 1
+    for d in filter(None, dims.split(',')):
+      n *= int(d)
+    total += n * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def convolutions(hlo_text: str) -> int:
+  """How many convolution instructions an optimised HLO program holds."""
+  return len(re.findall(r'\sconvolution\(', hlo_text))
+
+
+def _roofline(compiled, chip: Chip) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0))
+  moved = float(cost.get('bytes accessed', 0.0))
+  compute_s, memory_s = flops / chip.peak_flops, moved / chip.hbm_bytes_per_s
+  step_s = max(compute_s, memory_s)
+  return {
+    'flops': flops,
+    'bytes_accessed': moved,
+    'compute_ms': 1e3 * compute_s,
+    'memory_ms': 1e3 * memory_s,
+    'step_ms': 1e3 * step_s,
+    'mfu': compute_s / step_s if step_s else 0.0,
+  }
+
+
+def largest_batch(
+  config: ml_collections.ConfigDict,
+  devices: list[Any],
+  num_classes: int,
+  chip: Chip,
+  known: dict[int, int],
+  *,
+  max_compiles: int = 4,
+) -> int | None:
+  """The largest global train batch whose program fits the chip's HBM,
+  by compiling. Memory per chip is close to linear in the batch: two
+  compiled sizes give the estimate, which is then compiled and stepped
+  down (by the data axis) until it fits. `known`: batch -> total bytes
+  already compiled. None if the compile budget ran out first."""
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  slots = mesh.shape[sharding.DATA_AXIS]
+  compiles = 0
+
+  def total(batch):
+    nonlocal compiles
+    if batch not in known:
+      compiles += 1
+      c = compile_programs(
+        config, devices, num_classes, train_batch=batch, with_eval=False
+      )
+      known[batch] = memory(c['train'])['total_bytes']
+    return known[batch]
+
+  b0 = min(known)
+  b1 = b0 * 2
+  per_image = (total(b1) - total(b0)) / (b1 - b0)
+  if per_image <= 0:
+    return None
+  fixed = total(b0) - per_image * b0
+  guess = int((chip.hbm_bytes - fixed) / per_image) // slots * slots
+  while guess >= slots and compiles < max_compiles:
+    if total(guess) <= chip.hbm_bytes:
+      return guess
+    guess -= slots * max(1, guess // (8 * slots))
+  fits = [b for b, t in known.items() if t <= chip.hbm_bytes]
+  return max(fits) if fits else None
+
+
+def plan(
+  config: ml_collections.ConfigDict,
+  topology: str,
+  num_classes: int,
+  *,
+  find_largest: bool = True,
+  max_compiles: int = 4,
+) -> dict[str, Any]:
+  """A plan of `config` on `topology` as one JSON-able row (see the module
+  docstring)."""
+  devices, chip = topology_devices(topology)
+  compiled = compile_programs(config, devices, num_classes)
+  train_c, eval_c = compiled['train'], compiled['eval']
+  mem = memory(train_c)
+  text = train_c.as_text()
+  row = {
+    'arch': config.model.arch,
+    'topology': topology,
+    'chip': chip.name,
+    'chips': len(devices),
+    'mesh': dict(compiled['mesh'].shape),
+    'batch': config.train.batch_size,
+    'crop': list(config.data.crop_size),
+    'dtype': config.model.dtype,
+    'compile_s': round(compiled['compile_s'], 1),
+    **mem,
+    'hbm_bytes': chip.hbm_bytes,
+    'fits': mem['total_bytes'] <= chip.hbm_bytes,
+    'margin_bytes': chip.hbm_bytes - mem['total_bytes'],
+    **_roofline(train_c, chip),
+    'collectives': collectives(text),
+    'convolutions': convolutions(text),
+    'eval_total_bytes': memory(eval_c)['total_bytes'] if eval_c else None,
+    'data_sheet': chip.source,
+  }
+  row['eval_fits'] = (
+    row['eval_total_bytes'] <= chip.hbm_bytes if eval_c else None
+  )
+  if find_largest:
+    row['largest_batch'] = largest_batch(
+      config,
+      devices,
+      num_classes,
+      chip,
+      {config.train.batch_size: mem['total_bytes']},
+      max_compiles=max_compiles,
+    )
+  return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  """The rows as a Markdown table (memory in GiB per chip)."""
+  gib = lambda b: f'{b / 2**30:.2f}' if b is not None else '-'
+  head = (
+    '| arch | topology | batch | args | temp | out | total | HBM | fits '
+    '(margin) | eval total | largest batch | GFLOP/chip | GB moved/chip | '
+    'roofline ms | MFU ceiling | collectives | compile s |'
+  )
+  lines = [head, '|' + '---|' * 17]
+  for r in rows:
+    coll = ', '.join(
+      f'{k} {v["count"]} ({v["bytes"] / 2**20:.1f} MiB)'
+      for k, v in r['collectives'].items()
+    )
+    fits = f'{"yes" if r["fits"] else "NO"} ({gib(r["margin_bytes"])})'
+    lines.append(
+      f'| {r["arch"]} | {r["topology"]} | {r["batch"]} | '
+      f'{gib(r["argument_bytes"])} | {gib(r["temp_bytes"])} | '
+      f'{gib(r["output_bytes"])} | {gib(r["total_bytes"])} | '
+      f'{gib(r["hbm_bytes"])} | {fits} | {gib(r["eval_total_bytes"])} | '
+      f'{r.get("largest_batch", "-")} | {r["flops"] / 1e9:.1f} | '
+      f'{r["bytes_accessed"] / 1e9:.2f} | {r["step_ms"]:.2f} | '
+      f'{100 * r["mfu"]:.1f}% | {coll or "none"} | {r["compile_s"]} |'
+    )
+  return '\n'.join(lines)

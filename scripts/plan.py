@@ -1,0 +1,75 @@
+r"""Plans a recipe on a TPU slice ahead of time, from any host (no TPU).
+
+  python -m scripts.plan --config configs/cityscapes_denseaspp.py \
+      --topology v5e:2x4 [--topology v6e:2x4 ...] [--output plan.jsonl]
+
+Compiles the training and evaluation programs that `scripts.train` runs
+for each topology through libtpu (`pip install -e ".[tpu]"`) and prints,
+per chip: memory against HBM and whether it fits, the largest global batch
+that fits (found by compiling), FLOPs and bytes per step, a roofline step
+time and the MFU ceiling it implies, and the collectives of a step
+(docs/tpu.md). `--config.KEY=VALUE` overrides work as in scripts.train.
+"""
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from deeplab_jax.cli import entry_point, run
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Recipe file, e.g. configs/cityscapes_denseaspp.py.'
+)
+_TOPOLOGY = flags.DEFINE_multi_string(
+  'topology', ['v5e:2x4'], 'TPU GENERATION:SHAPE, e.g. v5e:2x4, v6e:2x4.'
+)
+_LARGEST = flags.DEFINE_bool(
+  'largest_batch', True, 'Find the largest batch that fits (compiles more).'
+)
+_MAX_COMPILES = flags.DEFINE_integer(
+  'max_compiles', 4, 'Compiles allowed for the largest-batch search.'
+)
+_NUM_CLASSES = flags.DEFINE_integer(
+  'num_classes', None, "Classes (default: the recipe's data set's)."
+)
+_OUTPUT = flags.DEFINE_string('output', None, 'Also write JSON lines here.')
+
+
+@entry_point
+def main(argv):
+  del argv
+  import json
+
+  from deeplab_jax import plan
+  from deeplab_jax.data import datasets
+
+  if _CONFIG.value is None:
+    raise plan.UserError('pass --config, e.g. configs/cityscapes_denseaspp.py')
+  config = _CONFIG.value
+  classes = (
+    _NUM_CLASSES.value or datasets.label_spec(config.data.dataset).num_classes
+  )
+  rows = []
+  for topology in _TOPOLOGY.value:
+    rows.append(
+      plan.plan(
+        config,
+        topology,
+        classes,
+        find_largest=_LARGEST.value,
+        max_compiles=_MAX_COMPILES.value,
+      )
+    )
+    print(json.dumps(rows[-1]), flush=True)
+  print(plan.table(rows))
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'a') as f:
+      f.writelines(json.dumps(r) + '\n' for r in rows)
+
+
+if __name__ == '__main__':
+  # Compile-only: the programs are built for the topology's TPU devices;
+  # the process itself runs on the CPU (libtpu stays unattached).
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  run(main)
