@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import os
 import re
 import time
 from typing import Any
@@ -87,6 +88,9 @@ def topology_devices(topology: str) -> tuple[list[Any], Chip]:
       'planning for a TPU needs libtpu (compile-only, no TPU needed): '
       f'pip install "jax[tpu]=={jax.__version__}", or pip install -e ".[tpu]"'
     )
+  # Compile-only: no TPU is opened, so several planning processes (a
+  # test suite's workers) may load libtpu at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies
 
   try:
@@ -128,6 +132,53 @@ def _with_batch(config, batch: int) -> ml_collections.ConfigDict:
   return config
 
 
+def programs_for(
+  config: ml_collections.ConfigDict,
+  devices: list[Any],
+  num_classes: int,
+  *,
+  train_batch: int | None = None,
+  view: dict[str, Any] | None = None,
+) -> tuple[train.Programs, dict[str, Any], dict[str, Any]]:
+  """`(programs, train batch, eval batch)`: the run's programs over
+  `devices` (`train.build_programs`, as `train_and_evaluate` builds them)
+  and the shapes of their batches, ready to `.lower(...)`. `view`: extra
+  `nnx.view` settings on top of the training view (a lever to measure,
+  e.g. `{'conv_lowering': 'native'}`)."""
+  batch = train_batch or config.train.batch_size
+  config = _with_batch(config, batch)
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  slots = mesh.shape[sharding.DATA_AXIS]
+  if batch % slots:
+    raise ConfigError(
+      f'train.batch_size={batch} does not split over the {slots} devices of '
+      f'the data axis (mesh {dict(mesh.shape)}); use a multiple of {slots}'
+    )
+  model = abstract_model(config, num_classes)
+  sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
+  model = train.training_view(model, config, mesh)
+  if view:
+    model = nnx.view(model, **view)
+  graph, params, stats = train.split_model(model)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  programs = train.build_programs(
+    config, graph, params, stats, tx, schedule, num_classes, mesh
+  )
+  h, w = config.data.crop_size
+  train_in = {
+    'image': _spec((batch, h, w, 3), jnp.uint8, programs.data),
+    'label': _spec((batch, h, w), jnp.uint8, programs.data),
+  }
+  eb = -(-config.eval.batch_size // slots) * slots
+  eh, ew = config.data.eval_pad_to or config.data.crop_size
+  eval_in = {
+    'image': _spec((eb, eh, ew, 3), jnp.float32, programs.data),
+    'label': _spec((eb, eh, ew), jnp.int32, programs.data),
+    'mask': _spec((eb, eh, ew), jnp.bool_, programs.data),
+  }
+  return programs, train_in, eval_in
+
+
 def compile_programs(
   config: ml_collections.ConfigDict,
   devices: list[Any],
@@ -141,46 +192,19 @@ def compile_programs(
   Returns `{'train': Compiled, 'eval': Compiled or None, 'mesh': Mesh,
   'compile_s': seconds}`.
   """
-  batch = train_batch or config.train.batch_size
-  config = _with_batch(config, batch)
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
-  slots = mesh.shape[sharding.DATA_AXIS]
-  if batch % slots:
-    raise ConfigError(
-      f'train.batch_size={batch} does not split over the {slots} devices of '
-      f'the data axis (mesh {dict(mesh.shape)}); use a multiple of {slots}'
-    )
-  model = abstract_model(config, num_classes)
-  sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
-  graph, params, stats = train.split_model(
-    train.training_view(model, config, mesh)
+  programs, train_in, eval_in = programs_for(
+    config, devices, num_classes, train_batch=train_batch
   )
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  programs = train.build_programs(
-    config, graph, params, stats, tx, schedule, num_classes, mesh
-  )
-  h, w = config.data.crop_size
-  batch_in = {
-    'image': _spec((batch, h, w, 3), jnp.uint8, programs.data),
-    'label': _spec((batch, h, w), jnp.uint8, programs.data),
-  }
   start = time.perf_counter()
-  compiled = {'train': programs.train.lower(programs.state, batch_in).compile()}
+  compiled = {'train': programs.train.lower(programs.state, train_in).compile()}
   compiled['eval'] = None
   if with_eval:
-    eb = -(-config.eval.batch_size // slots) * slots
-    eh, ew = config.data.eval_pad_to or config.data.crop_size
-    eval_in = {
-      'image': _spec((eb, eh, ew, 3), jnp.float32, programs.data),
-      'label': _spec((eb, eh, ew), jnp.int32, programs.data),
-      'mask': _spec((eb, eh, ew), jnp.bool_, programs.data),
-    }
-    key = train.model_key(config)
+    weights = programs.state[train.model_key(config)]
     compiled['eval'] = programs.eval.lower(
-      programs.state[key], programs.state['batch_stats'], eval_in
+      weights, programs.state['batch_stats'], eval_in
     ).compile()
   compiled['compile_s'] = time.perf_counter() - start
-  compiled['mesh'] = mesh
+  compiled['mesh'] = programs.data.mesh
   return compiled
 
 
@@ -202,16 +226,20 @@ def memory(compiled) -> dict[str, int]:
   return out
 
 
+def collective_shapes(hlo_text: str, kind: str) -> list[str]:
+  """The result shapes (HLO text, e.g. `f32[2,8,8,256]{3,2,1,0}`) of every
+  `kind` collective in optimised HLO; an asynchronous pair counts once."""
+  text = re.sub(r'/\*.*?\*/', '', hlo_text)  # tuple index comments
+  pattern = re.compile(rf'=\s*(\(?[^=]*?\)?)\s+{kind}(?:-start)?\(')
+  return pattern.findall(text)
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """`{kind: {'count', 'bytes'}}` of the collectives in optimised HLO
-  (asynchronous pairs counted once, at their start), bytes of each result
-  shape."""
+  """`{kind: {'count', 'bytes'}}` of the collectives in optimised HLO,
+  bytes of each result shape."""
   out = {}
   for kind in COLLECTIVES:
-    pattern = re.compile(
-      rf'=\s*(\(?[^=]*?\)?)\s+{kind}(?:-start)?\(', re.MULTILINE
-    )
-    shapes = pattern.findall(hlo_text)
+    shapes = collective_shapes(hlo_text, kind)
     if shapes:
       out[kind] = {
         'count': len(shapes),

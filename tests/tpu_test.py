@@ -1,0 +1,163 @@
+"""Programs for the platform they are compiled for: TPU programs built on
+this CPU host (libtpu, compile-only, nothing runs) carry TPU kernels, export
+gives each platform its own, and `scripts.plan` reads a recipe's memory,
+cost and collectives off the compiled TPU program."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import synthetic_demo
+from deeplab_jax import export, models, plan, predict, sharding
+
+pytestmark = pytest.mark.skipif(
+  importlib.util.find_spec('libtpu') is None,
+  reason='needs libtpu: pip install -e ".[tpu]"',
+)
+CLASSES = 4
+
+
+def _smoke(**overrides):
+  config = synthetic_demo.get_config('smoke')
+  with config.unlocked():
+    for key, value in overrides.items():
+      section, leaf = key.split('.')
+      config[section][leaf] = value
+  return config
+
+
+@pytest.mark.parametrize(
+  'arch', ['deeplabv3plus_resnet_tiny', 'denseaspp_tiny']
+)
+def test_tpu_train_step_has_native_convolutions_and_no_cpu_kernels(arch):
+  config = _smoke(**{'model.arch': arch})
+  devices, _ = plan.topology_devices('v5e:2x2')
+  programs, batch, _ = plan.programs_for(config, devices, CLASSES)
+  traced = programs.train.trace(programs.state, batch)
+  # XLA:CPU's kernels are custom VJPs (the fusion barrier, the matmul
+  # weight gradient, Winograd, DenseNet's scanned layers): none on TPU.
+  assert 'custom_vjp_call' not in str(traced.jaxpr)
+  tpu = plan.convolutions(traced.lower().compile().as_text())
+  # Reference: every convolution of the model forced to XLA's own.
+  native, batch, _ = plan.programs_for(
+    config, devices, CLASSES, view={'conv_lowering': 'native'}
+  )
+  forced = native.train.lower(native.state, batch).compile().as_text()
+  assert tpu == plan.convolutions(forced) > 0
+  # The same step for this host's CPU devices takes XLA:CPU's kernels.
+  cpu, batch, _ = plan.programs_for(config, jax.devices()[:4], CLASSES)
+  cpu_traced = cpu.train.trace(cpu.state, batch)
+  assert 'custom_vjp_call' in str(cpu_traced.jaxpr)
+  assert cpu_traced.lower().as_text().count('stablehlo.convolution') < tpu
+
+
+def test_export_gives_each_platform_its_kernels():
+  model = models.create(
+    'deeplabv3plus_resnet_tiny', num_classes=CLASSES, rngs=nnx.Rngs(0)
+  )
+  forced = nnx.view(model, conv_lowering='native')
+  convs = lambda m, p: (
+    export.export(m, height=128, width=128, platforms=p)
+    .mlir_module()
+    .count('stablehlo.convolution')
+  )
+  native = convs(forced, ('tpu',))
+  assert convs(model, ('tpu',)) == native > 0
+  # cuDNN keeps its convolutions, but dense dilated ones become im2col
+  # (at 128x128 the rate-6 ASPP branch still reads beyond its padding).
+  assert 0 < convs(model, ('cuda',)) < native
+  assert convs(model, ('cpu',)) == 0  # XLA:CPU's matmul lowerings
+  # One artifact for all three runs here with the CPU kernels.
+  both = export.export(
+    model, height=40, width=56, platforms=('cpu', 'cuda', 'tpu')
+  )
+  x = np.random.RandomState(0).randn(2, 40, 56, 3).astype(np.float32)
+  want = np.asarray(predict.logits(model, x))
+  np.testing.assert_allclose(both.call(x), want, rtol=1e-5, atol=1e-5)
+
+
+def _plan(*flags):
+  return subprocess.run(
+    [sys.executable, '-m', 'scripts.plan', *flags],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+
+
+def test_plan_script_prints_a_row_that_fits(tmp_path):
+  out = tmp_path / 'plan.jsonl'
+  r = _plan(
+    '--config',
+    'configs/synthetic_demo.py:smoke',
+    '--topology',
+    'v5e:2x2',
+    '--output',
+    str(out),
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  row = json.loads(out.read_text().splitlines()[0])
+  assert '| deeplabv3plus_resnet_tiny | v5e:2x2 | 8 |' in r.stdout
+  assert row['fits'] and row['chips'] == 4 and row['mesh'] == {'data': 4}
+  assert row['largest_batch'] >= 8 and row['largest_batch'] % 4 == 0
+  total = sum(row[k] for k in ('argument_bytes', 'temp_bytes', 'output_bytes'))
+  assert row['total_bytes'] == total + row['code_bytes']
+  assert row['margin_bytes'] == row['hbm_bytes'] - row['total_bytes']
+  # Independent reference: the gradients summed over the 4 chips are the
+  # model's float32 parameters, at least once (XLA may add BatchNorm's
+  # batch statistics and loss terms to the same all-reduces).
+  model = plan.abstract_model(_smoke(), 11)  # synthetic_shapes: 11 classes
+  params = nnx.state(model, nnx.Param)
+  param_bytes = sum(4 * np.prod(p.shape) for p in jax.tree.leaves(params))
+  reduced = row['collectives']['all-reduce']['bytes']
+  assert param_bytes <= reduced < 2 * param_bytes, (reduced, param_bytes)
+  # Roofline: the slower of arithmetic and memory traffic, from the data
+  # sheet (197 TFLOP/s, 819 GB/s per v5e chip).
+  step = max(row['flops'] / 197e12, row['bytes_accessed'] / 819e9)
+  assert row['step_ms'] == pytest.approx(1e3 * step)
+
+
+def test_plan_script_refuses_bad_input_in_one_line():
+  r = _plan(
+    '--config', 'configs/synthetic_demo.py:smoke', '--topology', 'v9:2x2'
+  )
+  assert r.returncode == 1
+  assert (
+    r.stderr.strip()
+    .splitlines()[-1]
+    .startswith("error: unknown TPU topology 'v9:2x2'")
+  )
+  assert 'v5e:2x4' in r.stderr
+  r = _plan(
+    '--config',
+    'configs/synthetic_demo.py:smoke',
+    '--config.train.batch_size=6',
+    '--topology',
+    'v5e:2x2',
+  )
+  assert r.returncode == 1
+  assert 'error: train.batch_size=6 does not split over the 4' in r.stderr
+
+
+def test_spatial_tpu_program_exchanges_halos():
+  # Each image's height over the 4 chips of one host (v5e:2x4 has two):
+  # convolutions exchange halo rows with collective-permute, and no map
+  # of half the input's resolution or more is all-gathered (the decoder's
+  # stride-4 logits are, for the final resize).
+  crop = (128, 64)
+  config = _smoke(**{'mesh.shape': (2, 4), 'data.crop_size': crop})
+  devices, _ = plan.topology_devices('v5e:2x4')
+  compiled = plan.compile_programs(config, devices, CLASSES, with_eval=False)
+  text = compiled['train'].as_text()
+  assert compiled['mesh'].shape[sharding.SPATIAL_AXIS] == 4
+  assert plan.collectives(text)['collective-permute']['count'] > 0
+  for shape in plan.collective_shapes(text, 'all-gather'):
+    dims = [int(d) for d in re.findall(r'\[([\d,]+)\]', shape)[0].split(',')]
+    assert len(dims) != 4 or dims[1] < crop[0] // 2, shape
