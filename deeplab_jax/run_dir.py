@@ -1,18 +1,23 @@
 """A run's directory: the config it belongs to (`config.json`), its
-metrics log (`metrics.jsonl` and TensorBoard events in `tb/`), and its
-last evaluation. Checkpoints (`checkpoints/`) are `checkpointing`'s."""
+metrics log (`metrics.jsonl` and TensorBoard events in `tb/`), its last
+evaluation, and the lock of the one process that writes it (`run.lock`).
+Checkpoints (`checkpoints/`) are `checkpointing`'s."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import socket
+import threading
+import time
 from typing import Any
 
 import ml_collections
 from etils import epath
 from tensorboardX import SummaryWriter
 
-from deeplab_jax.errors import ConfigError
+from deeplab_jax.errors import ConfigError, UserError
 
 # Config groups whose change makes a workdir's checkpoints incompatible.
 RUN_IDENTITY = ('model', 'data.dataset', 'data.crop_size', 'train.batch_size')
@@ -64,6 +69,130 @@ def claim(config: ml_collections.ConfigDict, workdir: str) -> None:
   epath.Path(workdir, 'config.json').write_text(
     json.dumps(json.loads(config.to_json_best_effort()), indent=2)
   )
+
+
+LOCK = 'run.lock'
+
+
+class WorkdirBusyError(UserError):
+  """Another live process trains in this workdir."""
+
+
+def _process_start(pid: int) -> str | None:
+  """The kernel's start time of `pid` (telling a reused pid apart), or
+  None where `/proc` does not say."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # exists, another user's
+  return start is None or _process_start(pid) in (None, start)
+
+
+class WriterLock:
+  """`WORKDIR/run.lock`: one training process writes a workdir.
+
+  The lock names its holder (host, pid, start time). It is stale, and
+  taken over, when its holder is a process of this host that is no longer
+  running, or, for a holder on another host (a shared file system), when
+  its lease has not been renewed for `lease_s` seconds: a live holder
+  renews it every `lease_s / 4` from a background thread. `release`
+  removes it (and the workdir, if the lock created it and it is empty).
+  """
+
+  def __init__(self, workdir: str, lease_s: float = 120.0):
+    self.path = os.path.join(workdir, LOCK)
+    self.workdir = workdir
+    self.lease_s = lease_s
+    self._stop = threading.Event()
+    self._thread = None
+    self._created_dir = False
+
+  def acquire(self) -> WriterLock:
+    """Takes the lock, or raises `WorkdirBusyError` naming the live run."""
+    self._created_dir = not os.path.isdir(self.workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    me = {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'start': _process_start(os.getpid()),
+      'since': datetime.datetime.now(datetime.UTC).isoformat(
+        timespec='seconds'
+      ),
+    }
+    for _ in range(3):  # a stale lock is removed, then raced for
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        self._clear_if_stale()
+        continue
+      with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+      self._thread = threading.Thread(target=self._renew, daemon=True)
+      self._thread.start()
+      return self
+    self._clear_if_stale()  # raises, naming the holder
+    raise WorkdirBusyError(f'could not lock {self.workdir}; try again')
+
+  def _clear_if_stale(self) -> None:
+    try:
+      with open(self.path) as f:
+        holder = json.load(f)
+      renewed = os.path.getmtime(self.path)
+    except FileNotFoundError:
+      return
+    except (OSError, ValueError):
+      holder, renewed = {}, os.path.getmtime(self.path)
+    here = holder.get('host') == socket.gethostname()
+    if here and holder.get('pid') is not None:
+      stale = not _alive(int(holder['pid']), holder.get('start'))
+    else:
+      stale = time.time() - renewed > self.lease_s
+    if not stale:
+      raise WorkdirBusyError(
+        f'{self.workdir} is being trained by pid {holder.get("pid")} on '
+        f'{holder.get("host")} since {holder.get("since")} ({self.path}); '
+        'wait for it to finish, stop it, or use another --workdir'
+      )
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.lease_s / 4):
+      try:
+        os.utime(self.path)
+      except OSError:
+        return
+
+  def release(self) -> None:
+    """Removes the lock (this process's)."""
+    self._stop.set()
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+    if self._created_dir:
+      try:
+        os.rmdir(self.workdir)
+      except OSError:
+        pass  # not empty: the run wrote into it
+
+  def __enter__(self) -> WriterLock:
+    return self.acquire()
+
+  def __exit__(self, *_) -> None:
+    self.release()
 
 
 def last_evaluation(workdir: str) -> dict[str, Any] | None:

@@ -40,7 +40,9 @@ def make_mesh(
   n = len(devices) // spatial if shape[0] == -1 else shape[0]
   if n < 1 or n * spatial > len(devices):
     raise ConfigError(
-      f'mesh.shape {shape} asks for {n * spatial} devices; {len(devices)} exist'
+      f'mesh.shape {shape} asks for {n * spatial} devices; {len(devices)} '
+      'exist (on a CPU, JAX_NUM_CPU_DEVICES=8 before the command simulates '
+      '8; docs/distributed.md)'
     )
   names = (DATA_AXIS, SPATIAL_AXIS)[: len(shape)]
   # Auto axes: XLA propagates shardings through the model (reshapes of

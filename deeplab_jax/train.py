@@ -266,11 +266,23 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it has checkpoints).
 
+  A workdir has one writer: process 0 holds `run_dir.WriterLock` for the
+  whole run, so a second training process on a live local workdir is
+  refused at once, naming the live one.
+
   Returns:
     The last evaluation summary (`miou`, per-class IoU, ...) and the final
     step, as a dict.
   """
   workdir = checkpointing.resolve_path(workdir)
+  lock = contextlib.nullcontext()
+  if jax.process_index() == 0 and '://' not in workdir:
+    lock = run_dir.WriterLock(workdir)
+  with lock:
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(config.train.batch_size, mesh)

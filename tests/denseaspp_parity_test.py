@@ -19,7 +19,9 @@ from deeplab_jax.errors import CheckpointMismatchError
 from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
 
 TOL = 1e-4
-_forward = nnx.jit(lambda m, x: m(x))
+# Through this host's kernels (XLA:CPU's lowerings), as users on CPU run.
+_forward_jit = nnx.jit(lambda m, x: m(x))
+_forward = lambda m, x: _forward_jit(models.platform_view(m, 'cpu'), x)
 
 
 def _dilate_torchvision(model):
@@ -86,7 +88,9 @@ def test_torchvision_densenet_training_mode_matches_torch():
   ref = tm.features(tx)
   g = rng.randn(*ref.shape).astype(np.float32)
   (ref * torch.from_numpy(g)).sum().backward()
-  graph, params, rest = nnx.split(model.backbone, nnx.Param, ...)
+  # The CPU view: its dense layers are scans with a written-out backward.
+  backbone = models.platform_view(model.backbone, 'cpu')
+  graph, params, rest = nnx.split(backbone, nnx.Param, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
   def loss(params, x):
@@ -211,7 +215,8 @@ def test_official_denseaspp_training_mode_matches_torch():
     if isinstance(m, torch.nn.Dropout2d):
       m.eval()
   model = torch_convert.load('denseaspp_tiny', official_state_dict(ref))
-  model = nnx.view(model, deterministic=True)
+  # The CPU view: its dense layers are scans with a written-out backward.
+  model = nnx.view(models.platform_view(model, 'cpu'), deterministic=True)
   rng = np.random.RandomState(3)
   x = rng.randn(2, 64, 48, 3).astype(np.float32)
   tx = nchw(x).requires_grad_(True)
