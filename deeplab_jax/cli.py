@@ -84,9 +84,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
       _fail(
         f'--{name}: config file {missing.group(1)} does not exist'
         if missing
-        else f'--{name}: {" ".join(str(error).split())}'
+        else f'--{name}: {_config_error_text(str(error))}'
       )
   return rest
+
+
+def _config_error_text(text: str) -> str:
+  """A config file's error in one line: the exception's own message where
+  ml_collections wraps a traceback (e.g. an unknown `:variant`)."""
+  if 'Traceback (most recent call last)' in text:
+    last = text.strip().splitlines()[-1]
+    return re.sub(r'^[\w.]+(Error|Exception): ', '', last)
+  return ' '.join(text.split())
 
 
 def _flag_error_text(e: BaseException) -> str:
@@ -101,6 +110,9 @@ def _flag_error_text(e: BaseException) -> str:
     hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     if hint:
       return f'no config key {hint.group(2)!r}; did you mean {hint.group(1)!r}?'
+  head = chain[0].split(': Error whilst parsing config file')[0]
+  if head != chain[0]:
+    return f'{head}: {_config_error_text(chain[0])}'
   return ' '.join(chain[0].split())
 
 

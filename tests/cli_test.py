@@ -63,6 +63,7 @@ SCRIPTS = (
   'build_dataset',
   'export',
   'benchmark',
+  'plan',
 )
 
 
@@ -121,6 +122,19 @@ def test_flag_and_config_mistakes_are_one_line(tmp_path):
   assert "no config key 'batch_sise'; did you mean 'batch_size'?" in line
   line = _one_error_line(_run('scripts.train', '--workdir', w))
   assert '--config' in line
+  line = _one_error_line(
+    _run(
+      'scripts.train',
+      '--config',
+      'configs/cityscapes_mobilenet.py:smok',
+      '--workdir',
+      w,
+    )
+  )
+  assert line == (
+    'error: flag --config=configs/cityscapes_mobilenet.py:smok: unknown '
+    "variant 'smok'; known: smoke (see --help)"
+  )
   assert not os.path.exists(w)
 
 
