@@ -12,6 +12,7 @@ are given.
 """
 
 import os
+import shutil
 import sys
 
 from absl import flags
@@ -63,11 +64,22 @@ def main(argv):
     workdir = checkpointing.resolve_path(_WORKDIR.value)
     print(
       f'done: step {summary["step"]}, mIoU {100 * summary["miou"]:.2f}\n'
-      f'the run is in {workdir}: checkpoints/, metrics.jsonl, tensorboard '
-      f'--logdir {os.path.join(workdir, "tb")}\n'
+      f'the run is in {workdir}: checkpoints/, metrics.jsonl, '
+      f'{_tensorboard(os.path.join(workdir, "tb"))}\n'
       f'next: python -m scripts.evaluate --checkpoint {workdir} --output '
       f'{os.path.join(workdir, "eval")}'
     )
+
+
+def _tensorboard(logdir: str) -> str:
+  """The command that shows the run's curves (installing TensorBoard
+  first where it is not installed)."""
+  show = f'tensorboard --logdir {logdir}'
+  return (
+    show
+    if shutil.which('tensorboard')
+    else f'pip install tensorboard && {show}'
+  )
 
 
 if __name__ == '__main__':

@@ -157,6 +157,18 @@ def test_broken_state_dict_and_failed_command_leave_nothing(tmp_path):
   )
   assert line.startswith(f'error: cannot read {pth} as a PyTorch state dict')
   assert not out.exists()
+  # A text file: our advice, never PyTorch's (weights_only=False would run
+  # the file's code).
+  pth.write_text('not a checkpoint\n')
+  args = ['--arch', 'deeplabv3_resnet50', '--input', str(pth)]
+  line = _one_error_line(
+    _run('scripts.convert_torch', *args, '--output', str(out))
+  )
+  assert 'weights_only' not in line
+  assert line.endswith(
+    'torch.save(model.state_dict(), path) and pass that file'
+  )
+  assert not out.exists()
   # export checks its optional dependency before writing anything.
   line = _one_error_line(
     _run(

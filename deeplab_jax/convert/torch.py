@@ -693,6 +693,15 @@ def read_state_dict(path: str) -> Mapping[str, Any]:
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # noqa: BLE001 - zip, pickle and torch errors
+    if 'Weights only load failed' in str(e):
+      # PyTorch's advice here (weights_only=False) would run the file's
+      # code; a state dict of tensors never needs it.
+      raise UserError(
+        f'cannot read {path} as a PyTorch state dict: it is not a file of '
+        'tensors (or it holds Python objects, which are never loaded: they '
+        'could run code). Save the weights as '
+        'torch.save(model.state_dict(), path) and pass that file'
+      ) from e
     reason = ' '.join(str(e).split())[:200]
     raise UserError(
       f'cannot read {path} as a PyTorch state dict ({type(e).__name__}: '
