@@ -99,12 +99,15 @@ def check_crop(
     )
 
 
-def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> None:
-  """The global batch must split evenly over devices and hosts."""
+def check_batch_size(
+  global_batch: int, mesh: jax.sharding.Mesh, key: str = 'train.batch_size'
+) -> None:
+  """The global batch (config `key`) must split evenly over devices and
+  hosts."""
   n = mesh.shape[DATA_AXIS]
   if global_batch % n or global_batch % jax.process_count():
     raise ConfigError(
-      f'train.batch_size={global_batch} is not divisible by the {n} devices '
+      f'{key}={global_batch} is not divisible by the {n} devices '
       f'of the data axis ({jax.process_count()} processes); use a multiple '
       f'of {n}'
     )

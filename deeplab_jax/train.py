@@ -286,6 +286,8 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(config.train.batch_size, mesh)
+  # Evaluation runs after training steps: found now, not then.
+  sharding.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
   if is_main:
     run_dir.check(config, workdir)
   spec = _label_spec(config)

@@ -156,6 +156,13 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
       config(data_dir, **{'mesh.shape': (8,), 'train.batch_size': 4}),
       str(tmp_path / 'w2'),
     )
+  # Evaluation's batch too, before any step (it runs after training's).
+  three = {'mesh.shape': (3,), 'train.batch_size': 6, 'eval.batch_size': 16}
+  with pytest.raises(
+    ConfigError, match='eval.batch_size=16 is not divisible by the 3 devices'
+  ):
+    train.train_and_evaluate(config(data_dir, **three), str(tmp_path / 'w4'))
+  assert not os.path.exists(tmp_path / 'w4')
   with pytest.raises(
     ConfigError, match='height 64 gives .* use a multiple of 80'
   ):
