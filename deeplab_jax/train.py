@@ -244,7 +244,7 @@ def evaluate_params(
   """
   num_classes = len(class_names)
   total = jnp.zeros((num_classes, num_classes), jnp.int32)
-  for batch in pipeline.eval_batches(
+  batches = pipeline.eval_batches(
     config.data.dataset,
     config.data.eval_split,
     data_dir=config.data.data_dir,
@@ -253,7 +253,16 @@ def evaluate_params(
     std=tuple(config.data.std),
     pad_to=config.data.eval_pad_to,
     height_multiple=sharding.spatial_size(mesh),
-  ):
+  )
+  progress = tqdm(
+    batches,
+    desc='eval',
+    unit='batch',
+    leave=False,
+    dynamic_ncols=True,
+    disable=jax.process_index() != 0,
+  )
+  for batch in progress:
     total = total + eval_fn(params, stats, sharding.to_global(batch, mesh))
   return metrics.summarize(np.asarray(jax.device_get(total)), class_names)
 
@@ -360,7 +369,13 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     logged = False
     for step in range(first_step, config.train.num_steps):
       batch = sharding.to_global(next(train_iter), mesh)
+      if step == first_step and is_main:
+        bar.write('compiling the train step (cached after the first run)')
       state, logs = train_fn(state, batch)
+      if step == first_step:
+        rate.restart(first_step)  # images/s without the compilation
+        if is_main:
+          bar.write(f'train step compiled in {train_fn.compile_s:.1f} s')
       done = step + 1
       bar.update(1)
       last = done == config.train.num_steps
@@ -658,6 +673,10 @@ class _Rate:
 
   def __init__(self, step: int, batch_size: int):
     self.batch_size = batch_size
+    self.last = (step, time.time())
+
+  def restart(self, step: int) -> None:
+    """Counts from `step`, now (after the step's compilation)."""
     self.last = (step, time.time())
 
   def __call__(self, step: int) -> float:
