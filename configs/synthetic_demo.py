@@ -3,8 +3,8 @@ r"""DeepLabV3+ (tiny ResNet) on the synthetic shapes data set: the README demo.
   python -m scripts.train --config configs/synthetic_demo.py --workdir /tmp/demo
 
 Needs no download (the data set is generated on first use) and reaches a
-useful mIoU in a few minutes on 2 CPU cores. `:smoke` runs 10 steps of the
-same model at the smoke defaults (`base.smoke`).
+useful mIoU in a few minutes on 2 CPU cores. `:smoke` runs 10 steps of
+`deeplabv3plus_resnet_tiny` at its registry widths (`base.smoke`).
 """
 
 from configs import base
