@@ -176,6 +176,7 @@ def predict_images(
   batch_size: int = 4,
   bucket: int = 1,
   spatial: int = 1,
+  failed: list[tuple[str, str]] | None = None,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
   """Predicts image files in batches: yields `(path, [H, W] uint8 class
   ids, [H, W, K] float32 logits)` in the order batches complete.
@@ -189,7 +190,9 @@ def predict_images(
   compiles one program per bucket instead of per size, and the outputs are
   cropped back; but ASPP's image pooling and the final resize then see the
   padded image (docs/parity.md gives the measured deviation). `spatial`
-  splits each image over that many devices (`logits`).
+  splits each image over that many devices (`logits`). With `failed` (a
+  list), a file that cannot be read is appended as `(path, reason)` and
+  skipped instead of stopping the rest.
   """
   norm = meta['normalization']
   view, mesh = _view_and_mesh(model, spatial)
@@ -207,7 +210,13 @@ def predict_images(
       yield path, crop.argmax(-1).astype(np.uint8), crop
 
   for path in paths:
-    image = read_image(path)
+    try:
+      image = read_image(path)
+    except UserError as e:
+      if failed is None:
+        raise
+      failed.append((path, str(e)))
+      continue
     hw = bucket_shape(image.shape[:2], bucket)
     pending.setdefault(hw, []).append((path, image))
     if len(pending[hw]) == batch_size:

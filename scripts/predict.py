@@ -9,6 +9,7 @@ r"""Predicts label maps and colour overlays for images.
 """
 
 import os
+import sys
 
 from absl import flags
 
@@ -70,6 +71,7 @@ def main(argv):
       more = ', ...' if len(skipped) > 3 else ''
       print(f'skipped {len(skipped)} files that are not images ({names}{more})')
     model, meta = _LOAD.load(checkpoint)
+    failed = []
     for path, label_map, logits in predict.predict_images(
       model,
       meta,
@@ -77,6 +79,7 @@ def main(argv):
       batch_size=_BATCH.value,
       bucket=_BUCKET.value,
       spatial=_SPATIAL.value,
+      failed=failed,
     ):
       for written in predict.write_prediction(
         path,
@@ -87,7 +90,14 @@ def main(argv):
         with_overlay=_OVERLAY.value,
       ):
         print(written)
-  print(f'predicted {len(paths)} images; outputs in {out}')
+  print(f'predicted {len(paths) - len(failed)} images; outputs in {out}')
+  if failed:  # after the good images' outputs are kept
+    for _, reason in failed:
+      print(f'failed: {reason}', file=sys.stderr)
+    raise UserError(
+      f'{len(failed)} of {len(paths)} files could not be read (listed '
+      'above); the others were predicted'
+    )
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Converted checkpoints round-trip; the scripts work and fail in one line."""
 
 import os
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -335,3 +336,22 @@ def test_predict_demo_runs_and_fills_the_default_compilation_cache(tmp_path):
   assert written == ['demo_inputs', 'image_label.png', 'image_overlay.png']
   # On by default, in the documented place: a rerun loads, not compiles.
   assert os.listdir(tmp_path / 'cache' / 'deeplab_jax' / 'jax')
+  # A folder with an undecodable file: the good image is predicted and
+  # kept, the broken one named, and the command exits non-zero.
+  folder = tmp_path / 'mixed'
+  folder.mkdir()
+  shutil.copy(tmp_path / 'demo' / 'demo_inputs' / 'image.png', folder)
+  (folder / 'broken.png').write_bytes(b'\x89PNG not really')
+  ckpt = tmp_path / 'demo' / 'demo_inputs' / 'checkpoint'
+  args = ['--checkpoint', str(ckpt), '--input', str(folder)]
+  r = _run('scripts.predict', *args, '--output', str(tmp_path / 'mixed_out'))
+  assert r.returncode == 1, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert lines[-2].startswith(f'failed: cannot decode image {folder}')
+  assert 'broken.png' in lines[-2]
+  assert lines[-1] == (
+    'error: 1 of 2 files could not be read (listed above); the others were '
+    'predicted'
+  )
+  written = sorted(os.listdir(tmp_path / 'mixed_out'))
+  assert written == ['image_label.png', 'image_overlay.png']
