@@ -24,6 +24,24 @@ RUN_IDENTITY = ('model', 'data.dataset', 'data.crop_size', 'train.batch_size')
 # How the step is computed, not what it computes: a run resumes with these
 # changed (and from workdirs written before they existed).
 COMPUTE_ONLY = ('model.remat', 'model.scan_blocks')
+# Where and how long a run goes on, not what it trains: a resume may change
+# these too. Each change is appended to `resumed.jsonl`; `config.json`
+# keeps the values the run started with. Any other change is refused.
+RESUMABLE = COMPUTE_ONLY + (
+  'train.num_steps',
+  'train.log_every_steps',
+  'eval.every_steps',
+  'eval.batch_size',
+  'checkpoint',
+  'data.data_dir',
+  'data.num_workers',
+  'mesh',
+)
+RESUMED = 'resumed.jsonl'
+
+
+def _in(key: str, groups) -> bool:
+  return any(key == g or key.startswith(g + '.') for g in groups)
 
 
 def _flat_config(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -40,17 +58,10 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
   differing key with both values. Writes nothing: `claim` does,
   once training starts, so a run that fails before its first step (no
   data, a bad `init_from`) leaves the workdir free for the fixed command."""
-  path = epath.Path(workdir, 'config.json')
-  if not path.exists():
+  ours, theirs = _configs(config, workdir)
+  if theirs is None:
     return
-  ours = _flat_config(json.loads(config.to_json_best_effort()))
-  theirs = _flat_config(json.loads(path.read_text()))
-  identity = lambda key: (
-    key not in COMPUTE_ONLY
-    and any(
-      key == group or key.startswith(group + '.') for group in RUN_IDENTITY
-    )
-  )
+  identity = lambda key: key not in COMPUTE_ONLY and _in(key, RUN_IDENTITY)
   diff = [
     f'{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now'
     for k in sorted(set(ours) | set(theirs))
@@ -61,14 +72,51 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
       f'{workdir} holds a run of another config ({"; ".join(diff)}); use '
       'a new --workdir or the same config'
     )
+  # Keys a newer version added are not changes of an older workdir's run.
+  changed = [
+    f'{k}: {theirs[k]!r} there, {ours.get(k)!r} now'
+    for k in sorted(theirs)
+    if not _in(k, RESUMABLE) and ours.get(k) != theirs[k]
+  ]
+  if changed:
+    raise ConfigError(
+      f'{workdir} was trained with other settings ({"; ".join(changed)}); '
+      'resume with the recorded values (config.json) or use a new --workdir'
+    )
+
+
+def _configs(config, workdir):
+  """`(ours, the workdir's or None)`, flattened to dotted keys."""
+  ours = _flat_config(json.loads(config.to_json_best_effort()))
+  path = epath.Path(workdir, 'config.json')
+  if not path.exists():
+    return ours, None
+  return ours, _flat_config(json.loads(path.read_text()))
 
 
 def claim(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the resolved config into the workdir (training has started)."""
+  """Writes the resolved config into the workdir (training has started);
+  a resume that changed `RESUMABLE` keys appends them, with both values,
+  to `resumed.jsonl` and leaves `config.json` as the run started."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  epath.Path(workdir, 'config.json').write_text(
-    json.dumps(json.loads(config.to_json_best_effort()), indent=2)
-  )
+  ours, theirs = _configs(config, workdir)
+  if theirs is None:
+    epath.Path(workdir, 'config.json').write_text(
+      json.dumps(json.loads(config.to_json_best_effort()), indent=2)
+    )
+    return
+  changed = {
+    k: [theirs.get(k), ours[k]]
+    for k in sorted(ours)
+    if k in theirs and ours[k] != theirs[k]
+  }
+  if changed:
+    record = {
+      'time': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+      'changed': changed,
+    }
+    with epath.Path(workdir, RESUMED).open('a') as f:
+      f.write(json.dumps(record) + '\n')
 
 
 LOCK = 'run.lock'

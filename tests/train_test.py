@@ -145,6 +145,19 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
   compute_only = {'model.remat': 'blocks', 'model.scan_blocks': True}
   again = train.train_and_evaluate(config(data_dir, **compute_only), workdir)
   assert again['step'] == 10 and again['miou'] == first['miou']
+  # The record stays the run's: the change is appended, config.json kept.
+  with open(os.path.join(workdir, 'resumed.jsonl')) as f:
+    [resumed] = [json.loads(line) for line in f]
+  assert resumed['changed'] == {
+    'model.remat': ['none', 'blocks'],
+    'model.scan_blocks': [False, True],
+  }
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['remat'] == 'none'
+  # Another learning rate is another run: refused, naming the key.
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(config(data_dir, **{'optim.lr': 0.1}), workdir)
+  assert 'optim.lr: 0.003 there, 0.1 now' in str(e.value)
   other = config(data_dir, **{'model.arch': 'deeplabv3_resnet_tiny'})
   with pytest.raises(ConfigError) as e:
     train.train_and_evaluate(other, workdir)
