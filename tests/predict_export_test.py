@@ -97,7 +97,12 @@ def test_export_round_trip_any_batch(model_and_images, tmp_path):
   ]
   fn, meta2 = export.load_exported(str(tmp_path))
   assert meta2['class_names'] == ['x', 'y', 'z']
-  assert meta2['export'] == {'height': 40, 'width': 56, 'batch': None}
+  assert meta2['export'] == {
+    'height': 40,
+    'width': 56,
+    'batch': None,
+    'platforms': ['cpu'],
+  }
   rng = np.random.RandomState(1)
   for b in (1, 3):
     x = rng.randn(b, 40, 56, 3).astype(np.float32)
