@@ -75,7 +75,7 @@ def test_resnet50_train_mode_parity_and_bn_updates(
   x = np.random.RandomState(7).randn(2, 65, 81, 3).astype(np.float32)
   with torch.no_grad():
     ref = tm(nchw(x))
-  train_view = nnx.view(model, deterministic=True)
+  train_view = nnx.view(models.platform_view(model, 'cpu'), deterministic=True)
   graphdef, state = nnx.split(train_view)
 
   @jax.jit

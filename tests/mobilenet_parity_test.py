@@ -90,7 +90,7 @@ def test_lraspp_train_mode_parity_and_bn_updates(parity_report):
   x = np.random.RandomState(3).randn(2, 65, 81, 3).astype(np.float32)
   with torch.no_grad():
     ref = tm(nchw(x))['out']
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(models.platform_view(model, 'cpu'))
 
   @jax.jit
   def fwd(state, x):
@@ -161,7 +161,7 @@ def test_official_mobilenet_denseaspp_train_mode_parity(parity_report):
   x = np.random.RandomState(6).randn(2, 64, 88, 3).astype(np.float32)
   with torch.no_grad():
     expect = nhwc(ref(nchw(x)))
-  train_view = nnx.view(model, deterministic=True)
+  train_view = nnx.view(models.platform_view(model, 'cpu'), deterministic=True)
   err = rel_err(_forward(train_view, jnp.asarray(x))['out'], expect)
   parity_report(
     'MobileNetDenseASPP, official layout, training mode (batch statistics)',

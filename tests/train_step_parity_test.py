@@ -17,7 +17,7 @@ from flax import nnx
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 from configs import base
-from deeplab_jax import optim, train
+from deeplab_jax import models, optim, train
 from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.data import normalization
 from tests.torch_refs import nchw, randomize_batchnorm, rel_err
@@ -71,7 +71,12 @@ def test_sgd_step_matches_pytorch(parity_report):
   c.loss.aux_weight = AUX
   c.train.num_steps = 100
   c.model.freeze_bn = True
-  model = nnx.view(model, deterministic=True, use_running_average=True)
+  # As training on this host's CPU devices views it (train.training_view).
+  model = nnx.view(
+    models.platform_view(model, 'cpu'),
+    deterministic=True,
+    use_running_average=True,
+  )
   graph, params, stats = train.split_model(model)
   tx, schedule = optim.make_optimizer(c.optim, c.train.num_steps)
   step = functools.partial(
