@@ -370,12 +370,18 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     for step in range(first_step, config.train.num_steps):
       batch = sharding.to_global(next(train_iter), mesh)
       if step == first_step and is_main:
-        bar.write('compiling the train step (cached after the first run)')
+        bar.write(
+          'compiling the train step (cached after the first run)',
+          file=sys.stderr,
+        )
       state, logs = train_fn(state, batch)
       if step == first_step:
         rate.restart(first_step)  # images/s without the compilation
         if is_main:
-          bar.write(f'train step compiled in {train_fn.compile_s:.1f} s')
+          bar.write(
+            f'train step compiled in {train_fn.compile_s:.1f} s',
+            file=sys.stderr,
+          )
       done = step + 1
       bar.update(1)
       last = done == config.train.num_steps

@@ -254,8 +254,8 @@ def test_class_weights_and_partial_init_from_are_said(data_dir, tmp_path):
   )
   assert r.returncode == 0, r.stderr
   # The start is not silent: the compilation is announced and timed.
-  assert 'compiling the train step (cached after the first run)' in r.stdout
-  assert re.search(r'train step compiled in \d+\.\d s', r.stdout)
+  assert 'compiling the train step (cached after the first run)' in r.stderr
+  assert re.search(r'train step compiled in \d+\.\d s', r.stderr)
   assert 'keep their random initialisation' in r.stderr
   assert 'head.classifier.kernel (1, 1, 16, 4) vs (1, 1, 16, 3)' in r.stderr
 
