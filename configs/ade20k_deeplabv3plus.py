@@ -8,6 +8,9 @@ lr 0.01, weight decay 5e-4, poly 0.9, batch 16, 160k steps, aux loss 0.4
 (mmsegmentation `deeplabv3plus_r101-d8_4xb4-160k_ade20k-512x512`).
 Validation images vary in size; they are padded to 512x2048 here (exact
 multi-size evaluation belongs to scripts.evaluate).
+Weights: `hf-hub:timm/resnet101.tv_in1k`, torchvision's ImageNet
+ResNet-101 (mmsegmentation's `open-mmlab://resnet101_v1c` is a deep-stem
+ResNet this architecture does not have).
 `:smoke` = tiny DeepLabV3+ on synthetic data, a few steps.
 """
 
@@ -17,6 +20,7 @@ from configs import base
 def get_config(arg: str | None = None):
   c = base.get_base_config()
   c.model.arch = 'deeplabv3plus_resnet101'
+  c.model.init_from = 'hf-hub:timm/resnet101.tv_in1k'
   c.model.options.output_stride = 8
   c.model.options.aux_head = True
   c.data.dataset = 'ade20k'

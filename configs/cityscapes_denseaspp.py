@@ -6,9 +6,13 @@ r"""DenseASPP-161 on Cityscapes (Yang et al., CVPR 2018): the main job.
 Recipe as reported for the paper's Cityscapes model: dilated DenseNet-161 at
 output stride 8, Adam (lr 3e-4, weight decay 1e-5), poly decay, batch 8,
 512x512 random crops, 80 epochs of the 2,975 fine training images
-(80 * 2975 / 8 = 29,750 steps), ImageNet-initialised backbone (set
-`--config.model.init_from=densenet161.pth`, torchvision's weights). The
+(80 * 2975 / 8 = 29,750 steps), ImageNet-initialised backbone. The
 official model reaches 79.9 mIoU on val (80.6 multi-scale).
+Weights: `hf-hub:timm/densenet161.tv_in1k`, timm's safetensors copy of
+torchvision's ImageNet DenseNet-161 (the official model's layer names are
+torchvision's DenseNet layout; timm's pretrained config gives the tag,
+Apache-2.0, ImageNet mean/std). Downloaded once into the Hugging Face
+cache; `--config.model.init_from=` starts from random weights.
 `:fullres` = whole 1024x2048 images instead of crops (random scale, flip),
 each image's height split over 4 devices (`mesh.shape=(-1, 4)`; batch 8 =
 2 images per data-axis slot on 16 devices; docs/distributed.md, "Splitting
@@ -24,6 +28,7 @@ from configs import base
 def get_config(arg: str | None = None):
   c = base.get_base_config()
   c.model.arch = 'denseaspp161'
+  c.model.init_from = 'hf-hub:timm/densenet161.tv_in1k'
   c.model.options.output_stride = 8
   c.data.dataset = 'cityscapes'
   c.data.crop_size = (512, 512)

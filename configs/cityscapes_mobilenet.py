@@ -11,6 +11,10 @@ steps) are this recipe's own choices for Cityscapes, as in the DenseASPP
 recipe. `--config.model.arch=deeplabv3_mobilenet_v3_large` with
 `--config.model.options.aux_head=True --config.loss.aux_weight=0.5` is
 torchvision's DeepLabV3 variant (`--aux-loss`, weight 0.5).
+Weights: `torchvision:mobilenet_v3_large` (IMAGENET1K_V1), the default
+`weights_backbone` of torchvision's `lraspp_mobilenet_v3_large` and
+`deeplabv3_mobilenet_v3_large` (torchvision/models/segmentation/); a
+PyTorch file, so reading it needs PyTorch.
 `:smoke` = the same model on synthetic data, a few steps.
 """
 
@@ -20,6 +24,7 @@ from configs import base
 def get_config(arg: str | None = None):
   c = base.get_base_config()
   c.model.arch = 'lraspp_mobilenet_v3_large'
+  c.model.init_from = 'torchvision:mobilenet_v3_large'
   c.data.dataset = 'cityscapes'
   c.data.crop_size = (512, 1024)
   c.data.num_workers = 8

@@ -6,6 +6,9 @@ r"""DeepLabV3+-ResNet101 on Pascal VOC 2012 + SBD (train_aug), 40k steps.
 mmsegmentation's `deeplabv3plus_r101-d8_4xb4-40k_voc12aug-512x512`: output
 stride 8, 512x512 crops (scale 0.5-2.0), photometric jitter, SGD lr 0.01,
 weight decay 5e-4, poly 0.9, batch 16, 40k steps, aux loss 0.4.
+Weights: `hf-hub:timm/resnet101.tv_in1k`, torchvision's ImageNet
+ResNet-101 (mmsegmentation's `open-mmlab://resnet101_v1c` is a deep-stem
+ResNet this architecture does not have).
 `:smoke` = tiny DeepLabV3+ on synthetic data, a few steps.
 """
 
@@ -15,6 +18,7 @@ from configs import base
 def get_config(arg: str | None = None):
   c = base.get_base_config()
   c.model.arch = 'deeplabv3plus_resnet101'
+  c.model.init_from = 'hf-hub:timm/resnet101.tv_in1k'
   c.model.options.output_stride = 8
   c.model.options.aux_head = True
   c.data.dataset = 'voc_aug'

@@ -72,7 +72,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # noqa: BLE001 - absl and config files raise many
     if os.environ.get('DEEPLAB_TRACEBACK'):
       raise
-    _fail(f'{_flag_error_text(e)} (see --help)')
+    _fail(f'{_flag_error_text(e, argv)} (see --help)')
   for name, value in flags.FLAGS.flag_values_dict().items():
     # ml_collections defers the error of a config file that failed to load
     # until the config is used; report it now.
@@ -98,18 +98,31 @@ def _config_error_text(text: str) -> str:
   return ' '.join(text.split())
 
 
-def _flag_error_text(e: BaseException) -> str:
+def _flag_error_text(e: BaseException, argv: list[str] = ()) -> str:
   """A flag error in one line. absl's own message names the flag; for an
   unknown config key ml_collections' 'Did you mean' hint is deeper in the
-  chain of exceptions."""
-  chain = []
+  chain of exceptions, or there is only a KeyError naming the key."""
+  chain, errors = [], []
   while e is not None:
     chain.append(str(e))
+    errors.append(e)
     e = e.__cause__ or e.__context__
   for text in chain:
     hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     if hint:
       return f'no config key {hint.group(2)!r}; did you mean {hint.group(1)!r}?'
+  for error in errors:
+    if type(error) is KeyError and error.args:
+      key = f'.{error.args[0]}='
+      flag = next((a.split('=')[0] for a in argv if key in a), None)
+      if flag:
+        options = '.options.' in flag
+        return f'{flag}: the recipe has no such key' + (
+          ' (a model option the recipe does not set goes in a config file '
+          'of your own)'
+          if options
+          else ''
+        )
   head = chain[0].split(': Error whilst parsing config file')[0]
   if head != chain[0]:
     return f'{head}: {_config_error_text(chain[0])}'
@@ -142,8 +155,13 @@ class ModelLoadFlags:
     )
 
   def load(self, directory: str):
-    """`checkpointing.load_model(directory)` as the flags ask."""
+    """`checkpointing.load_model(directory)` as the flags ask, or a
+    published whole model by name (`sources.load_model`)."""
     from deeplab_jax import checkpointing
+    from deeplab_jax.convert import sources
+
+    if sources.is_name(directory):
+      return sources.load_model(directory)
 
     return checkpointing.load_model(
       directory,

@@ -1,5 +1,5 @@
-"""The model a training run starts from: fresh, converted from PyTorch
-weights, or copied from a checkpoint (`config.model.init_from`)."""
+"""The model a training run starts from: fresh, converted from published
+or PyTorch weights, or copied from a checkpoint (`config.model.init_from`)."""
 
 from __future__ import annotations
 
@@ -9,43 +9,53 @@ from absl import logging
 from flax import nnx
 
 from deeplab_jax import checkpointing, models
+from deeplab_jax.convert import sources
 from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.errors import ConfigError
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
   """The model a run starts from: `config.model.arch` with fresh weights, or
-  with those of `config.model.init_from` (a PyTorch `.pth` / `.npz`, or a
-  checkpoint: every tensor whose path and shape match is copied)."""
+  with those of `config.model.init_from`: a published name
+  (`deeplab_jax.convert.sources`, e.g. `hf-hub:timm/densenet161.tv_in1k`), a
+  PyTorch / safetensors / `.npz` file, or a deeplab-jax checkpoint. Every
+  tensor whose path and shape match is copied; the rest (a fresh head, or
+  a classifier for other classes) keeps its initialisation, and a warning
+  names it. `model.init_source` records the source's name, file and
+  SHA-256 (checkpoint metadata `init_from`)."""
   options = dict(config.model.options.to_dict())
   options.setdefault('dtype', config.model.dtype)
   src = config.model.init_from
-  if not src:
-    return models.create(
-      config.model.arch,
-      num_classes=num_classes,
-      rngs=nnx.Rngs(config.seed),
-      **options,
-    )
-  if src.endswith(('.pth', '.pt', '.npz')):
-    model = torch_convert.load(
-      config.model.arch,
-      torch_convert.read_state_dict(src),
-      num_classes=num_classes,
-      seed=config.seed,
-      **options,
-    )
-    logging.info('init_from %s (%s)', src, model.source_layout)
-    warn_if_normalization_differs(
-      config, src, model.source_normalization, model.fresh_weights
-    )
-    return model
-  model = models.create(
+  fresh = lambda: models.create(
     config.model.arch,
     num_classes=num_classes,
     rngs=nnx.Rngs(config.seed),
     **options,
   )
+  if not src:
+    return fresh()
+  if sources.is_weights_file(src):
+    state_dict, fetched = sources.read(src)
+    source_classes = torch_convert.source_num_classes(state_dict)
+    loaded = torch_convert.load(
+      config.model.arch,
+      state_dict,
+      num_classes=source_classes or num_classes,
+      seed=config.seed,
+      **options,
+    )
+    logging.info('init_from %s (%s)', src, loaded.source_layout)
+    norm = (
+      fetched.source.normalization
+      if fetched.source
+      else loaded.source_normalization
+    )
+    warn_if_normalization_differs(config, src, norm, loaded.fresh_weights)
+    model = loaded
+    if loaded.num_classes != num_classes:
+      model = _copy_matching(loaded, fresh(), src)
+    model.init_source = (fetched.name, fetched.path, fetched.sha256)
+    return model
   loaded, meta = checkpointing.load_model(
     src, allow_unverified=config.checkpoint.allow_unverified
   )
@@ -54,9 +64,28 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
       f'model.init_from {src} holds {meta["model"]["arch"]}, not '
       f'{config.model.arch}'
     )
-  # Copy every weight whose path and shape match; the rest (e.g. a
-  # classifier for another number of classes) keeps its initialisation.
-  _, src_w, _ = nnx.split(loaded, (nnx.Param, nnx.BatchStat), ...)
+  model = _copy_matching(loaded, fresh(), src)
+  norm = meta.get('normalization')
+  if norm:
+    warn_if_normalization_differs(config, src, (norm['mean'], norm['std']), ())
+  model.init_source = (src, checkpointing.resolve_path(src), '')
+  return model
+
+
+def init_record(model) -> dict[str, str] | None:
+  """The checkpoint metadata entry `init_from`: the source's name, the file
+  read and its SHA-256 (empty for a checkpoint directory)."""
+  source = getattr(model, 'init_source', None)
+  if not source:
+    return None
+  return dict(zip(('name', 'file', 'sha256'), source, strict=True))
+
+
+def _copy_matching(source: nnx.Module, model: nnx.Module, src: str):
+  """Copies every weight of `source` whose path and shape match into
+  `model`; the rest (e.g. a classifier for another number of classes) keeps
+  its initialisation, and a warning names it."""
+  _, src_w, _ = nnx.split(source, (nnx.Param, nnx.BatchStat), ...)
   _, dst_w, _ = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
   src_flat = dict(nnx.to_flat_state(src_w))
   kept, skipped = 0, []
@@ -76,16 +105,13 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
   if skipped:
     logging.warning(
       'model.init_from %s: %d tensors loaded, %d keep their random '
-      "initialisation (ours vs the checkpoint's shape): %s%s",
+      "initialisation (ours vs the source's shape): %s%s",
       src,
       kept,
       len(skipped),
       ', '.join(skipped[:4]),
       ' ...' if len(skipped) > 4 else '',
     )
-  norm = meta.get('normalization')
-  if norm:
-    warn_if_normalization_differs(config, src, (norm['mean'], norm['std']), ())
   return model
 
 

@@ -301,6 +301,10 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     run_dir.check(config, workdir)
   spec = _label_spec(config)
   _check_config(config, spec.num_classes)
+  # A missing data set is said before any weights are downloaded.
+  datasets.open_split(
+    config.data.dataset, config.data.train_split, config.data.data_dir
+  )
 
   model = initialization.create_model(config, spec.num_classes)
   sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
@@ -309,7 +313,11 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     class_names=spec.class_names,
     mean=config.data.mean,
     std=config.data.std,
-    extra={'dataset': config.data.dataset, 'weights': model_key(config)},
+    extra={
+      'dataset': config.data.dataset,
+      'weights': model_key(config),
+      'init_from': initialization.init_record(model),
+    },
   )
   graph, params, stats = split_model(training_view(model, config, mesh))
   del model

@@ -2,6 +2,9 @@ r"""Predicts label maps and colour overlays for images.
 
   python -m scripts.predict --checkpoint ckpt/deeplabv3_r50 \
       --input 'photos/*.jpg' --output predictions
+  # A published model by name (fetched once into torch.hub's cache):
+  python -m scripts.predict --checkpoint torchvision:deeplabv3_resnet101 \
+      --input 'photos/*.jpg' --output predictions
 
   # No checkpoint at hand: a tiny random model on a generated image, which
   # checks the install end to end (model, checkpoint, inference, PNGs).
@@ -26,8 +29,8 @@ from deeplab_jax.errors import UserError
 _CHECKPOINT = flags.DEFINE_string(
   'checkpoint',
   None,
-  'Checkpoint dir (scripts.train / scripts.convert_torch) or a training '
-  'workdir.',
+  'Checkpoint dir (scripts.train / scripts.convert_torch), a training '
+  'workdir, or a published whole model, e.g. torchvision:deeplabv3_resnet101.',
 )
 _INPUT = flags.DEFINE_string('input', None, 'Image file, directory or glob.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the outputs.')

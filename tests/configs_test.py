@@ -6,7 +6,6 @@ import os
 import pytest
 
 from deeplab_jax import train
-from deeplab_jax.data import datasets
 from deeplab_jax.errors import ConfigError
 
 RECIPES = [
@@ -30,13 +29,6 @@ KEYS = [
   'optim.lr',
   'mesh.shape',
 ]
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  datasets.prepare('synthetic_shapes', data_dir=d)
-  return d
 
 
 @pytest.mark.parametrize('name', RECIPES)

@@ -92,3 +92,13 @@ def pytest_sessionfinish(session):
   with open(session.config.getoption('--parity-report'), 'w') as f:
     f.write('\n'.join(out))
   os.remove(path)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """A prepared synthetic_shapes data set (the smoke recipes' data)."""
+  from deeplab_jax.data import datasets
+
+  d = str(tmp_path_factory.mktemp('tfds'))
+  datasets.prepare('synthetic_shapes', data_dir=d)
+  return d

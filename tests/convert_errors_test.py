@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from torchvision.models import resnet18
+from torchvision.models import resnet18, squeezenet1_0
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 from deeplab_jax.convert import torch as torch_convert
@@ -66,9 +66,18 @@ def test_wrong_num_classes_names_shape(r50_state):
 
 
 def test_model_of_another_family_is_refused():
-  sd = resnet18(weights=None).state_dict()
+  sd = squeezenet1_0(weights=None).state_dict()
   with pytest.raises(CheckpointMismatchError, match='unrecognised state dict'):
     torch_convert.load('deeplabv3_resnet50', sd)
+  # An ImageNet ResNet of basic blocks: the layout is known, the blocks
+  # are not the bottlenecks of ResNet-50.
+  sd = resnet18(weights=None).state_dict()
+  with pytest.raises(CheckpointMismatchError) as e:
+    torch_convert.load('deeplabv3_resnet50', sd, num_classes=19)
+  assert 'torchvision_resnet state dict does not fit deeplabv3_resnet50' in (
+    str(e.value)
+  )
+  assert 'missing' in str(e.value)
 
 
 def test_module_prefix_and_wrapper_are_accepted(r50_state):

@@ -16,24 +16,18 @@ from deeplab_jax.convert.official_denseaspp_torch import (
 )
 from deeplab_jax.data import normalization
 from deeplab_jax.errors import CheckpointMismatchError
-from tests.torch_refs import nchw, nhwc, randomize_batchnorm, rel_err
+from tests.torch_refs import (
+  dilate_densenet,
+  nchw,
+  nhwc,
+  randomize_batchnorm,
+  rel_err,
+)
 
 TOL = 1e-4
 # Through this host's kernels (XLA:CPU's lowerings), as users on CPU run.
 _forward_jit = nnx.jit(lambda m, x: m(x))
 _forward = lambda m, x: _forward_jit(models.platform_view(m, 'cpu'), x)
-
-
-def _dilate_torchvision(model):
-  """Applies the DenseASPP OS8 recipe to a torchvision DenseNet in place:
-  no pooling in transitions 2 and 3, block 3 dilated 2, block 4 dilated 4."""
-  f = model.features
-  f.transition2.pool = torch.nn.Identity()
-  f.transition3.pool = torch.nn.Identity()
-  for block, d in ((f.denseblock3, 2), (f.denseblock4, 4)):
-    for layer in block.values():
-      layer.conv2.dilation, layer.conv2.padding = (d, d), (d, d)
-  return model
 
 
 @pytest.mark.parametrize(
@@ -45,7 +39,7 @@ def _dilate_torchvision(model):
 )
 def test_torchvision_densenet_backbone_parity(ctor, arch, hw, parity_report):
   torch.manual_seed(0)
-  tm = _dilate_torchvision(ctor(weights=None))
+  tm = dilate_densenet(ctor(weights=None))
   randomize_batchnorm(tm, 1)
   tm.eval()
   model = torch_convert.load(
@@ -76,7 +70,7 @@ def test_torchvision_densenet_training_mode_matches_torch():
   # statistics and gradients against autograd, on a growth-8 DenseNet.
   torch.manual_seed(0)
   tm = DenseNet(8, (2, 2, 2, 2), 16)
-  tm = _dilate_torchvision(tm)
+  tm = dilate_densenet(tm)
   randomize_batchnorm(tm, 3)
   tm.train()
   model = torch_convert.load(

@@ -30,3 +30,16 @@ def rel_err(ours, ref) -> float:
   """max |ours - ref| / max |ref|."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def dilate_densenet(model):
+  """Applies the DenseASPP OS8 recipe to a torchvision (or timm) DenseNet in
+  place: no pooling in transitions 2 and 3, block 3 dilated 2, block 4
+  dilated 4."""
+  f = model.features
+  f.transition2.pool = torch.nn.Identity()
+  f.transition3.pool = torch.nn.Identity()
+  for block, d in ((f.denseblock3, 2), (f.denseblock4, 4)):
+    for layer in block.values():
+      layer.conv2.dilation, layer.conv2.padding = (d, d), (d, d)
+  return model

@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from deeplab_jax import checkpointing, models, predict, train
-from deeplab_jax.data import datasets
 from deeplab_jax.errors import ConfigError, UserError
 from tests.fake_data import cityscapes_zips
 from tests.run_helpers import (
@@ -30,13 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sum over every pixel with much cancellation, so its rounding is the
 # largest part of its update (seen: 2.6e-3).
 UPDATE_RTOL = 1e-2
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  datasets.prepare('synthetic_shapes', data_dir=d)
-  return d
 
 
 def test_smoke_run_logs_evaluates_and_checkpoints(data_dir, tmp_path):

@@ -12,17 +12,9 @@ import time
 import pytest
 
 from deeplab_jax import run_dir
-from deeplab_jax.data import datasets
 from tests.run_helpers import train_cmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  datasets.prepare('synthetic_shapes', data_dir=d)
-  return d
 
 
 def _start(workdir, data_dir):

@@ -23,6 +23,9 @@ Supported layouts:
   options are set from the keys and smp's defaults).
 - `timm_xception`: timm `xception65/71` ImageNet weights as a DeepLabV3+
   backbone; the head starts fresh.
+- `torchvision_resnet`, `torchvision_mobilenet_v3`: torchvision's ImageNet
+  ResNet-50/101/152 (also timm's `resnet*.tv_in1k`) and MobileNetV3-Large
+  as DeepLabV3 / V3+ / LR-ASPP backbones; the heads start fresh.
 
 This module does not import torch: tensors are read through `.numpy()`, and
 NumPy arrays work as well.
@@ -446,6 +449,50 @@ _TIMM_XCEPTION = Layout(
   suggest_arch=_timm_xception_arch,
   ignore=lambda config: (r'^head\.fc\.',),
   fresh=lambda config: ('head.',),
+  normalization=normalization.INCEPTION,
+)
+
+
+def _fresh_heads(config) -> tuple[str, ...]:
+  """The heads a backbone-only source leaves fresh."""
+  return ('head.',) + (('aux_head.',) if getattr(config, 'aux_head', 0) else ())
+
+
+# torchvision's (and timm's `tv_in1k`) ImageNet ResNet: the same module names
+# as torchvision's DeepLabV3 backbone, without the `backbone.` prefix.
+_TORCHVISION_RESNET = Layout(
+  name='torchvision_resnet',
+  description='torchvision.models.resnet50/101/152, timm resnet*.tv_in1k '
+  '(ImageNet backbone; the DeepLabV3 / V3+ head starts fresh)',
+  detect=lambda keys: (
+    'conv1.weight' in keys and 'layer1.0.conv1.weight' in keys
+  ),
+  renames=((r'^', 'backbone.'), *_TORCHVISION_DEEPLABV3.renames[1:3]),
+  arch_prefixes=('deeplabv3_resnet', 'deeplabv3plus_resnet'),
+  num_classes=lambda sd: None,
+  overrides=lambda sd: {},
+  # DeepLabV3 or V3+: either fits, so no single suggestion.
+  suggest_arch=lambda sd: None,
+  ignore=lambda config: (r'^fc\.',),
+  fresh=_fresh_heads,
+)
+
+# torchvision's ImageNet MobileNetV3-Large: its `features` are the
+# segmentation models' `backbone` (torchvision builds them from it).
+_TORCHVISION_MOBILENET_V3 = Layout(
+  name='torchvision_mobilenet_v3',
+  description='torchvision.models.mobilenet_v3_large (ImageNet backbone; '
+  'the DeepLabV3 / LR-ASPP head starts fresh)',
+  detect=lambda keys: (
+    'features.0.0.weight' in keys and 'features.2.block.0.0.weight' in keys
+  ),
+  renames=((r'^features\.', 'backbone.'), *_MOBILENET_V3_RENAMES),
+  arch_prefixes=('deeplabv3_mobilenet', 'lraspp_mobilenet'),
+  num_classes=lambda sd: None,
+  overrides=lambda sd: {},
+  suggest_arch=lambda sd: None,
+  ignore=lambda config: (r'^classifier\.',),
+  fresh=_fresh_heads,
 )
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -457,6 +504,8 @@ LAYOUTS: tuple[Layout, ...] = (
   _OFFICIAL_DENSEASPP,
   _TORCHVISION_DENSENET,
   _TIMM_XCEPTION,
+  _TORCHVISION_RESNET,
+  _TORCHVISION_MOBILENET_V3,
 )
 
 
@@ -499,6 +548,13 @@ def detect_layout(state_dict: Mapping[str, Any]) -> Layout:
     f'unrecognised state dict layout (keys start {sample}, ...). Supported: '
     f'{known}.'
   )
+
+
+def source_num_classes(state_dict: Mapping[str, Any]) -> int | None:
+  """Classes of a whole-model state dict's classifier; `None` for a
+  backbone-only source."""
+  sd = clean_state_dict(state_dict)
+  return detect_layout(sd).num_classes(sd)
 
 
 def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:

@@ -27,8 +27,14 @@ DENSEASPP_CITYSCAPES = (
   tuple(255 * v for v in (0.182954, 0.186566, 0.184475)),
 )
 
+# timm's Xception weights (`xception65.tf_in1k`, ...; the TensorFlow
+# DeepLab models' Inception preprocessing): mean 0.5 and std 0.5 of 0-1
+# pixels, as `timm.models.get_pretrained_cfg(...).mean / .std` give them.
+INCEPTION = ((127.5,) * 3, (127.5,) * 3)
+
 NAMED = {
   'imagenet': IMAGENET,
+  'inception': INCEPTION,
   'denseaspp_cityscapes': DENSEASPP_CITYSCAPES,
 }
 
@@ -41,7 +47,7 @@ def as_record(
 
 
 def parse(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """`'imagenet'`, `'denseaspp_cityscapes'` or six numbers
+  """`'imagenet'`, `'inception'`, `'denseaspp_cityscapes'` or six numbers
   `'M_R,M_G,M_B,S_R,S_G,S_B'` (0-255 units) -> `(mean, std)`."""
   if text in NAMED:
     return NAMED[text]
