@@ -1,4 +1,5 @@
-"""A self-contained demo input: a tiny model checkpoint and a generated image.
+"""A self-contained demo input: a tiny model checkpoint and an image drawn
+like the synthetic_shapes data set's.
 
 Used by `scripts.predict --demo` to check an installation end to end with no
 download: model construction, an Orbax checkpoint round trip, jitted
@@ -14,20 +15,21 @@ from flax import nnx
 from PIL import Image
 
 from deeplab_jax import checkpointing, models
+from deeplab_jax.data.builders import synthetic
 
-DEMO_CLASSES = ('background', 'disc', 'square')
+DEMO_CLASSES = synthetic.CLASSES
+# An example index no split of the data set uses (train 0..., validation
+# 10**6...): drawn like the demo's training data, but never trained on.
+_HELD_OUT = 2 * 10**6
 
 
-def generated_image(height: int = 97, width: int = 129) -> np.ndarray:
-  """An RGB uint8 image of a disc and a square on a gradient."""
-  yy, xx = np.mgrid[:height, :width]
-  img = np.stack(
-    [xx * 255 // width, yy * 255 // height, np.full_like(xx, 96)], -1
-  ).astype(np.uint8)
-  disc = (yy - height / 3) ** 2 + (xx - width / 3) ** 2 < (height / 5) ** 2
-  img[disc] = (230, 40, 40)
-  img[height // 2 : height - 8, width // 2 : width - 10] = (40, 200, 60)
-  return img
+def generated_image() -> np.ndarray:
+  """An RGB uint8 image drawn as the synthetic_shapes data set draws its
+  images (`configs/synthetic_demo.py` trains on them), not one of them."""
+  image, _ = synthetic.render(
+    _HELD_OUT, synthetic.SyntheticShapes.SEED, *synthetic.SyntheticShapes.SIZE
+  )
+  return image
 
 
 def prepare(directory: str) -> tuple[str, str]:

@@ -122,6 +122,34 @@ def overlay(
   return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
 
 
+_LEGEND_ROW = 14  # pixels: a 10-pixel swatch and the default bitmap font
+
+
+def legend(
+  width: int, entries: Sequence[tuple[str, Sequence[int]]]
+) -> np.ndarray:
+  """A white `[rows * 14, width, 3]` uint8 strip of colour swatches and
+  class names, wrapped to `width`, to put under an overlay."""
+  from PIL import ImageDraw, ImageFont
+
+  font = ImageFont.load_default()
+  measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  placed, x, row = [], 2, 0
+  for name, colour in entries:
+    w = 14 + int(measure.textlength(name, font=font)) + 10
+    if x + w > width and x > 2:
+      x, row = 2, row + 1
+    placed.append((x, row, name, tuple(int(c) for c in colour)))
+    x += w
+  strip = Image.new('RGB', (width, (row + 1) * _LEGEND_ROW), 'white')
+  draw = ImageDraw.Draw(strip)
+  for x, row, name, colour in placed:
+    y = row * _LEGEND_ROW + 2
+    draw.rectangle((x, y, x + 9, y + 9), fill=colour, outline='black')
+    draw.text((x + 14, y - 1), name, fill='black', font=font)
+  return np.asarray(strip)
+
+
 def find_images(pattern: str) -> list[str]:
   """A file, a directory (its images, sorted) or a glob -> image paths."""
   return find_inputs(pattern)[0]
@@ -235,7 +263,8 @@ def write_prediction(
   with_overlay: bool = True,
 ) -> list[str]:
   """Writes `<name>_label.png` (a palette PNG of class ids),
-  `<name>_overlay.png` (colours over the image) and, given `logits_`,
+  `<name>_overlay.png` (colours over the image, and under it a legend of
+  the classes it shows) and, given `logits_`,
   `<name>_logits.npy` for one predicted image."""
   palette = label_tables.default_palette(max(meta['model']['num_classes'], 1))
   stem = os.path.splitext(os.path.basename(image_path))[0]
@@ -248,7 +277,18 @@ def write_prediction(
   if with_overlay:
     path = os.path.join(output_dir, f'{stem}_overlay.png')
     image = read_image(image_path)
-    Image.fromarray(overlay(image, colorize(label_map, palette))).save(path)
+    names = meta.get('class_names') or []
+    present = [int(c) for c in np.unique(label_map)]
+    key = legend(
+      image.shape[1],
+      [
+        (names[c] if c < len(names) else f'class {c}', palette[c])
+        for c in present
+        if c < len(palette)
+      ],
+    )
+    blended = overlay(image, colorize(label_map, palette))
+    Image.fromarray(np.concatenate([blended, key])).save(path)
     written.append(path)
   if logits_ is not None:
     path = os.path.join(output_dir, f'{stem}_logits.npy')

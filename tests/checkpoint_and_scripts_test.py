@@ -19,6 +19,7 @@ from deeplab_jax.convert.official_denseaspp_torch import (
   OfficialMobileNetDenseASPP,
   official_state_dict,
 )
+from deeplab_jax.data.builders import synthetic
 from deeplab_jax.errors import (
   CheckpointCorruptError,
   CheckpointMismatchError,
@@ -228,7 +229,10 @@ def test_convert_torch_script_then_predict_script(tmp_path, parity_report):
       assert im.mode == 'P' and im.size == rgb.shape[1::-1]
       np.testing.assert_array_equal(np.asarray(im), saved.argmax(-1))
     with Image.open(pred / f'{name}_overlay.png') as im:
-      assert im.size == rgb.shape[1::-1]
+      # The image, then a legend strip of whole 14-pixel rows.
+      width, height = im.size
+      assert width == rgb.shape[1] and (height - rgb.shape[0]) % 14 == 0
+      assert height > rgb.shape[0]
     refs[name] = ref
 
   # The opt-in speed option changes the numbers (how much, for the docs).
@@ -334,6 +338,14 @@ def test_predict_demo_runs_and_fills_the_default_compilation_cache(tmp_path):
   assert r.returncode == 0, r.stderr
   written = sorted(os.listdir(tmp_path / 'demo'))
   assert written == ['demo_inputs', 'image_label.png', 'image_overlay.png']
+  # The demo input is drawn as the demo recipe's training images are (an
+  # index no split uses), so the trained demo model meets familiar data.
+  with Image.open(tmp_path / 'demo' / 'demo_inputs' / 'image.png') as im:
+    shown = np.asarray(im)
+  drawn, _ = synthetic.render(
+    2 * 10**6, synthetic.SyntheticShapes.SEED, *synthetic.SyntheticShapes.SIZE
+  )
+  np.testing.assert_array_equal(shown, drawn)
   # On by default, in the documented place: a rerun loads, not compiles.
   assert os.listdir(tmp_path / 'cache' / 'deeplab_jax' / 'jax')
   # A folder with an undecodable file: the good image is predicted and

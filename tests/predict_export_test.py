@@ -11,6 +11,7 @@ from flax import nnx
 from PIL import Image
 
 from deeplab_jax import checkpointing, export, models, predict
+from deeplab_jax.data import labels as label_tables
 from deeplab_jax.data import normalization
 from deeplab_jax.errors import UserError
 
@@ -77,7 +78,19 @@ def test_write_prediction_files_and_overlay_size(model_and_images, tmp_path):
     'b_logits.npy',
   ]
   with Image.open(tmp_path / 'b_overlay.png') as im:
-    assert im.size == (48, 64) and im.mode == 'RGB'
+    assert im.mode == 'RGB'
+    shown = np.asarray(im)
+  # The blend over the image, then a legend: one swatch per class shown,
+  # in the class's palette colour, on a white strip.
+  assert shown.shape[1] == 48 and shown.shape[0] > 64
+  palette = label_tables.default_palette(meta['model']['num_classes'])
+  strip = shown[64:]
+  present = set(np.unique(label_map).tolist())
+  # Black (class 0) is also the text's colour: the other classes tell.
+  for c in range(1, len(palette)):
+    swatch = (strip == palette[c]).all(-1).sum()
+    assert swatch >= 64 if c in present else swatch == 0, c  # 8x8 inside
+  assert present - {0}
   np.testing.assert_array_equal(np.load(tmp_path / 'b_logits.npy'), out)
 
 
