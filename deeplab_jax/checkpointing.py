@@ -30,6 +30,7 @@ from deeplab_jax.errors import (
   CheckpointMismatchError,
   CheckpointNotFoundError,
   CheckpointWriteError,
+  UserError,
 )
 from deeplab_jax.models import registry
 
@@ -553,8 +554,11 @@ class TrainCheckpointer:
       # TensorStore's ValueError / OSError from its background thread)
       raise self._write_error(e) from e
 
-  def _write_error(self, e: BaseException) -> CheckpointWriteError:
+  def _write_error(self, e: BaseException) -> UserError:
     self._failed = True
+    if multihost.is_peer_failure(e):
+      # A peer died during the write's collective: not a disk problem.
+      return multihost.PeerLostError(_root_cause(e))
     last = self._last_committed()
     then = (
       f'resume from step {last}'

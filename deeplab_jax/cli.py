@@ -43,7 +43,10 @@ def entry_point(main: Callable[..., object]) -> Callable[..., object]:
       sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
     try:
       return main(*args, **kwargs)
-    except UserError as e:
+    except Exception as e:
+      _peer_lost_exits(e)
+      if not isinstance(e, UserError):
+        raise
       _fail(str(e))
     except KeyboardInterrupt:
       if os.environ.get('DEEPLAB_TRACEBACK'):
@@ -127,6 +130,20 @@ def _flag_error_text(e: BaseException, argv: list[str] = ()) -> str:
   if head != chain[0]:
     return f'{head}: {_config_error_text(chain[0])}'
   return ' '.join(chain[0].split())
+
+
+def _peer_lost_exits(error: BaseException) -> None:
+  """A failure caused by a lost peer process: its one line, exit 1 now."""
+  if 'jax' not in sys.modules:
+    return
+  from deeplab_jax import multihost
+
+  if isinstance(error, multihost.PeerLostError) or multihost.is_peer_failure(
+    error
+  ):
+    if os.environ.get('DEEPLAB_TRACEBACK'):
+      return
+    multihost.exit_peer_lost(str(error).splitlines()[0] if str(error) else '')
 
 
 def _fail(message: str) -> None:

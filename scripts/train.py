@@ -58,8 +58,10 @@ def main(argv):
   try:
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except train.Preempted as e:
+    multihost.finished()
     print(str(e))
     sys.exit(130 if e.interrupted else 0)
+  multihost.finished()
   if jax.process_index() == 0:
     workdir = checkpointing.resolve_path(_WORKDIR.value)
     print(

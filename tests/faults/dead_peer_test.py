@@ -1,0 +1,91 @@
+"""A dead process in a 2-process job: the survivor ends within the stated
+bound, in one line that names the cause and the restart, with no abort
+dump and no disk blame; the same two commands then resume from the last
+checkpoint and finish."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import portpicker
+from conftest import REPO, env, steps_in, train_cmd, wait_for
+
+from deeplab_jax import multihost
+
+FLAGS = (
+  '--config.mesh.shape=(-1,)',
+  '--config.train.num_steps=12',
+  '--config.checkpoint.every_steps=4',
+  '--config.train.log_every_steps=2',
+)
+
+
+def _start(workdir, data_dir, port):
+  return [
+    subprocess.Popen(
+      train_cmd(
+        workdir,
+        data_dir,
+        *FLAGS,
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ),
+      cwd=REPO,
+      env=env(devices=2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+
+
+def _finish(procs, timeout=600):
+  try:
+    return [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+
+
+def test_killed_process_ends_the_job_in_one_line_and_restart_resumes(
+  data_dir, tmp_path
+):
+  workdir = str(tmp_path / 'run')
+  ckpts = os.path.join(workdir, 'checkpoints')
+  procs = _start(workdir, data_dir, portpicker.pick_unused_port())
+  survivor, victim = procs
+  try:
+    assert wait_for(lambda: 4 in steps_in(ckpts), survivor, timeout=500)
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = survivor.communicate(timeout=multihost.PEER_TIMEOUT_S + 60)
+    took = time.monotonic() - killed
+  finally:
+    _finish(procs)
+  assert survivor.returncode == 1, err[-3000:]
+  assert took < multihost.PEER_TIMEOUT_S + 15, took
+  errors = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, err[-3000:]
+  [line] = errors
+  assert 'another process of the job stopped responding' in line
+  assert 'Restart every process with the same command' in line
+  for absent in ('Fatal Python error', 'Check failure', 'disk', 'Traceback'):
+    assert absent not in err, (absent, err[-3000:])
+  last = max(steps_in(ckpts))
+
+  restarted = _start(workdir, data_dir, portpicker.pick_unused_port())
+  outs = _finish(restarted)
+  for p, (_, err) in zip(restarted, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  assert max(steps_in(ckpts)) == 12
+  # Resumed, not restarted: the steps up to the checkpoint were logged once.
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    logged = [json.loads(line)['step'] for line in f]
+  assert [s for s in logged if s <= last] == list(range(2, last + 1, 2))
+  assert logged[-1] == 12
