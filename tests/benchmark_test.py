@@ -44,7 +44,8 @@ def _benchmark(*flags: str) -> subprocess.CompletedProcess:
   return r
 
 
-def test_benchmark_prints_jax_and_torch_rows():
+def test_benchmark_prints_a_jax_row_on_a_spatial_fsdp_mesh():
+  # The PyTorch side: test_torch_reference_row_has_every_field.
   r = _benchmark(
     *('--arch', 'deeplabv3_resnet_tiny', '--batch', '2', '--size', '64x64'),
     *('--steps', '1', '--devices', '4', '--spatial', '2'),

@@ -226,14 +226,25 @@ def test_scanned_blocks_equal_the_loop(
   assert 'while' in scan_step.lower(*args).as_text()
   assert 'while' not in loop_step.lower(*args).as_text()
   np.testing.assert_allclose(loss, loop_loss, rtol=1e-5)
-  # Against the largest value of its tree (gradients, statistics): the
-  # scan sums each map's gradient in another order, and gradients that
-  # cancel to ~0 (a bias before BatchNorm) keep only rounding. By this
-  # measure the loop with XLA's own convolutions differs from the loop by
-  # up to 8e-6 (DenseASPP, training); a wrong padded channel gives ~1.
+  # Each leaf (gradient, statistic) against its own size: the scan sums
+  # each map's gradient in another order. Bound: 1e-3 of the leaf's
+  # largest value, with a floor of 1e-3 of its tree's largest value for
+  # leaves that cancel to ~0 (a bias before BatchNorm, whose gradient is
+  # rounding only). A BatchNorm scale's gradient sums every pixel's term
+  # with much cancellation: its rounding reached 2.9e-4 (the stem's, in
+  # training). A wrong padded channel or chunk is off by the leaf's size.
   for got, want in ((grads, loop_grads), (stats, loop_stats)):
-    scale = max(float(np.max(np.abs(w))) for w in jax.tree.leaves(want))
+    tree_scale = max(float(np.max(np.abs(w))) for w in jax.tree.leaves(want))
     errors = jax.tree.map(
-      lambda g, w, scale=scale: float(np.max(np.abs(g - w))) / scale, got, want
+      lambda g, w, t=tree_scale: (
+        float(np.max(np.abs(g - w))) / max(float(np.max(np.abs(w))), 1e-3 * t)
+      ),
+      got,
+      want,
     )
-    assert max(jax.tree.leaves(errors)) < 2e-5, errors
+    worst = max(jax.tree.leaves(errors))
+    assert worst < 1e-3, {
+      jax.tree_util.keystr(k): e
+      for k, e in jax.tree_util.tree_leaves_with_path(errors)
+      if e >= 1e-3
+    }

@@ -80,3 +80,29 @@ def steps_in(ckpt_dir):
   if not os.path.isdir(ckpt_dir):
     return []
   return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+def start_two_processes(workdir, data_dir, *overrides, devices=2):
+  """Two `scripts.train` processes of one job (gloo on 127.0.0.1), each
+  with `devices` CPU devices; output piped."""
+  import portpicker
+
+  port = portpicker.pick_unused_port()
+  return [
+    subprocess.Popen(
+      train_cmd(
+        workdir,
+        data_dir,
+        *overrides,
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ),
+      cwd=REPO,
+      env=env(devices=devices),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]

@@ -6,13 +6,12 @@ checkpoint and finish."""
 import json
 import os
 import signal
-import subprocess
 import time
 
-import portpicker
-from conftest import REPO, env, steps_in, train_cmd, wait_for
+from conftest import start_two_processes, steps_in, wait_for
 
 from deeplab_jax import multihost
+from tests import run_helpers
 
 FLAGS = (
   '--config.mesh.shape=(-1,)',
@@ -22,43 +21,12 @@ FLAGS = (
 )
 
 
-def _start(workdir, data_dir, port):
-  return [
-    subprocess.Popen(
-      train_cmd(
-        workdir,
-        data_dir,
-        *FLAGS,
-        f'--coordinator_address=127.0.0.1:{port}',
-        '--num_processes=2',
-        f'--process_id={i}',
-      ),
-      cwd=REPO,
-      env=env(devices=2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-
-
-def _finish(procs, timeout=600):
-  try:
-    return [p.communicate(timeout=timeout) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-
-
 def test_killed_process_ends_the_job_in_one_line_and_restart_resumes(
   data_dir, tmp_path
 ):
   workdir = str(tmp_path / 'run')
   ckpts = os.path.join(workdir, 'checkpoints')
-  procs = _start(workdir, data_dir, portpicker.pick_unused_port())
+  procs = start_two_processes(workdir, data_dir, *FLAGS)
   survivor, victim = procs
   try:
     assert wait_for(lambda: 4 in steps_in(ckpts), survivor, timeout=500)
@@ -67,7 +35,7 @@ def test_killed_process_ends_the_job_in_one_line_and_restart_resumes(
     _, err = survivor.communicate(timeout=multihost.PEER_TIMEOUT_S + 60)
     took = time.monotonic() - killed
   finally:
-    _finish(procs)
+    run_helpers.finish_all(procs)
   assert survivor.returncode == 1, err[-3000:]
   assert took < multihost.PEER_TIMEOUT_S + 15, took
   errors = [line for line in err.splitlines() if line.startswith('error: ')]
@@ -79,10 +47,9 @@ def test_killed_process_ends_the_job_in_one_line_and_restart_resumes(
     assert absent not in err, (absent, err[-3000:])
   last = max(steps_in(ckpts))
 
-  restarted = _start(workdir, data_dir, portpicker.pick_unused_port())
-  outs = _finish(restarted)
-  for p, (_, err) in zip(restarted, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
+  restarted = start_two_processes(workdir, data_dir, *FLAGS)
+  for returncode, _, err in run_helpers.finish_all(restarted):
+    assert returncode == 0, err[-3000:]
   assert max(steps_in(ckpts)) == 12
   # Resumed, not restarted: the steps up to the checkpoint were logged once.
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

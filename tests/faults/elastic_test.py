@@ -18,10 +18,10 @@ def test_resume_on_8_then_1_then_2_devices(data_dir, tmp_path):
   workdir = str(tmp_path / 'elastic')
   # One step per segment. Runs on different device counts sum in different
   # orders, and BN over small batches amplifies the rounding from step to
-  # step (seen: 3.9e-5 on a stem BN bias after 3 steps, more later),
-  # while a resume that lost data position or optimizer state is off by a
-  # whole update: so the error is measured against how far the last two
-  # updates moved each tensor (seen: up to 12% on a stem BN scale).
+  # step, while a resume that lost data position or optimizer state is off
+  # by a whole update. Bound: a quarter of how far the last two updates
+  # moved each tensor, twice the largest rounding measured (12 %, a stem
+  # BN scale).
   after_first = None
   for devices, workers, steps in ((8, 0, 1), (1, 1, 2), (2, 0, 3)):
     summary = train.train_and_evaluate(

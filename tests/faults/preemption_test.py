@@ -6,8 +6,14 @@ import re
 import signal
 import subprocess
 
-import portpicker
-from conftest import REPO, env, steps_in, train_cmd, wait_for
+from conftest import (
+  REPO,
+  env,
+  start_two_processes,
+  steps_in,
+  train_cmd,
+  wait_for,
+)
 
 from deeplab_jax import checkpointing
 from tests import run_helpers
@@ -15,27 +21,13 @@ from tests import run_helpers
 
 def test_two_processes_save_the_same_step_on_sigterm(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  port = portpicker.pick_unused_port()
-  procs = [
-    subprocess.Popen(
-      train_cmd(
-        workdir,
-        data_dir,
-        '--config.mesh.shape=(-1,)',
-        '--config.train.num_steps=100000',
-        '--config.checkpoint.every_steps=100000',
-        f'--coordinator_address=127.0.0.1:{port}',
-        '--num_processes=2',
-        f'--process_id={i}',
-      ),
-      cwd=REPO,
-      env=env(devices=2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = start_two_processes(
+    workdir,
+    data_dir,
+    '--config.mesh.shape=(-1,)',
+    '--config.train.num_steps=100000',
+    '--config.checkpoint.every_steps=100000',
+  )
   metrics = os.path.join(workdir, 'metrics.jsonl')
   if not wait_for(lambda: os.path.exists(metrics), procs[0]):  # training
     for p in procs:
