@@ -5,6 +5,7 @@ against timm's and torchvision's own records, and the recipes' defaults."""
 
 import hashlib
 import io
+import logging
 import os
 import re
 import subprocess
@@ -29,7 +30,7 @@ from configs import (
   cityscapes_mobilenet,
   voc_deeplabv3plus,
 )
-from deeplab_jax import checkpointing, models
+from deeplab_jax import checkpointing, initialization, models
 from deeplab_jax.convert import sources
 from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.data import datasets
@@ -367,7 +368,7 @@ def test_readme_table_lists_every_source():
 
 
 def test_whole_model_name_for_predict_and_classes_that_differ(
-  tmp_path, monkeypatch
+  tmp_path, monkeypatch, caplog
 ):
   """A published whole model by name as `--checkpoint` (converted in
   memory with its VOC class names), and as `init_from` of a run with other
@@ -399,6 +400,24 @@ def test_whole_model_name_for_predict_and_classes_that_differ(
   assert rel_err(got, want) < 1e-4
   with pytest.raises(UserError, match='not a published segmentation model'):
     sources.load_model('hf-hub:timm/resnet101.tv_in1k')
+
+  # As init_from of a 4-class run (now from torch.hub's cache): everything
+  # but the classifiers is the source's; they start fresh, and a warning
+  # names them.
+  config = cityscapes_mobilenet.get_config('smoke')
+  with config.unlocked():
+    config.model.init_from = name
+  with caplog.at_level(logging.WARNING):
+    started = initialization.create_model(config, num_classes=4)
+  warned = ' '.join(r.getMessage() for r in caplog.records)
+  assert 'keep their random initialisation' in warned
+  assert 'head.low_classifier.kernel (1, 1, 40, 4) vs (1, 1, 40, 21)' in warned
+  np.testing.assert_array_equal(
+    started.backbone.features[1].block[0].conv.kernel[...],
+    model.backbone.features[1].block[0].conv.kernel[...],
+  )
+  assert started.head.low_classifier.kernel.shape == (1, 1, 40, 4)
+  assert initialization.init_record(started)['name'] == name
 
 
 def test_torchvision_imagenet_backbones_match_torchvision():
