@@ -165,7 +165,12 @@ def _manager(directory: str) -> tuple[ocp.CheckpointManager, int]:
 
 def training_config(directory: str | os.PathLike) -> dict[str, Any] | None:
   """The resolved config (`config.json`) of the training run that wrote
-  `directory` (a workdir or its `checkpoints/`), or None."""
+  `directory` (a workdir or its `checkpoints/`), or None (also for a
+  published weights name)."""
+  from deeplab_jax.convert import sources
+
+  if sources.is_name(str(directory)):
+    return None
   directory = resolve_path(directory)
   for workdir in (directory, os.path.dirname(directory.rstrip('/'))):
     path = epath.Path(workdir, 'config.json')

@@ -7,8 +7,7 @@ r"""Evaluates a checkpoint on a prepared data set split: exact mIoU.
       [--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip] \
       [--output eval_out] [--cityscapes_label_ids] [--spatial 4]
 
-`--checkpoint` also takes a published whole model by name, e.g.
-`torchvision:deeplabv3_resnet101` (README, "Published weights").
+`--checkpoint` may also name a published model (`torchvision:...`).
 The data set defaults to the one recorded in the checkpoint (or the
 config's `data.dataset`, `data.data_dir` and `data.eval_split`). Prints a
 per-class table and writes `results.json`, `confusion.png`, `per_class.md`
@@ -67,7 +66,6 @@ def main(argv):
   del argv
   use_compilation_cache()  # a rerun or resume loads its compiled programs
   from deeplab_jax import checkpointing, evaluate, metrics
-  from deeplab_jax.convert import sources
 
   if _CHECKPOINT.value is None:
     raise UserError('--checkpoint is required')
@@ -77,12 +75,7 @@ def main(argv):
   training = _CONFIG.value and _CONFIG.value.to_dict()
   dataset, split, data_dir = evaluate.data_source(
     meta,
-    training
-    or (
-      None
-      if sources.is_name(_CHECKPOINT.value)
-      else checkpointing.training_config(_CHECKPOINT.value)
-    ),
+    training or checkpointing.training_config(_CHECKPOINT.value),
     dataset=_DATASET.value,
     split=_SPLIT.value,
     data_dir=_DATA_DIR.value,
