@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 import time
@@ -179,6 +180,39 @@ def programs_for(
   return programs, train_in, eval_in
 
 
+class DoesNotFit(Exception):
+  """The TPU compiler refused a program: its memory exceeds the chip's HBM.
+  `need_bytes`: what the compiler said the program needs (its
+  temporaries, or the total it names)."""
+
+  def __init__(self, need_bytes: float, message: str):
+    super().__init__(message)
+    self.need_bytes = need_bytes
+
+
+_OUT_OF_MEMORY = re.compile(
+  r'Ran out of memory in memory space hbm|Ran out of memory on HBM'
+  r'|RESOURCE_EXHAUSTED'
+)
+_UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def _compile(lowered):
+  """`lowered.compile()`, with the TPU compiler's out-of-memory refusal as
+  `DoesNotFit` (the bytes it says the program needs)."""
+  try:
+    return lowered.compile()
+  except Exception as e:  # noqa: BLE001 - JaxRuntimeError and its kin
+    text = str(e)
+    if not _OUT_OF_MEMORY.search(text):
+      raise
+    need = re.search(r'\(([\d.]+)([KMGT]?)\) exceeds', text)
+    first = text.strip().splitlines()[0][:300]
+    if not need:
+      raise DoesNotFit(float('inf'), first) from e
+    raise DoesNotFit(float(need[1]) * _UNITS[need[2]], first) from e
+
+
 def compile_programs(
   config: ml_collections.ConfigDict,
   devices: list[Any],
@@ -196,13 +230,13 @@ def compile_programs(
     config, devices, num_classes, train_batch=train_batch
   )
   start = time.perf_counter()
-  compiled = {'train': programs.train.lower(programs.state, train_in).compile()}
+  compiled = {'train': _compile(programs.train.lower(programs.state, train_in))}
   compiled['eval'] = None
   if with_eval:
     weights = programs.state[train.model_key(config)]
-    compiled['eval'] = programs.eval.lower(
-      weights, programs.state['batch_stats'], eval_in
-    ).compile()
+    compiled['eval'] = _compile(
+      programs.eval.lower(weights, programs.state['batch_stats'], eval_in)
+    )
   compiled['compile_s'] = time.perf_counter() - start
   compiled['mesh'] = programs.data.mesh
   return compiled
@@ -302,14 +336,26 @@ def largest_batch(
     nonlocal compiles
     if batch not in known:
       compiles += 1
-      c = compile_programs(
-        config, devices, num_classes, train_batch=batch, with_eval=False
-      )
-      known[batch] = memory(c['train'])['total_bytes']
+      try:
+        c = compile_programs(
+          config, devices, num_classes, train_batch=batch, with_eval=False
+        )
+        known[batch] = memory(c['train'])['total_bytes']
+      except DoesNotFit as e:
+        known[batch] = e.need_bytes
     return known[batch]
 
   b0 = min(known)
-  b1 = b0 * 2
+  # Two sizes for the slope: double a batch that fits, halve one that
+  # does not (down to one image per data-axis slot).
+  b1 = (
+    b0 * 2
+    if known[b0] <= chip.hbm_bytes
+    else max(slots, b0 // 2 // slots * slots)
+  )
+  if b1 == b0 or not math.isfinite(total(b1)) or not math.isfinite(total(b0)):
+    fits = [b for b, t in known.items() if t <= chip.hbm_bytes]
+    return max(fits) if fits else None
   per_image = (total(b1) - total(b0)) / (b1 - b0)
   if per_image <= 0:
     return None
@@ -334,7 +380,19 @@ def plan(
   """A plan of `config` on `topology` as one JSON-able row (see the module
   docstring)."""
   devices, chip = topology_devices(topology)
-  compiled = compile_programs(config, devices, num_classes)
+  try:
+    compiled = compile_programs(config, devices, num_classes)
+  except DoesNotFit as e:
+    return _refused_row(
+      config,
+      topology,
+      chip,
+      devices,
+      num_classes,
+      e,
+      find_largest,
+      max_compiles,
+    )
   train_c, eval_c = compiled['train'], compiled['eval']
   mem = memory(train_c)
   text = train_c.as_text()
@@ -373,6 +431,47 @@ def plan(
   return row
 
 
+def _refused_row(
+  config,
+  topology,
+  chip,
+  devices,
+  num_classes,
+  refusal,
+  find_largest,
+  max_compiles,
+) -> dict[str, Any]:
+  """The row of a program the TPU compiler refused for its memory: it does
+  not fit; what it needs is the compiler's figure, and the largest batch
+  is searched below the recipe's."""
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  row = {
+    'arch': config.model.arch,
+    'topology': topology,
+    'chip': chip.name,
+    'chips': len(devices),
+    'mesh': dict(mesh.shape),
+    'batch': config.train.batch_size,
+    'crop': list(config.data.crop_size),
+    'dtype': config.model.dtype,
+    'fits': False,
+    'hbm_bytes': chip.hbm_bytes,
+    'need_bytes': refusal.need_bytes,
+    'refused': str(refusal),
+    'data_sheet': chip.source,
+  }
+  if find_largest:
+    row['largest_batch'] = largest_batch(
+      config,
+      devices,
+      num_classes,
+      chip,
+      {config.train.batch_size: refusal.need_bytes},
+      max_compiles=max_compiles,
+    )
+  return row
+
+
 def table(rows: list[dict[str, Any]]) -> str:
   """The rows as a Markdown table (memory in GiB per chip)."""
   gib = lambda b: f'{b / 2**30:.2f}' if b is not None else '-'
@@ -383,6 +482,14 @@ def table(rows: list[dict[str, Any]]) -> str:
   )
   lines = [head, '|' + '---|' * 17]
   for r in rows:
+    if 'refused' in r:  # the compiler refused it: what it needs, no costs
+      lines.append(
+        f'| {r["arch"]} | {r["topology"]} | {r["batch"]} | - | - | - | '
+        f'> {gib(r["need_bytes"])} | {gib(r["hbm_bytes"])} | NO (the TPU '
+        f'compiler refused it) | - | {r.get("largest_batch", "-")} | - | - '
+        '| - | - | - | - |'
+      )
+      continue
     coll = ', '.join(
       f'{k} {v["count"]} ({v["bytes"] / 2**20:.1f} MiB)'
       for k, v in r['collectives'].items()
