@@ -397,14 +397,7 @@ def plan(
   mem = memory(train_c)
   text = train_c.as_text()
   row = {
-    'arch': config.model.arch,
-    'topology': topology,
-    'chip': chip.name,
-    'chips': len(devices),
-    'mesh': dict(compiled['mesh'].shape),
-    'batch': config.train.batch_size,
-    'crop': list(config.data.crop_size),
-    'dtype': config.model.dtype,
+    **_describe(config, topology, chip, compiled['mesh']),
     'compile_s': round(compiled['compile_s'], 1),
     **mem,
     'hbm_bytes': chip.hbm_bytes,
@@ -431,6 +424,20 @@ def plan(
   return row
 
 
+def _describe(config, topology: str, chip: Chip, mesh) -> dict[str, Any]:
+  """What a row is of: the run and the slice."""
+  return {
+    'arch': config.model.arch,
+    'topology': topology,
+    'chip': chip.name,
+    'chips': mesh.size,
+    'mesh': dict(mesh.shape),
+    'batch': config.train.batch_size,
+    'crop': list(config.data.crop_size),
+    'dtype': config.model.dtype,
+  }
+
+
 def _refused_row(
   config,
   topology,
@@ -446,14 +453,7 @@ def _refused_row(
   is searched below the recipe's."""
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   row = {
-    'arch': config.model.arch,
-    'topology': topology,
-    'chip': chip.name,
-    'chips': len(devices),
-    'mesh': dict(mesh.shape),
-    'batch': config.train.batch_size,
-    'crop': list(config.data.crop_size),
-    'dtype': config.model.dtype,
+    **_describe(config, topology, chip, mesh),
     'fits': False,
     'hbm_bytes': chip.hbm_bytes,
     'need_bytes': refusal.need_bytes,
