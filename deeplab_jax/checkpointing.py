@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -446,7 +447,12 @@ def _root_cause(e: BaseException) -> str:
   while e.__cause__ is not None:
     e = e.__cause__
   text = ' '.join(str(e).split())
-  return text if len(text) <= 200 else '...' + text[-200:]
+  text = text if len(text) <= 200 else '...' + text[-200:]
+  # Some layers give only the OS error's number: name it.
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code and os.strerror(int(code[1])) not in text:
+    text += f' ({os.strerror(int(code[1]))})'
+  return text
 
 
 class TrainCheckpointer:

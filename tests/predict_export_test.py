@@ -120,10 +120,11 @@ def test_export_round_trip_any_batch(model_and_images, tmp_path):
   for b in (1, 3):
     x = rng.randn(b, 40, 56, 3).astype(np.float32)
     want = np.asarray(predict.logits(model, x))
-    # The symbolic-batch program may sum in another order. Bound: 1e-6 of
-    # the largest logit, a few float32 roundings; a wrong batch or weight
-    # changes the logits by their own scale.
-    np.testing.assert_allclose(fn(x), want, atol=1e-6 * np.abs(want).max())
+    # The symbolic-batch program may sum in another order. Bound: 1e-5 of
+    # the largest logit, float32 rounding through the network (measured up
+    # to 2.2e-6); a wrong batch or weight changes the logits by their own
+    # scale.
+    np.testing.assert_allclose(fn(x), want, atol=1e-5 * np.abs(want).max())
 
 
 def test_export_script_from_a_checkpoint(model_and_images, tmp_path):
