@@ -383,13 +383,14 @@ def plan(
   try:
     compiled = compile_programs(config, devices, num_classes)
   except DoesNotFit as e:
-    return _refused_row(
+    row = _refused_row(config, topology, chip, devices, e)
+    return _with_largest_batch(
+      row,
       config,
-      topology,
-      chip,
       devices,
       num_classes,
-      e,
+      chip,
+      e.need_bytes,
       find_largest,
       max_compiles,
     )
@@ -412,13 +413,37 @@ def plan(
   row['eval_fits'] = (
     row['eval_total_bytes'] <= chip.hbm_bytes if eval_c else None
   )
+  return _with_largest_batch(
+    row,
+    config,
+    devices,
+    num_classes,
+    chip,
+    mem['total_bytes'],
+    find_largest,
+    max_compiles,
+  )
+
+
+def _with_largest_batch(
+  row,
+  config,
+  devices,
+  num_classes,
+  chip,
+  total_bytes,
+  find_largest,
+  max_compiles,
+) -> dict[str, Any]:
+  """`row` with `largest_batch` found by compiling (if asked), from the
+  recipe's batch and its `total_bytes` (or what the compiler said it needs)."""
   if find_largest:
     row['largest_batch'] = largest_batch(
       config,
       devices,
       num_classes,
       chip,
-      {config.train.batch_size: mem['total_bytes']},
+      {config.train.batch_size: total_bytes},
       max_compiles=max_compiles,
     )
   return row
@@ -438,19 +463,9 @@ def _describe(config, topology: str, chip: Chip, mesh) -> dict[str, Any]:
   }
 
 
-def _refused_row(
-  config,
-  topology,
-  chip,
-  devices,
-  num_classes,
-  refusal,
-  find_largest,
-  max_compiles,
-) -> dict[str, Any]:
+def _refused_row(config, topology, chip, devices, refusal) -> dict[str, Any]:
   """The row of a program the TPU compiler refused for its memory: it does
-  not fit; what it needs is the compiler's figure, and the largest batch
-  is searched below the recipe's."""
+  not fit; what it needs is the compiler's figure."""
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   row = {
     **_describe(config, topology, chip, mesh),
@@ -460,15 +475,6 @@ def _refused_row(
     'refused': str(refusal),
     'data_sheet': chip.source,
   }
-  if find_largest:
-    row['largest_batch'] = largest_batch(
-      config,
-      devices,
-      num_classes,
-      chip,
-      {config.train.batch_size: refusal.need_bytes},
-      max_compiles=max_compiles,
-    )
   return row
 
 

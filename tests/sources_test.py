@@ -4,6 +4,7 @@ mode, the URL path through `torch.hub`'s cache and hash check, the table
 against timm's and torchvision's own records, and the recipes' defaults."""
 
 import hashlib
+import importlib
 import io
 import logging
 import os
@@ -22,14 +23,7 @@ import torchvision
 from flax import nnx
 from timm.models.densenet import DenseNet
 
-from configs import (
-  ade20k_deeplabv3plus,
-  cityscapes_deeplabv3,
-  cityscapes_deeplabv3plus,
-  cityscapes_denseaspp,
-  cityscapes_mobilenet,
-  voc_deeplabv3plus,
-)
+from configs import cityscapes_mobilenet
 from deeplab_jax import checkpointing, initialization, models
 from deeplab_jax.convert import sources
 from deeplab_jax.convert import torch as torch_convert
@@ -46,13 +40,17 @@ from tests.torch_refs import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_REPO = 'timm/densenet_tiny.test_in1k'
-RECIPES = (
-  ade20k_deeplabv3plus,
-  cityscapes_deeplabv3,
-  cityscapes_deeplabv3plus,
-  cityscapes_denseaspp,
-  cityscapes_mobilenet,
-  voc_deeplabv3plus,
+# Every recipe that trains a real model (the demo trains a tiny one).
+RECIPES = tuple(
+  importlib.import_module(f'configs.{name}')
+  for name in (
+    'ade20k_deeplabv3plus',
+    'cityscapes_deeplabv3',
+    'cityscapes_deeplabv3plus',
+    'cityscapes_denseaspp',
+    'cityscapes_mobilenet',
+    'voc_deeplabv3plus',
+  )
 )
 
 
