@@ -1,8 +1,8 @@
 """Speed and memory measurements (used by scripts/benchmark.py, not tests).
 
-`jax_model` times the jitted train step (forward, cross-entropy, backward,
-SGD momentum update, state donated) and inference of one architecture;
-`torch_model` does the same for the PyTorch reference on the same shapes;
+`jax_model` times the train and eval steps that `scripts.train` runs
+(built by `train.programs_of`) for one architecture; `torch_model` does the
+same work with the PyTorch reference on the same shapes;
 `input_pipeline` times the Grain training input.
 """
 
@@ -19,15 +19,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
-from deeplab_jax import losses, models, sharding
+from configs import base
+from deeplab_jax import initialization, sharding, train
 from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.data import pipeline
 from deeplab_jax.models import registry
-from deeplab_jax.predict import inference_view
 
 # Dense peak TFLOP/s by device kind (vendor data sheets: NVIDIA H100/H200
 # SXM, A100 SXM; Google Cloud TPU system architecture pages). float32 on
@@ -281,6 +280,35 @@ def _program_mb(compiled) -> float:
   return total / 2**20
 
 
+def benchmark_config(
+  arch: str,
+  *,
+  batch: int,
+  size: tuple[int, int],
+  dtype: str = 'float32',
+  devices: int = 1,
+  spatial: int = 1,
+  param_sharding: str = 'replicated',
+  scan_blocks: bool = False,
+  remat_blocks: bool = False,
+) -> ml_collections.ConfigDict:
+  """The run a benchmark row measures: the base recipe's training (SGD
+  with momentum, weight decay and the poly schedule, cross-entropy with
+  255 ignored, uint8 pixels normalised in the step) for `arch` in its
+  PyTorch reference's layout (`reference_overrides`), random weights."""
+  c = base.get_base_config()
+  c.model.arch = arch
+  c.model.dtype = dtype
+  c.model.options = ml_collections.ConfigDict(reference_overrides(arch))
+  c.model.scan_blocks = scan_blocks
+  c.model.remat = 'blocks' if remat_blocks else 'none'
+  c.data.crop_size = tuple(size)
+  c.train.batch_size = batch
+  c.mesh.shape = (devices // spatial, spatial) if spatial > 1 else (devices,)
+  c.mesh.param_sharding = param_sharding
+  return c
+
+
 def jax_model(
   arch: str,
   *,
@@ -297,121 +325,90 @@ def jax_model(
   remat_blocks: bool = False,
   profile_dir: str | None = None,
 ) -> dict[str, Any]:
-  """Train and inference images/s, compile time, memory, FLOPs, MFU.
+  """Train and eval images/s, compile time, memory, FLOPs, MFU of the
+  programs `scripts.train` runs (`train.programs_of`: the same view, jit,
+  shardings and donation) for `benchmark_config`'s run.
 
   `batch` is the global batch, split over the first `devices` devices
   (`('data',)` mesh; with `spatial > 1` a `(devices / spatial, spatial)`
-  mesh that splits each image's height, XLA's own convolutions as training
-  runs it there); `param_sharding` is the train state's rule
-  (`sharding.state_shardings`); `scan_blocks` scans identical blocks
-  (`layers.RematBlocks`), `remat_blocks` recomputes each block's
-  activations in the backward pass (`model.remat='blocks'` in training:
-  larger batches fit). With `profile_dir`, `PROFILE_STEPS` more
+  mesh that splits each image's height); `param_sharding` is
+  `mesh.param_sharding`; `scan_blocks` and `remat_blocks` are
+  `model.scan_blocks` and `model.remat='blocks'`. `conv_lowering` other
+  than `'auto'` replaces the platform's choice of convolution kernels (a
+  lever to measure). Eval is the training run's eval step (forward, argmax
+  and the confusion matrix). With `profile_dir`, `PROFILE_STEPS` more
   train steps are traced there (TensorBoard / Perfetto) and the row gains
   the device kernel time per step by kind (`kernel_time_summary`).
   """
   # `compile_s` is a real compilation, even where the environment turns on
   # JAX's persistent cache (this runs in a process of its own).
   jax.config.update('jax_enable_compilation_cache', False)
-  mesh = sharding.make_mesh(
-    (devices // spatial, spatial) if spatial > 1 else (devices,)
-  )
-  sharding.check_batch_size(batch, mesh)
-  if spatial > 1:
-    conv_lowering = 'native'  # train.training_view
-  model = models.create(
+  config = benchmark_config(
     arch,
-    num_classes=num_classes,
-    rngs=nnx.Rngs(0),
+    batch=batch,
+    size=size,
     dtype=dtype,
-    **reference_overrides(arch),
-  )
-  model = nnx.view(
-    models.platform_view(model, models.platform_of(mesh)),
+    devices=devices,
+    spatial=spatial,
+    param_sharding=param_sharding,
     scan_blocks=scan_blocks,
     remat_blocks=remat_blocks,
   )
-  # Trained as PyTorch trains it: dropout on, BatchNorm on batch statistics.
-  graphdef, params, rest = nnx.split(
-    nnx.view(model, conv_lowering=conv_lowering), nnx.Param, ...
+  mesh = sharding.make_mesh(config.mesh.shape)
+  sharding.check_batch_size(batch, mesh)
+  model = initialization.create_model(config, num_classes)
+  view = None
+  if conv_lowering != 'auto' and spatial == 1:
+    view = {'conv_lowering': conv_lowering}
+  programs, params, stats = train.programs_of(
+    config, model, num_classes, mesh, view=view
   )
-  eval_graphdef = nnx.split(
-    inference_view(nnx.view(model, conv_lowering=conv_lowering)), nnx.Param, ...
-  )[0]
   # Model FLOPs: the standard count of every convolution (XLA's own
   # lowering), whatever the lowering that runs performs (e.g. Winograd's
   # fewer multiplies on CPU).
-  native = nnx.view(model, conv_lowering='native')
-  native_graphdef = nnx.split(native, nnx.Param, ...)[0]
-  native_eval_graphdef = nnx.split(inference_view(native), nnx.Param, ...)[0]
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-  tx = optax.sgd(0.01, momentum=0.9)
+  native = train.programs_of(
+    config, model, num_classes, mesh, view={'conv_lowering': 'native'}
+  )[0]
+  state = programs.init(params, stats)
+  del model, params, stats
   rng = np.random.RandomState(0)
-  data = sharding.data_sharding(mesh)
-  images = jax.device_put(rng.randn(batch, *size, 3).astype(np.float32), data)
-  labels = jax.device_put(
-    rng.randint(0, num_classes, (batch, *size)).astype(np.int32), data
+  put = lambda x: jax.device_put(x, programs.data)
+  train_in = {
+    'image': put(rng.randint(0, 256, (batch, *size, 3)).astype(np.uint8)),
+    'label': put(rng.randint(0, num_classes, (batch, *size)).astype(np.uint8)),
+  }
+  eval_in = {
+    'image': put(rng.randn(batch, *size, 3).astype(np.float32)),
+    'label': put(rng.randint(0, num_classes, (batch, *size)).astype(np.int32)),
+    'mask': put(np.ones((batch, *size), bool)),
+  }
+  train_flops = _program_flops(native.train, state, train_in)
+  eval_flops = _program_flops(
+    native.eval, state.eval_params, state.batch_stats, eval_in
   )
-
-  def train_step_of(graphdef):
-    def train_step(state, images, labels):
-      params, rest, opt_state = state
-
-      def loss_fn(params):
-        m = nnx.merge(graphdef, params, rest)
-        out = m(images)
-        _, _, new_rest = nnx.split(m, nnx.Param, ...)
-        return losses.cross_entropy(out['out'], labels), nnx.to_pure_dict(
-          new_rest
-        )
-
-      (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), rest, opt_state), loss
-
-    return train_step
-
-  def infer_of(graphdef):
-    return lambda params, rest, images: nnx.merge(graphdef, params, rest)(
-      images
-    )['out']
-
-  train_step, infer = train_step_of(graphdef), infer_of(eval_graphdef)
-
-  state = (params, rest, tx.init(params))
-  state_sh = sharding.state_shardings(state, mesh, param_sharding)
-  state = jax.device_put(state, state_sh)
-  # The train step donates its state; inference keeps its own copy.
-  infer_params, infer_rest = jax.tree.map(
-    jnp.copy, jax.device_put((params, rest), sharding.replicated(mesh))
+  lowered_train = programs.train.lower(state, train_in)
+  lowered_eval = programs.eval.lower(
+    state.eval_params, state.batch_stats, eval_in
   )
-  train_flops = _program_flops(
-    train_step_of(native_graphdef), state, images, labels
-  )
-  infer_flops = _program_flops(
-    infer_of(native_eval_graphdef), infer_params, infer_rest, images
-  )
-  lowered_infer = jax.jit(infer).lower(infer_params, infer_rest, images)
-  lowered_train = jax.jit(
-    train_step,
-    donate_argnums=0,
-    out_shardings=(state_sh, sharding.replicated(mesh)),
-  ).lower(state, images, labels)
   t = time.perf_counter()
   train_c = lowered_train.compile()
   compile_train = time.perf_counter() - t
   t = time.perf_counter()
-  infer_c = lowered_infer.compile()
-  compile_infer = time.perf_counter() - t
+  eval_c = lowered_eval.compile()
+  compile_eval = time.perf_counter() - t
 
-  holder = {'state': state}
+  holder = {'state': state}  # the train step donates its state
 
   def one_step():
-    holder['state'], loss = train_c(holder['state'], images, labels)
-    return loss
+    holder['state'], logs = train_c(holder['state'], train_in)
+    return logs['loss']
+
+  def one_eval():
+    s = holder['state']
+    return eval_c(s.eval_params, s.batch_stats, eval_in)
 
   train_s = _time(one_step, steps)
-  infer_s = _time(lambda: infer_c(infer_params, infer_rest, images), steps)
+  eval_s = _time(one_eval, steps)
   kernels = {}
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
@@ -433,16 +430,16 @@ def jax_model(
     'dtype': dtype,
     'device': jax.devices()[0].device_kind,
     'train_img_s': batch / train_s,
-    'eval_img_s': batch / infer_s,
+    'eval_img_s': batch / eval_s,
     'step_ms': train_s * 1e3,
-    'compile_s': compile_train + compile_infer,
+    'compile_s': compile_train + compile_eval,
     'peak_mem_mb': _peak_mem_mb(),
     'train_program_mb_per_device': _program_mb(train_c),
-    'gflops_per_img': infer_flops / batch / 1e9,
+    'gflops_per_img': eval_flops / batch / 1e9,
     'train_gflops_per_img': train_flops / batch / 1e9,
-    'xla_gflops_per_img': _xla_flops(lowered_infer) / batch / 1e9,
+    'xla_gflops_per_img': _xla_flops(lowered_eval) / batch / 1e9,
     'train_tflop_s': train_tflops,
-    'eval_tflop_s': infer_flops / infer_s / 1e12,
+    'eval_tflop_s': eval_flops / eval_s / 1e12,
     'peak_tflop_s': peak,
     'peak_source': peak_source,
     'train_mfu': train_tflops / peak,
@@ -518,11 +515,29 @@ def torch_model(
   torch.backends.cudnn.benchmark = True
   model = torch_reference(arch, num_classes).to(device)
   model = model.to(memory_format=torch.channels_last)
-  images = torch.randn(batch, 3, *size, device=device).to(
-    memory_format=torch.channels_last
-  )
+  # The work of `benchmark_config`'s JAX step: uint8 pixels normalised in
+  # the step, cross-entropy with 255 ignored, SGD with momentum, coupled
+  # weight decay and the poly schedule.
+  c = benchmark_config(arch, batch=batch, size=size)
+  pixels = torch.randint(0, 256, (batch, *size, 3), dtype=torch.uint8)
+  pixels = pixels.to(device)
+  mean = torch.tensor(c.data.mean, device=device).view(1, 3, 1, 1)
+  inv_std = 1.0 / torch.tensor(c.data.std, device=device).view(1, 3, 1, 1)
   labels = torch.randint(0, num_classes, (batch, *size), device=device)
-  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+  opt = torch.optim.SGD(
+    model.parameters(),
+    lr=c.optim.lr,
+    momentum=c.optim.momentum,
+    weight_decay=c.optim.weight_decay,
+  )
+  poly = torch.optim.lr_scheduler.PolynomialLR(
+    opt, total_iters=c.train.num_steps, power=c.optim.poly_power
+  )
+
+  def normalised():
+    x = pixels.permute(0, 3, 1, 2).float()
+    return ((x - mean) * inv_std).contiguous(memory_format=torch.channels_last)
+
   amp = dtype == 'bfloat16'
   # Train and eval mode are compiled separately (dynamo guards on it).
   run_model = torch.compile(model, mode=compile_mode) if compile_mode else model
@@ -537,16 +552,21 @@ def torch_model(
 
   def train():
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-      loss = F.cross_entropy(out_of(images), labels)
+      loss = F.cross_entropy(out_of(normalised()), labels, ignore_index=255)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    poly.step()
     sync()
 
   @torch.no_grad()
-  def infer():
+  def infer():  # the eval step: forward, argmax, confusion matrix
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-      out_of(images)
+      pred = out_of(normalised()).argmax(1)
+    torch.bincount(
+      labels.flatten() * num_classes + pred.flatten(),
+      minlength=num_classes**2,
+    )
     sync()
 
   first_calls = []

@@ -31,6 +31,7 @@ from deeplab_jax.errors import (
   CheckpointMismatchError,
   CheckpointNotFoundError,
   CheckpointWriteError,
+  ConfigError,
   UserError,
 )
 from deeplab_jax.models import registry
@@ -247,15 +248,11 @@ def load_model(
   raw = raw_weights and meta.get('weights') == 'ema'
   mngr, step = _manager(directory)
   step_dir = os.path.join(directory, str(step))
-  has_digests = epath.Path(step_dir, 'digests').is_dir()
-  if not has_digests and not allow_unverified:
+  try:
+    has_digests = _has_digests(step_dir, allow_unverified)
+  except CheckpointCorruptError:
     mngr.close()
-    raise CheckpointCorruptError(
-      f'{step_dir} has no digests item, so its weights cannot be verified '
-      '(it predates digests, or was damaged); write it again '
-      '(scripts.convert_torch / scripts.train), or pass --allow_unverified '
-      'to load it as it is'
-    )
+    raise
   items = {'model': ocp.args.StandardRestore(target)}
   if has_digests:
     items['digests'] = ocp.args.JsonRestore()
@@ -284,9 +281,13 @@ def load_model(
   finally:
     mngr.close()
   if has_digests:
-    _verify(step_dir, out, meta)
-  else:
-    logging.warning('%s has no digests; loaded unverified', step_dir)
+    try:
+      _verify(dict(out, meta=meta))
+    except CheckpointCorruptError as e:
+      raise CheckpointCorruptError(
+        f'{step_dir}: {e}; the checkpoint is damaged: write it again or use '
+        'another step'
+      ) from e
   restored = out['model']
   if raw:  # the EMA parameters replaced by the raw ones, same statistics
     restored = _overlay(restored, stringify_keys(out['train']['params']))
@@ -304,23 +305,42 @@ def _overlay(base: Mapping, top: Mapping) -> dict:
   }
 
 
-def _verify(step_dir: str, out: Mapping, meta: Mapping) -> None:
-  """Checks restored items against the step's digests (those present)."""
-  want = out['digests']
-  if 'meta' in want and json_digest(meta) != want['meta']:
+def _has_digests(step_dir: str, allow_unverified: bool) -> bool:
+  """Whether `step_dir` has its digests item; a step without one is refused
+  unless `allow_unverified` (then used with a warning)."""
+  if epath.Path(step_dir, 'digests').is_dir():
+    return True
+  if not allow_unverified:
     raise CheckpointCorruptError(
-      f'{step_dir}: item meta does not match its digest; the checkpoint '
-      'is damaged: write it again or use another step'
+      f'{step_dir} has no digests item, so its arrays cannot be verified '
+      '(it predates digests, or was damaged); write it again '
+      '(scripts.convert_torch / scripts.train), or pass --allow_unverified '
+      'to use it as it is'
     )
+  logging.warning('%s has no digests; used unverified', step_dir)
+  return False
+
+
+def _verify(restored: Mapping) -> None:
+  """Checks what was restored against the step's digests (`restored
+  ['digests']`): each JSON record present (`data`, `meta`) and every array
+  restored from `model` and `train`. An array without a digest fails too."""
+  want = restored['digests']
+  for item in ('data', 'meta'):
+    if (
+      item in restored
+      and item in want
+      and (json_digest(dict(restored[item])) != want[item])
+    ):
+      raise CheckpointCorruptError(f'item {item} does not match its digest')
   for item in ('model', 'train'):
-    if item not in out or item not in want:
+    if item not in restored:
       continue
-    got = array_digests(out[item])
-    for key, digest in got.items():
-      if want[item].get(key) != digest:
+    recorded = want.get(item, {})
+    for key, digest in array_digests(restored[item]).items():
+      if recorded.get(key) != digest:
         raise CheckpointCorruptError(
-          f'{step_dir}: item {item}, array {key} does not match its digest; '
-          'the checkpoint is damaged: write it again or use another step'
+          f'item {item}, array {key} does not match its digest'
         )
 
 
@@ -338,6 +358,51 @@ def split_like(tree: Mapping, template: Mapping) -> dict:
     k: split_like(tree[k], v) if isinstance(v, Mapping) else tree[k]
     for k, v in template.items()
   }
+
+
+def data_position(
+  step: int, *, seed: int, global_batch_size: int
+) -> dict[str, int]:
+  """A checkpoint's `data` item: the input's global position, which depends
+  only on the step, the seed and the global batch."""
+  return {
+    'seed': seed,
+    'global_batch_size': global_batch_size,
+    'global_next_index': step * global_batch_size,
+  }
+
+
+def state_items(state: Any) -> tuple[dict, dict]:
+  """`(model, train)`: how a `train.TrainState` is laid out in a checkpoint.
+
+  `model` holds the weights evaluation uses (the EMA when one is kept, so
+  that `load_model` and scripts.evaluate / predict / export load what
+  training evaluated) merged with the BatchNorm statistics, keys as
+  strings (the format of `save_model`). `train` holds the rest: step,
+  optimizer state, and the raw parameters when an EMA is kept.
+  """
+  weights = stringify_keys(deep_merge(state.eval_params, state.batch_stats))
+  train = {'step': state.step, 'opt_state': state.opt_state}
+  if state.ema is not None:
+    train['params'] = state.params
+  return weights, train
+
+
+def state_from_items(like: Any, weights: Mapping, train: Mapping) -> Any:
+  """The inverse of `state_items`, with `like`'s structure and key types."""
+  merged = restore_keys(weights, deep_merge(like.eval_params, like.batch_stats))
+  eval_params = split_like(merged, like.eval_params)
+  rest = {}
+  if like.ema is not None:
+    rest = {'ema': eval_params, 'params': train['params']}
+  else:
+    rest = {'params': eval_params}
+  return like.replace(
+    step=train['step'],
+    opt_state=train['opt_state'],
+    batch_stats=split_like(merged, like.batch_stats),
+    **rest,
+  )
 
 
 # ------------------------------------------------------------- integrity ---
@@ -471,7 +536,7 @@ class TrainCheckpointer:
   not go back to an old best step). Deletions go through a `trash/` rename
   so a crash during garbage collection leaves no half-deleted step listed;
   `trash/` and unfinished temporary steps are removed when a run opens the
-  directory. `restore_latest` verifies every array against its digest and
+  directory. `restore` verifies every array against its digest and
   falls back to the newest step that restores and verifies.
   """
 
@@ -533,20 +598,22 @@ class TrainCheckpointer:
   def save(
     self,
     step: int,
-    *,
-    weights: Mapping,
-    train_state: Any,
+    state: Any,
     data_state: Mapping[str, Any],
-    meta: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    *,
     metrics: Mapping[str, float] | None = None,
     force: bool = False,
   ) -> bool:
-    """Starts an async save of `step` with the digests of its contents."""
+    """Starts an async save of `state` (a `train.TrainState`) as `step`,
+    with `data_state` (`data_position`), `metadata` and the digests of
+    everything."""
+    weights, train_state = state_items(state)
     digests = {
       'model': array_digests(weights),
       'train': array_digests(train_state),
       'data': json_digest(data_state),
-      'meta': json_digest(meta),
+      'meta': json_digest(metadata),
     }
     try:
       return self._mngr.save(
@@ -555,7 +622,7 @@ class TrainCheckpointer:
           model=ocp.args.StandardSave(weights),
           train=ocp.args.StandardSave(train_state),
           data=ocp.args.JsonSave(dict(data_state)),
-          meta=ocp.args.JsonSave(dict(meta)),
+          meta=ocp.args.JsonSave(dict(metadata)),
           digests=ocp.args.JsonSave(digests),
         ),
         metrics=dict(metrics) if metrics else None,
@@ -564,6 +631,35 @@ class TrainCheckpointer:
     except Exception as e:  # an earlier async write failed (Orbax re-raises
       # TensorStore's ValueError / OSError from its background thread)
       raise self._write_error(e) from e
+
+  def restore(self, like: Any, data_state: Mapping[str, Any]) -> Any:
+    """The latest good step as a train state shaped and placed like `like`
+    (a state, or its `jax.ShapeDtypeStruct`s with shardings: a run can
+    resume on another device count), or None when there are no steps.
+
+    `data_state` is this run's `data_position`; a step whose input order
+    (seed, global batch) differs is refused, since resuming would not
+    replay the same data.
+    """
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      like,
+    )
+    weights_like, train_like = state_items(abstract)
+    restored = self._restore_latest(weights_like, train_like)
+    if restored is None:
+      return None
+    step, weights, train_state, recorded = restored
+    order = ('seed', 'global_batch_size')
+    if any(recorded.get(k) != data_state[k] for k in order):
+      raise ConfigError(
+        f'checkpoint {step} was trained with seed {recorded.get("seed")} '
+        f'and batch {recorded.get("global_batch_size")}; resuming with '
+        f'seed {data_state["seed"]} and batch '
+        f'{data_state["global_batch_size"]} would not replay the same data'
+      )
+    logging.info('resumed from step %d in %s', step, self.directory)
+    return state_from_items(like, weights, train_state)
 
   def _write_error(self, e: BaseException) -> UserError:
     self._failed = True
@@ -589,12 +685,7 @@ class TrainCheckpointer:
     self, step: int, abstract_weights: Mapping, abstract_train: Any
   ) -> tuple[dict, Any, dict]:
     step_dir = os.path.join(self.directory, str(step))
-    has_digests = epath.Path(step_dir, 'digests').is_dir()
-    if not has_digests and not self._allow_unverified:
-      raise CheckpointCorruptError(
-        'no digests item: its arrays cannot be verified (pass '
-        '--allow_unverified to resume from it anyway)'
-      )
+    has_digests = _has_digests(step_dir, self._allow_unverified)
     items = dict(
       model=ocp.args.StandardRestore(abstract_weights),
       train=ocp.args.StandardRestore(abstract_train),
@@ -603,28 +694,12 @@ class TrainCheckpointer:
     if has_digests:
       items['digests'] = ocp.args.JsonRestore()
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    if not has_digests:
-      logging.warning(
-        'checkpoint step %d has no digests (older format); not verified', step
-      )
-    else:
-      want = out['digests']
-      if json_digest(dict(out['data'])) != want['data']:
-        raise CheckpointCorruptError('item data: content digest mismatch')
-      for item in ('model', 'train'):
-        got = array_digests(out[item])
-        for key, digest in want[item].items():
-          if got.get(key) != digest:
-            raise CheckpointCorruptError(
-              f'item {item}: array {key} does not match its digest'
-            )
+    if has_digests:
+      _verify(out)
     return out['model'], out['train'], dict(out['data'])
 
-  def restore_latest(
-    self,
-    *,
-    abstract_weights: Mapping,
-    abstract_train: Any,
+  def _restore_latest(
+    self, abstract_weights: Mapping, abstract_train: Any
   ) -> tuple[int, dict, Any, dict] | None:
     """The newest step that restores and verifies, onto the given abstract
     targets (their shardings decide the placement: a run can resume on

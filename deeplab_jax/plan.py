@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from deeplab_jax import models, optim, sharding, train
+from deeplab_jax import models, sharding, train
 from deeplab_jax.errors import ConfigError, UserError
 
 
@@ -157,13 +157,8 @@ def programs_for(
     )
   model = abstract_model(config, num_classes)
   sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
-  model = train.training_view(model, config, mesh)
-  if view:
-    model = nnx.view(model, **view)
-  graph, params, stats = train.split_model(model)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  programs = train.build_programs(
-    config, graph, params, stats, tx, schedule, num_classes, mesh
+  programs, _, _ = train.programs_of(
+    config, model, num_classes, mesh, view=view
   )
   h, w = config.data.crop_size
   train_in = {
@@ -233,9 +228,9 @@ def compile_programs(
   compiled = {'train': _compile(programs.train.lower(programs.state, train_in))}
   compiled['eval'] = None
   if with_eval:
-    weights = programs.state[train.model_key(config)]
+    state = programs.state
     compiled['eval'] = _compile(
-      programs.eval.lower(weights, programs.state['batch_stats'], eval_in)
+      programs.eval.lower(state.eval_params, state.batch_stats, eval_in)
     )
   compiled['compile_s'] = time.perf_counter() - start
   compiled['mesh'] = programs.data.mesh

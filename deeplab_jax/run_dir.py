@@ -17,13 +17,14 @@ import ml_collections
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from deeplab_jax import step_options
 from deeplab_jax.errors import ConfigError, UserError
 
 # Config groups whose change makes a workdir's checkpoints incompatible.
 RUN_IDENTITY = ('model', 'data.dataset', 'data.crop_size', 'train.batch_size')
-# How the step is computed, not what it computes: a run resumes with these
-# changed (and from workdirs written before they existed).
-COMPUTE_ONLY = ('model.remat', 'model.scan_blocks')
+# How the step is computed, not what it computes (`step_options`): a run
+# resumes with these changed (and from workdirs written before they existed).
+COMPUTE_ONLY = step_options.COMPUTE_ONLY
 # Where and how long a run goes on, not what it trains: a resume may change
 # these too. Each change is appended to `resumed.jsonl`; `config.json`
 # keeps the values the run started with. Any other change is refused.

@@ -19,6 +19,7 @@ checkpoints resumes from the latest one, data iterator included.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -32,8 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from flax import nnx
+from flax import nnx, struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -51,6 +51,7 @@ from deeplab_jax import (
 from deeplab_jax.data import datasets, labels, normalization, pipeline
 from deeplab_jax.errors import ConfigError, UserError
 from deeplab_jax.predict import inference_view
+from deeplab_jax.step_options import StepOptions, remat_mode
 
 
 class TrainingDivergedError(UserError):
@@ -96,20 +97,35 @@ def split_model(model: nnx.Module) -> tuple[Graph, dict, dict]:
   return graph, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def initial_state(
-  params: dict, stats: dict, tx: optax.GradientTransformation, *, ema: bool
-) -> dict[str, Any]:
-  """The train state: step, params, batch_stats, opt_state (and `ema`, a
-  copy of the params, when an exponential moving average is kept)."""
-  state = {
-    'step': jnp.zeros((), jnp.int32),
-    'params': params,
-    'batch_stats': stats,
-    'opt_state': tx.init(params),
-  }
-  if ema:
-    state['ema'] = jax.tree.map(jnp.copy, params)
-  return state
+@struct.dataclass
+class TrainState:
+  """Everything the train step reads and writes, as one pytree: the step
+  count, parameters, BatchNorm statistics, optimizer state, and `ema` (a
+  moving average of the parameters, or None when none is kept)."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema: Any = None
+
+  @property
+  def eval_params(self) -> Any:
+    """The parameters evaluation uses and checkpoints' `model` item holds:
+    the EMA when one is kept."""
+    return self.params if self.ema is None else self.ema
+
+
+def initial_state(params: Any, stats: Any, options: StepOptions) -> TrainState:
+  """The state at step 0: the optimizer initialised from `options.tx`, and
+  an EMA starting at the parameters when `options.ema_decay` is set."""
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=stats,
+    opt_state=options.tx.init(params),
+    ema=jax.tree.map(jnp.copy, params) if options.ema_decay else None,
+  )
 
 
 def _step_rngs(rest_template: Any, key: jax.Array) -> Any:
@@ -125,41 +141,40 @@ def _step_rngs(rest_template: Any, key: jax.Array) -> Any:
 
 
 def loss_of(
-  out: dict[str, jax.Array], labels: jax.Array, loss: ml_collections.ConfigDict
+  out: dict[str, jax.Array], labels: jax.Array, options: StepOptions
 ) -> jax.Array:
-  """Cross-entropy of the main logits, plus `loss.aux_weight` times the
+  """Cross-entropy of the main logits, plus `options.aux_weight` times the
   auxiliary head's when the model has one."""
   ce = lambda logits: losses.cross_entropy(
     logits,
     labels,
-    class_weights=loss.class_weights,
-    ohem_thresh=loss.ohem_thresh or None,
-    ohem_min_kept=loss.ohem_min_kept,
+    class_weights=options.class_weights,
+    ohem_thresh=options.ohem_thresh,
+    ohem_min_kept=options.ohem_min_kept,
   )
   total = ce(out['out'])
-  if 'aux' in out and loss.aux_weight:
-    total = total + loss.aux_weight * ce(out['aux'])
+  if 'aux' in out and options.aux_weight:
+    total = total + options.aux_weight * ce(out['aux'])
   return total
 
 
 def train_step(
-  state: dict[str, Any],
+  state: TrainState,
   batch: dict[str, jax.Array],
   *,
-  graph: Graph,
-  tx: optax.GradientTransformation,
-  schedule: Callable[[jax.Array], jax.Array],
-  config: ml_collections.ConfigDict,
-) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  options: StepOptions,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer micro-step on `batch` (`image` uint8 pixels, normalised
-  here with `config.data`'s statistics; `label` class ids, 255 ignored).
+  here with `options.mean` / `options.std`; `label` class ids, 255
+  ignored).
 
-  Returns the new state and `{'loss', 'lr', 'grad_norm'}`. `config`
-  supplies the loss, the EMA decay and gradient accumulation
-  (`config.optim`), remat (`config.model.remat`) and the dropout seed.
+  Returns the new state and `{'loss', 'lr', 'grad_norm'}`. `options`
+  (`StepOptions.from_config`) supplies the model graph, optimizer, loss,
+  EMA decay, gradient accumulation, remat and the dropout seed.
   """
+  graph = options.graph
   rngs = _step_rngs(
-    graph.rest, jax.random.fold_in(jax.random.key(config.seed), state['step'])
+    graph.rest, jax.random.fold_in(jax.random.key(options.seed), state.step)
   )
 
   def forward(params, stats, rngs, images):
@@ -168,40 +183,43 @@ def train_step(
     _, _, new_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     return out, nnx.to_pure_dict(new_stats)
 
-  if config.model.remat in (True, 'full'):
+  if options.remat == 'full':
     # Recompute the whole forward pass during backward: activation memory
     # of one layer at a time for about a third more compute. ('blocks'
     # rematerialises each backbone block instead, through the model view.)
     forward = jax.checkpoint(forward)
 
   images = normalization.normalize_on_device(
-    batch['image'], tuple(config.data.mean), tuple(config.data.std)
+    batch['image'], options.mean, options.std
   )
   labels = batch['label'].astype(jnp.int32)
 
   def loss_fn(params):
-    out, stats = forward(params, state['batch_stats'], rngs, images)
-    return loss_of(out, labels, config.loss), stats
+    out, stats = forward(params, state.batch_stats, rngs, images)
+    return loss_of(out, labels, options), stats
 
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    state['params']
-  )
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  new = dict(state, params=params, batch_stats=stats, opt_state=opt_state)
-  new['step'] = state['step'] + 1
-  if config.optim.ema_decay:
-    ema = optim.ema_update(state['ema'], params, config.optim.ema_decay)
-    if config.optim.grad_accum_steps > 1:
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = options.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema
+  if options.ema_decay:
+    ema = optim.ema_update(state.ema, params, options.ema_decay)
+    if options.grad_accum_steps > 1:
       # Only the micro-steps that update the parameters move the average.
-      applied = (state['step'] + 1) % config.optim.grad_accum_steps == 0
+      applied = (state.step + 1) % options.grad_accum_steps == 0
       ema = jax.tree.map(
-        lambda e, old: jnp.where(applied, e, old), ema, state['ema']
+        lambda e, old: jnp.where(applied, e, old), ema, state.ema
       )
-    new['ema'] = ema
+  new = state.replace(
+    step=state.step + 1,
+    params=params,
+    batch_stats=stats,
+    opt_state=opt_state,
+    ema=ema,
+  )
   logs = {
     'loss': loss,
-    'lr': schedule(state['step']),
+    'lr': options.schedule(state.step),
     'grad_norm': optax.tree.norm(grads),
   }
   return new, logs
@@ -315,17 +333,19 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     std=config.data.std,
     extra={
       'dataset': config.data.dataset,
-      'weights': model_key(config),
+      # Which parameters the `model` item holds (`TrainState.eval_params`).
+      'weights': 'ema' if config.optim.ema_decay else 'params',
       'init_from': initialization.init_record(model),
     },
   )
-  graph, params, stats = split_model(training_view(model, config, mesh))
+  programs, params, stats = programs_of(config, model, spec.num_classes, mesh)
   del model
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  state, train_fn, eval_fn = _compile(
-    config, graph, params, stats, tx, schedule, spec.num_classes, mesh
-  )
+  state = programs.init(params, stats)
   del params, stats
+  train_fn = multihost.CompiledOnFirstCall(
+    programs.train, 'train step compiled'
+  )
+  eval_fn = multihost.CompiledOnFirstCall(programs.eval, 'eval step compiled')
 
   # Orbax's first collective follows: hosts meet after their unequal work
   # (process 0 checks the workdir, model init compiles).
@@ -336,9 +356,13 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     keep=config.checkpoint.keep,
     allow_unverified=config.checkpoint.allow_unverified,
   )
-  items = _CheckpointItems(config, meta)
-  state = items.restore(ckpt, state)
-  first_step = int(jax.device_get(state['step']))
+  position = functools.partial(
+    checkpointing.data_position,
+    seed=config.seed,
+    global_batch_size=config.train.batch_size,
+  )
+  state = ckpt.restore(state, position(0)) or state
+  first_step = int(jax.device_get(state.step))
   train_ds, _ = pipeline.train_dataset(
     _input_config(config), start_step=first_step
   )
@@ -348,11 +372,14 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return evaluate_params(
       config,
       eval_fn,
-      state[model_key(config)],
-      state['batch_stats'],
+      state.eval_params,
+      state.batch_stats,
       mesh,
       spec.class_names,
     )
+
+  def save(step, state, **kwargs):
+    ckpt.save(step, state, position(step), meta, **kwargs)
 
   summary: dict[str, Any] = {}
   with contextlib.ExitStack() as cleanup:
@@ -411,15 +438,15 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if is_main:
           bar.write(f'step {done}: mIoU {100 * summary["miou"]:.2f}')
       if ckpt.should_save(done) or last:
-        items.save(ckpt, done, state, metrics=step_metrics, force=last)
+        save(done, state, metrics=step_metrics, force=last)
       if stop.requested(done):
         if done not in ckpt.all_steps():
-          items.save(ckpt, done, state, force=True)
+          save(done, state, force=True)
         ckpt.wait_until_finished()
         raise Preempted(done, ckpt.directory, interrupted=stop.interrupted)
   if not summary:  # a finished run asked to run again
     summary = run_dir.last_evaluation(workdir) or evaluate_state(state)
-  return dict(summary, step=int(jax.device_get(state['step'])))
+  return dict(summary, step=int(jax.device_get(state.step)))
 
 
 def _label_spec(config: ml_collections.ConfigDict) -> labels.LabelSpec:
@@ -440,35 +467,27 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
       f'{config.data.dataset} has {num_classes} classes: give one '
       'non-negative weight per class, in class id order'
     )
-  if config.model.remat not in (False, True, 'none', 'full', 'blocks'):
-    raise ConfigError(
-      f"model.remat must be False, True/'full' or 'blocks', not "
-      f'{config.model.remat!r}'
-    )
+  remat_mode(config.model.remat)
 
 
-def training_view(model: nnx.Module, config, mesh) -> nnx.Module:
+def training_view(
+  model: nnx.Module, options: StepOptions, mesh: jax.sharding.Mesh
+) -> nnx.Module:
   """The model as `mesh`'s devices train it: kernels for their platform,
-  frozen BatchNorm, per-block remat and scanned blocks, as the config
-  asks; XLA's own convolutions on a spatial mesh, whose halo exchange XLA
+  frozen BatchNorm, per-block remat and scanned blocks, as `options` ask;
+  XLA's own convolutions on a spatial mesh, whose halo exchange XLA
   partitions (the patch, tap and Winograd lowerings reshape the height into
   tiles or slices, which made XLA gather whole activations)."""
   model = models.platform_view(model, models.platform_of(mesh))
   if sharding.spatial_size(mesh) > 1:
     model = nnx.view(model, conv_lowering='native')
-  if config.model.freeze_bn:
+  if options.freeze_bn:
     model = nnx.view(model, use_running_average=True)
-  if config.model.remat == 'blocks':
+  if options.remat == 'blocks':
     model = nnx.view(model, remat_blocks=True)
-  if config.model.scan_blocks:
+  if options.scan_blocks:
     model = nnx.view(model, scan_blocks=True)
   return model
-
-
-def model_key(config) -> str:
-  """The state entry that evaluation, and the checkpoint's `model` item,
-  use: the EMA when one is kept."""
-  return 'ema' if config.optim.ema_decay else 'params'
 
 
 def _input_config(config) -> pipeline.TrainInputConfig:
@@ -500,42 +519,34 @@ class Programs(NamedTuple):
 
 
 def build_programs(
-  config: ml_collections.ConfigDict,
-  graph: Graph,
+  options: StepOptions,
   params: Any,
   stats: Any,
-  tx: optax.GradientTransformation,
-  schedule: Callable[[jax.Array], jax.Array],
   num_classes: int,
   mesh: jax.sharding.Mesh,
+  param_sharding: str = 'replicated',
 ) -> Programs:
   """The run's programs over `mesh`: the state replicated, or split with
-  `mesh.param_sharding='fsdp'`, the batch as `sharding.data_sharding`, the
-  state donated into the train step. `params` and `stats` may be concrete
-  or `jax.ShapeDtypeStruct`s (a plan for devices that are not attached)."""
-  init = functools.partial(
-    initial_state, tx=tx, ema=bool(config.optim.ema_decay)
-  )
+  `param_sharding='fsdp'` (`mesh.param_sharding`), the batch as
+  `sharding.data_sharding`, the state donated into the train step.
+  `params` and `stats` may be concrete or `jax.ShapeDtypeStruct`s (a plan
+  for devices that are not attached). Training, `scripts.plan` and
+  `scripts.benchmark` all build their programs here."""
+  init = functools.partial(initial_state, options=options)
   shapes = jax.eval_shape(init, params, stats)
-  shardings = sharding.state_shardings(shapes, mesh, config.mesh.param_sharding)
+  shardings = sharding.state_shardings(shapes, mesh, param_sharding)
   data = sharding.data_sharding(mesh)
   train_fn = jax.jit(
-    functools.partial(
-      train_step, graph=graph, tx=tx, schedule=schedule, config=config
-    ),
+    functools.partial(train_step, options=options),
     in_shardings=(shardings, data),
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,
   )
   eval_fn = jax.jit(
     functools.partial(
-      eval_step, graph=graph, num_classes=num_classes, mesh=mesh
+      eval_step, graph=options.graph, num_classes=num_classes, mesh=mesh
     ),
-    in_shardings=(
-      shardings[model_key(config)],
-      shardings['batch_stats'],
-      data,
-    ),
+    in_shardings=(shardings.eval_params, shardings.batch_stats, data),
     out_shardings=sharding.replicated(mesh),
   )
   abstract = jax.tree.map(
@@ -552,85 +563,33 @@ def build_programs(
   )
 
 
-def _compile(config, graph, params, stats, tx, schedule, num_classes, mesh):
-  """The sharded initial state, and the jitted train and eval steps."""
+def programs_of(
+  config: ml_collections.ConfigDict,
+  model: nnx.Module,
+  num_classes: int,
+  mesh: jax.sharding.Mesh,
+  *,
+  view: dict[str, Any] | None = None,
+) -> tuple[Programs, Any, Any]:
+  """`(programs, params, batch_stats)` of `config` for `model` over `mesh`:
+  the training view, `StepOptions` and `build_programs`, as
+  `train_and_evaluate` runs them. `model` may be abstract (`nnx.eval_shape`:
+  a plan). `view`: extra `nnx.view` settings on top of the training view
+  (a lever to measure, e.g. `{'conv_lowering': 'native'}`)."""
+  options = StepOptions.from_config(config)
+  model = training_view(model, options, mesh)
+  if view:
+    model = nnx.view(model, **view)
+  graph, params, stats = split_model(model)
   programs = build_programs(
-    config, graph, params, stats, tx, schedule, num_classes, mesh
+    dataclasses.replace(options, graph=graph),
+    params,
+    stats,
+    num_classes,
+    mesh,
+    config.mesh.param_sharding,
   )
-  return (
-    programs.init(params, stats),
-    multihost.CompiledOnFirstCall(programs.train, 'train step compiled'),
-    multihost.CompiledOnFirstCall(programs.eval, 'eval step compiled'),
-  )
-
-
-class _CheckpointItems:
-  """How a train state maps onto the checkpoint's items: `model` holds the
-  weights evaluation uses (the EMA when one is kept, so that
-  scripts.evaluate / predict / export load what training evaluated) with
-  the BatchNorm statistics; `train` holds the rest (step, optimizer state,
-  the raw parameters when an EMA is kept)."""
-
-  def __init__(self, config, meta: dict[str, Any]):
-    self.config = config
-    self.meta = meta
-    self.key = model_key(config)
-
-  def weights(self, state) -> dict:
-    merged = checkpointing.deep_merge(state[self.key], state['batch_stats'])
-    return checkpointing.stringify_keys(merged)
-
-  def train_part(self, state) -> dict:
-    return {
-      k: v for k, v in state.items() if k not in (self.key, 'batch_stats')
-    }
-
-  def save(self, ckpt, step: int, state, *, metrics=None, force=False):
-    ckpt.save(
-      step,
-      weights=self.weights(state),
-      train_state=self.train_part(state),
-      data_state={
-        'seed': self.config.seed,
-        'global_batch_size': self.config.train.batch_size,
-        'global_next_index': step * self.config.train.batch_size,
-      },
-      meta=self.meta,
-      metrics=metrics,
-      force=force,
-    )
-
-  def restore(self, ckpt, state) -> dict[str, Any]:
-    """`state` as of the latest good checkpoint (or `state` itself), placed
-    with `state`'s shardings."""
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      state,
-    )
-    restored = ckpt.restore_latest(
-      abstract_weights=self.weights(abstract),
-      abstract_train=self.train_part(abstract),
-    )
-    if restored is None:
-      return state
-    start, weights, train, data_state = restored
-    if (
-      data_state.get('seed') != self.config.seed
-      or data_state.get('global_batch_size') != self.config.train.batch_size
-    ):
-      raise ConfigError(
-        f'checkpoint {start} was trained with seed {data_state.get("seed")} '
-        f'and batch {data_state.get("global_batch_size")}; resuming with '
-        'others would not replay the same data'
-      )
-    like = checkpointing.deep_merge(state[self.key], state['batch_stats'])
-    weights = checkpointing.restore_keys(weights, like)
-    logging.info('resumed from step %d in %s', start, ckpt.directory)
-    return dict(
-      train,
-      **{self.key: checkpointing.split_like(weights, state[self.key])},
-      batch_stats=checkpointing.split_like(weights, state['batch_stats']),
-    )
+  return programs, params, stats
 
 
 class _StopRequests:

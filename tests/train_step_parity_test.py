@@ -17,7 +17,7 @@ from flax import nnx
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 from configs import base
-from deeplab_jax import models, optim, train
+from deeplab_jax import models, train
 from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.data import normalization
 from tests.torch_refs import nchw, randomize_batchnorm, rel_err
@@ -78,17 +78,15 @@ def test_sgd_step_matches_pytorch(parity_report):
     use_running_average=True,
   )
   graph, params, stats = train.split_model(model)
-  tx, schedule = optim.make_optimizer(c.optim, c.train.num_steps)
-  step = functools.partial(
-    train.train_step, graph=graph, tx=tx, schedule=schedule, config=c
-  )
-  state = train.initial_state(params, stats, tx, ema=False)
+  options = train.StepOptions.from_config(c, graph)
+  step = functools.partial(train.train_step, options=options)
+  state = train.initial_state(params, stats, options)
   new, logs = jax.jit(step)(
     state, {'image': jnp.asarray(pixels), 'label': jnp.asarray(y, jnp.uint8)}
   )
   np.testing.assert_allclose(logs['loss'], loss_t.item(), rtol=1e-5)
 
-  got = new['params']
+  got = new.params
   pairs = {
     'backbone.conv1.weight': got['backbone']['conv1']['kernel'],
     'backbone.layer4.2.conv3.weight': got['backbone']['layer4'][2]['conv3'][
@@ -119,6 +117,6 @@ def test_sgd_step_matches_pytorch(parity_report):
     assert update_err < 1e-2, name
   # Frozen statistics stay exactly as they were.
   np.testing.assert_array_equal(
-    new['batch_stats']['backbone']['layer1'][0]['bn1']['mean'],
+    new.batch_stats['backbone']['layer1'][0]['bn1']['mean'],
     before_sd['backbone.layer1.0.bn1.running_mean'],
   )
