@@ -119,9 +119,9 @@ class Conv2d(nnx.Module):
 
 
 def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Float32 mean and biased variance per channel (last axis), as training
-  BatchNorm normalises with."""
-  xf = x.astype(jnp.float32)
+  """Mean and biased variance per channel (last axis), as training
+  BatchNorm normalises with; in float32 at least (float64 stays)."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   axes = tuple(range(x.ndim - 1))
   mean = jnp.mean(xf, axes)
   return mean, jnp.mean(jnp.square(xf - mean), axes)
