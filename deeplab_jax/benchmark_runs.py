@@ -242,11 +242,16 @@ def table_rows(
 
 def input_pipeline_rows(workers: Sequence[int]) -> Iterator[dict[str, Any]]:
   """Input pipeline throughput on 16 generated Cityscapes-size images
-  (1024x2048, crops of 512x1024, batch 8), one row per worker count."""
+  (1024x2048 PNGs, crops of 512x1024, batch 8): first what one core does
+  per image (decode, augment), then one steady-state row per worker count
+  (48 batches, the last 24 timed)."""
   with tempfile.TemporaryDirectory() as tmp:
     raw, data_dir = os.path.join(tmp, 'raw'), os.path.join(tmp, 'tfds')
     _cityscapes_size_folder(raw)
     datasets.prepare('image_folder', data_dir=data_dir, manual_dir=raw)
+    yield benchmarking.decode_and_augment(
+      'image_folder', data_dir, crop=(512, 1024), images=32
+    )
     for w in workers:
       yield benchmarking.input_pipeline(
         'image_folder',
@@ -254,7 +259,7 @@ def input_pipeline_rows(workers: Sequence[int]) -> Iterator[dict[str, Any]]:
         crop=(512, 1024),
         batch=8,
         workers=int(w),
-        batches=8,
+        batches=48,
       )
 
 
@@ -310,6 +315,31 @@ def kernel_table(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+INPUT_COLUMNS = (
+  'framework',
+  'workers',
+  'crop',
+  'input_img_s',
+  'decode_ms_per_img',
+  'augment_ms_per_img',
+)
+
+
+def input_table(rows: Sequence[dict[str, Any]]) -> str:
+  """The input pipeline rows as a markdown table of `INPUT_COLUMNS`."""
+  lines = [
+    '| ' + ' | '.join(INPUT_COLUMNS) + ' |',
+    '|' + '---|' * len(INPUT_COLUMNS),
+  ]
+  for r in rows:
+    cells = [
+      f'{r[k]:.1f}' if isinstance(r.get(k), float) else str(r.get(k, ''))
+      for k in INPUT_COLUMNS
+    ]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def print_rows(
   rows: Iterator[dict[str, Any]], output: str | None = None
 ) -> list[dict[str, Any]]:
@@ -331,4 +361,7 @@ def print_rows(
     profiled = [r for r in done if 'kernel_ms_per_step' in r]
     if profiled:
       print(kernel_table(profiled))
+  inputs = [r for r in done if 'input_img_s' in r]
+  if inputs:
+    print(input_table(inputs))
   return done

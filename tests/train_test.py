@@ -159,6 +159,13 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
     "another config (model.arch: 'deeplabv3plus_resnet_tiny' there, "
     "'deeplabv3_resnet_tiny' now)" in str(e.value)
   )
+  # Without config.json, the checkpoint's own data position still refuses
+  # a resume that would not replay the same batches.
+  os.remove(os.path.join(workdir, 'config.json'))
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(config(data_dir, seed=5), workdir)
+  assert 'trained with seed 0 and batch 8' in str(e.value)
+  assert 'would not replay the same data' in str(e.value)
   with pytest.raises(ConfigError, match='not divisible by the 8 devices'):
     train.train_and_evaluate(
       config(data_dir, **{'mesh.shape': (8,), 'train.batch_size': 4}),
