@@ -145,6 +145,7 @@ def model_rows(
   conv_lowering: str = 'auto',
   scan_blocks: bool = False,
   remat_blocks: bool = False,
+  aux: bool = False,
   tune_malloc: bool = True,
   profile_dir: str | None = None,
   deadline: float | None = None,
@@ -156,7 +157,8 @@ def model_rows(
   batch and size as the last JAX row (with `jax_train_ratio` /
   `jax_eval_ratio` when there is one). A spatial size that does not divide
   a device count is skipped. A measurement that fails, or that would run
-  past `deadline` (`time.monotonic()`), is a row with `error`."""
+  past `deadline` (`time.monotonic()`), is a row with `error`. `aux`
+  trains the auxiliary head too, in both frameworks."""
   unknown = set(frameworks) - set(FRAMEWORKS)
   if unknown:
     raise ValueError(
@@ -197,6 +199,7 @@ def model_rows(
           conv_lowering=conv_lowering,
           scan_blocks=scan_blocks,
           remat_blocks=remat_blocks,
+          aux=aux,
           devices=n,
           spatial=s,
           param_sharding=rule,
@@ -219,6 +222,7 @@ def model_rows(
         steps=steps,
         dtype=dtype,
         compile_mode=mode,
+        aux=aux,
       )
       if jax_row and 'error' not in jax_row and 'error' not in ref:
         ref['jax_train_ratio'] = jax_row['train_img_s'] / ref['train_img_s']

@@ -73,6 +73,12 @@ _REMAT = flags.DEFINE_bool(
 _SCAN = flags.DEFINE_bool(
   'scan_blocks', False, 'Scan runs of identical blocks (model.scan_blocks).'
 )
+_AUX = flags.DEFINE_bool(
+  'aux',
+  False,
+  'Train the FCN auxiliary head too (model.options.aux_head, loss weight '
+  "0.4; PyTorch: torchvision's aux_loss). DeepLabV3 archs only.",
+)
 _MALLOC = flags.DEFINE_bool(
   'tune_malloc', True, 'Tune glibc malloc in both (see docs/benchmarks.md).'
 )
@@ -113,6 +119,7 @@ def main(argv):
       conv_lowering=_LOWERING.value,
       scan_blocks=_SCAN.value,
       remat_blocks=_REMAT.value,
+      aux=_AUX.value,
       **common,
     )
   benchmark_runs.print_rows(rows, _OUTPUT.value)

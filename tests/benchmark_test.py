@@ -49,7 +49,7 @@ def test_benchmark_prints_a_jax_row_on_a_spatial_fsdp_mesh():
   r = _benchmark(
     *('--arch', 'deeplabv3_resnet_tiny', '--batch', '2', '--size', '64x64'),
     *('--steps', '1', '--devices', '4', '--spatial', '2'),
-    *('--param_sharding', 'fsdp'),
+    *('--param_sharding', 'fsdp', '--aux'),
   )
   rows = [
     json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')
@@ -59,6 +59,7 @@ def test_benchmark_prints_a_jax_row_on_a_spatial_fsdp_mesh():
   # the train state split over the data axis (FSDP).
   got = [(r['devices'], r['spatial'], r['param_sharding']) for r in rows]
   assert got == [(4, 2, 'fsdp')]
+  assert rows[0]['aux']  # the auxiliary head trained too
   for row in rows:
     assert JAX_FIELDS <= set(row) and row['framework'] == 'jax'
     assert row['train_img_s'] > 0 and row['gflops_per_img'] > 0

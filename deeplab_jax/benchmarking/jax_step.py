@@ -33,15 +33,17 @@ def benchmark_config(
   param_sharding: str = 'replicated',
   scan_blocks: bool = False,
   remat_blocks: bool = False,
+  aux: bool = False,
 ) -> ml_collections.ConfigDict:
   """The run a benchmark row measures: the base recipe's training (SGD
   with momentum, weight decay and the poly schedule, cross-entropy with
-  255 ignored, uint8 pixels normalised in the step) for `arch` in its
-  PyTorch reference's layout (`reference_overrides`), random weights."""
+  255 ignored, uint8 pixels normalised in the step; with `aux`, the
+  auxiliary head's loss at `loss.aux_weight`) for `arch` in its PyTorch
+  reference's layout (`reference_overrides`), random weights."""
   c = base.get_base_config()
   c.model.arch = arch
   c.model.dtype = dtype
-  c.model.options = ml_collections.ConfigDict(reference_overrides(arch))
+  c.model.options = ml_collections.ConfigDict(reference_overrides(arch, aux))
   c.model.scan_blocks = scan_blocks
   c.model.remat = 'blocks' if remat_blocks else 'none'
   c.data.crop_size = tuple(size)
@@ -65,6 +67,7 @@ def jax_model(
   param_sharding: str = 'replicated',
   scan_blocks: bool = False,
   remat_blocks: bool = False,
+  aux: bool = False,
   profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """Train and eval images/s, compile time, memory, FLOPs, MFU of the
@@ -95,6 +98,7 @@ def jax_model(
     param_sharding=param_sharding,
     scan_blocks=scan_blocks,
     remat_blocks=remat_blocks,
+    aux=aux,
   )
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(batch, mesh)
@@ -168,6 +172,7 @@ def jax_model(
     'param_sharding': param_sharding,
     'scan_blocks': scan_blocks,
     'remat_blocks': remat_blocks,
+    'aux': aux,
     'size': f'{size[0]}x{size[1]}',
     'dtype': dtype,
     'device': jax.devices()[0].device_kind,

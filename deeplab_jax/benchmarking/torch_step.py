@@ -23,6 +23,7 @@ def torch_model(
   dtype: str = 'float32',
   num_classes: int = 19,
   compile_mode: str | None = None,
+  aux: bool = False,
   profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """The PyTorch reference on the same shapes, in its fastest eager
@@ -30,19 +31,20 @@ def torch_model(
   `compile_mode` (e.g. `'max-autotune-no-cudagraphs'`) runs it under
   `torch.compile` instead (framework `torch_compile`; `compile_s` is the
   first train and inference calls less one step each). `profile_dir` as
-  in `jax_model` (`torch.profiler`)."""
+  in `jax_model` (`torch.profiler`); `aux` adds the auxiliary head and its
+  loss, as `jax_model`'s."""
   import torch
   import torch.nn.functional as F
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   # Fixed shapes: let cuDNN time its algorithms once, as mmsegmentation does.
   torch.backends.cudnn.benchmark = True
-  model = torch_reference(arch, num_classes).to(device)
+  model = torch_reference(arch, num_classes, aux).to(device)
   model = model.to(memory_format=torch.channels_last)
   # The work of `benchmark_config`'s JAX step: uint8 pixels normalised in
   # the step, cross-entropy with 255 ignored, SGD with momentum, coupled
   # weight decay and the poly schedule.
-  c = benchmark_config(arch, batch=batch, size=size)
+  c = benchmark_config(arch, batch=batch, size=size, aux=aux)
   pixels = torch.randint(0, 256, (batch, *size, 3), dtype=torch.uint8)
   pixels = pixels.to(device)
   mean = torch.tensor(c.data.mean, device=device).view(1, 3, 1, 1)
@@ -76,7 +78,13 @@ def torch_model(
 
   def train():
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-      loss = F.cross_entropy(out_of(normalised()), labels, ignore_index=255)
+      out = run_model(normalised())
+      if not isinstance(out, dict):
+        out = {'out': out}
+      ce = lambda logits: F.cross_entropy(logits, labels, ignore_index=255)
+      loss = ce(out['out'])
+      if aux:
+        loss = loss + c.loss.aux_weight * ce(out['aux'])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -101,6 +109,8 @@ def torch_model(
   if profile_dir:
     kernels = _torch_profile(train, profile_dir)
   model.eval()
+  if aux:  # evaluation reads the main head only, as ours does
+    model.aux_classifier = None
   infer_s, first_infer = median_seconds(infer, steps)
   compile_s = first_train - train_s + first_infer - infer_s
   peak = (
