@@ -58,14 +58,11 @@ _OUTPUT = flags.DEFINE_string(
 _DEADLINE = flags.DEFINE_float(
   'deadline_s', None, 'Stop measuring this many seconds after the start.'
 )
-_LOWERING = flags.DEFINE_enum(
+_LOWERING = flags.DEFINE_enum(  # conv_lowering.LOWERINGS (no JAX import yet)
   'conv_lowering',
   'auto',
-  # models.conv_lowering.LOWERINGS, spelled out: importing it would start JAX
-  # before --devices can set JAX_NUM_CPU_DEVICES.
   ['auto', 'native', 'im2col', 'taps', 'winograd'],
-  'JAX convolution lowering (models.conv_lowering.conv2d); auto picks per '
-  'shape.',
+  'JAX convolution lowering (models.conv_lowering.conv2d); auto: per shape.',
 )
 _REMAT = flags.DEFINE_bool(
   'remat', False, "Recompute each block in backward (model.remat='blocks')."
@@ -73,12 +70,7 @@ _REMAT = flags.DEFINE_bool(
 _SCAN = flags.DEFINE_bool(
   'scan_blocks', False, 'Scan runs of identical blocks (model.scan_blocks).'
 )
-_AUX = flags.DEFINE_bool(
-  'aux',
-  False,
-  'Train the FCN auxiliary head too (model.options.aux_head, loss weight '
-  "0.4; PyTorch: torchvision's aux_loss). DeepLabV3 archs only.",
-)
+_AUX = flags.DEFINE_bool('aux', False, "Also train DeepLabV3's aux head.")
 _MALLOC = flags.DEFINE_bool(
   'tune_malloc', True, 'Tune glibc malloc in both (see docs/benchmarks.md).'
 )
