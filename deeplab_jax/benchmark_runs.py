@@ -26,11 +26,12 @@ from deeplab_jax.data.builders import synthetic
 
 # glibc malloc tuned to keep large step buffers mapped: without it glibc
 # returns and page-faults them every step (docs/benchmarks.md has the
-# figures). Read by each child's libc at start-up.
+# figures; one arena for all threads, `arena_max=1`, made small models'
+# steps bimodal there). Read by each child's libc at start-up.
 GLIBC_TUNABLES = (
   'glibc.malloc.mmap_threshold=4294967296:'
   'glibc.malloc.trim_threshold=68719476736:'
-  'glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1'
+  'glibc.malloc.hugetlb=1'
 )
 
 RESULT_COLUMNS = (
