@@ -392,7 +392,6 @@ def state_from_items(like: Any, weights: Mapping, train: Mapping) -> Any:
   """The inverse of `state_items`, with `like`'s structure and key types."""
   merged = restore_keys(weights, deep_merge(like.eval_params, like.batch_stats))
   eval_params = split_like(merged, like.eval_params)
-  rest = {}
   if like.ema is not None:
     rest = {'ema': eval_params, 'params': train['params']}
   else:

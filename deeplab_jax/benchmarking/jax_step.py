@@ -103,6 +103,8 @@ def jax_model(
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(batch, mesh)
   model = initialization.create_model(config, num_classes)
+  # What was measured, read from the model: whether it has an aux head.
+  has_aux = getattr(model, 'aux_head', None) is not None
   view = None
   if conv_lowering != 'auto' and spatial == 1:
     view = {'conv_lowering': conv_lowering}
@@ -172,7 +174,7 @@ def jax_model(
     'param_sharding': param_sharding,
     'scan_blocks': scan_blocks,
     'remat_blocks': remat_blocks,
-    'aux': aux,
+    'aux': has_aux,
     'size': f'{size[0]}x{size[1]}',
     'dtype': dtype,
     'device': jax.devices()[0].device_kind,
