@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from deeplab_jax import models, sharding, train
+from deeplab_jax import hlo_traffic, models, sharding, train
 from deeplab_jax.errors import ConfigError, UserError
 
 
@@ -292,6 +292,46 @@ def convolutions(hlo_text: str) -> int:
   return len(re.findall(r'\sconvolution\(', hlo_text))
 
 
+def traffic_breakdown(hlo_text: str, top: int = 12) -> dict[str, Any]:
+  """Where a compiled step's bytes go (`hlo_traffic`): totals, bytes by
+  kind and direction, and the `top` sources of the model code."""
+  ops = hlo_traffic.traffic(hlo_text)
+  return {
+    'hbm_bytes': sum(o.hbm_bytes for o in ops),
+    'on_chip_bytes': sum(o.on_chip_bytes for o in ops),
+    'by_kind': hlo_traffic.summarise(ops, ('kind', 'direction')),
+    'by_source': hlo_traffic.summarise(ops, ('source',))[:top],
+  }
+
+
+def traffic_table(row: dict[str, Any]) -> str:
+  """A row's traffic breakdown as Markdown: kinds, then model sources (GB
+  read and written per chip per step, HBM and on-chip)."""
+  t = row.get('traffic')
+  if not t:
+    return ''
+  lines = [
+    f'{row["arch"]} on {row["topology"]}, batch {row["batch"]}: '
+    f'{t["hbm_bytes"] / 1e9:.2f} GB HBM + {t["on_chip_bytes"] / 1e9:.2f} '
+    'GB on chip, read and written by the instructions of one step',
+    '',
+    '| kind | direction | instructions | HBM GB | on-chip GB |',
+    '|---|---|---|---|---|',
+  ]
+  lines += [
+    f'| {r["kind"]} | {r["direction"]} | {r["count"]} | '
+    f'{r["hbm_bytes"] / 1e9:.2f} | {r["on_chip_bytes"] / 1e9:.2f} |'
+    for r in t['by_kind']
+  ]
+  lines += ['', '| source | instructions | HBM GB | on-chip GB |', '|---|---|---|---|']
+  lines += [
+    f'| {r["source"]} | {r["count"]} | {r["hbm_bytes"] / 1e9:.2f} | '
+    f'{r["on_chip_bytes"] / 1e9:.2f} |'
+    for r in t['by_source']
+  ]
+  return '\n'.join(lines)
+
+
 def _roofline(compiled, chip: Chip) -> dict[str, float]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -299,7 +339,11 @@ def _roofline(compiled, chip: Chip) -> dict[str, float]:
   moved = float(cost.get('bytes accessed', 0.0))
   compute_s, memory_s = flops / chip.peak_flops, moved / chip.hbm_bytes_per_s
   step_s = max(compute_s, memory_s)
+  # libtpu's own estimate: the sum over instructions of each one's
+  # roofline time, so never below the program-level bound above.
+  optimal_s = cost.get('optimal_seconds')
   return {
+    'xla_optimal_ms': 1e3 * float(optimal_s) if optimal_s else None,
     'flops': flops,
     'bytes_accessed': moved,
     'compute_ms': 1e3 * compute_s,
@@ -371,9 +415,11 @@ def plan(
   *,
   find_largest: bool = True,
   max_compiles: int = 4,
+  hlo_dir: str | None = None,
 ) -> dict[str, Any]:
   """A plan of `config` on `topology` as one JSON-able row (see the module
-  docstring)."""
+  docstring). `hlo_dir`: also write the compiled train step's optimised
+  HLO text there, for `hlo_traffic` or a reader."""
   devices, chip = topology_devices(topology)
   try:
     compiled = compile_programs(config, devices, num_classes)
@@ -392,6 +438,11 @@ def plan(
   train_c, eval_c = compiled['train'], compiled['eval']
   mem = memory(train_c)
   text = train_c.as_text()
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    name = f'{config.model.arch}_{topology.replace(":", "_")}_train.hlo.txt'
+    with open(os.path.join(hlo_dir, name), 'w') as f:
+      f.write(text)
   row = {
     **_describe(config, topology, chip, compiled['mesh']),
     'compile_s': round(compiled['compile_s'], 1),
@@ -402,6 +453,7 @@ def plan(
     **_roofline(train_c, chip),
     'collectives': collectives(text),
     'convolutions': convolutions(text),
+    'traffic': traffic_breakdown(text),
     'eval_total_bytes': memory(eval_c)['total_bytes'] if eval_c else None,
     'data_sheet': chip.source,
   }

@@ -33,6 +33,12 @@ _MAX_COMPILES = flags.DEFINE_integer(
 _NUM_CLASSES = flags.DEFINE_integer(
   'num_classes', None, "Classes (default: the recipe's data set's)."
 )
+_BREAKDOWN = flags.DEFINE_bool(
+  'breakdown', False, "Also print where each train step's bytes go."
+)
+_HLO_DIR = flags.DEFINE_string(
+  'hlo_dir', None, "Also write each compiled train step's HLO text here."
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write JSON lines here.')
 
 
@@ -59,10 +65,14 @@ def main(argv):
         classes,
         find_largest=_LARGEST.value,
         max_compiles=_MAX_COMPILES.value,
+        hlo_dir=_HLO_DIR.value,
       )
     )
     print(json.dumps(rows[-1]), flush=True)
   print(plan.table(rows))
+  if _BREAKDOWN.value:
+    for r in rows:
+      print('\n' + plan.traffic_table(r))
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'a') as f:
       f.writelines(json.dumps(r) + '\n' for r in rows)

@@ -101,10 +101,18 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
     'v5e:2x2',
     '--output',
     str(out),
+    '--breakdown',
   )
   assert r.returncode == 0, r.stderr[-2000:]
   row = json.loads(out.read_text().splitlines()[0])
   assert '| deeplabv3plus_resnet_tiny | v5e:2x2 | 8 |' in r.stdout
+  # Where the step's bytes go: the gradient's convolutions are there,
+  # and the model's own code is named as their source.
+  assert '| kind | direction | instructions | HBM GB | on-chip GB |' in r.stdout
+  kinds = {(k['kind'], k['direction']) for k in row['traffic']['by_kind']}
+  assert {('convolution', 'forward'), ('convolution', 'backward')} <= kinds
+  sources = {s['source'] for s in row['traffic']['by_source']}
+  assert any(s.startswith('models/') for s in sources), sources
   assert row['fits'] and row['chips'] == 4 and row['mesh'] == {'data': 4}
   assert row['largest_batch'] >= 8 and row['largest_batch'] % 4 == 0
   total = sum(row[k] for k in ('argument_bytes', 'temp_bytes', 'output_bytes'))

@@ -1,0 +1,295 @@
+"""Where a compiled program's memory traffic comes from, op by op.
+
+XLA's `cost_analysis()` gives one total of bytes accessed per program. To
+say which part of a model moves them, `traffic(hlo_text)` reads the
+optimised HLO text of a compiled program (`compiled.as_text()`) and, for
+each instruction of its entry computation, counts the bytes of its
+operands and results, as XLA's cost model does for a fusion: what it reads
+and what it writes. Each instruction is attributed to
+
+- a kind: `convolution` (a fusion around a convolution or dot), `reduce`
+  (a fusion ending in a reduction: BatchNorm statistics, the loss),
+  `elementwise` (the other fusions), `copy` (copies and layout changes),
+  `collective`, `other`;
+- a direction: `backward` when JAX's metadata marks it a transpose (the
+  gradient), `forward` otherwise, `unmarked` when XLA dropped the
+  metadata;
+- a source: the innermost frame of the program's own Python code
+  (`deeplab_jax/...`) in the instruction's stack trace, e.g.
+  `models/layers.py:BatchNorm.__call__`.
+
+Bytes are split by where the buffer lives: HBM (no memory-space
+annotation) or on-chip memory (`S(n)` in the layout, e.g. TPU VMEM).
+Shapes are counted unpadded, as in XLA's cost analysis. Loop bodies
+(`while`) count once, as there.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+_DTYPE_BYTES = {
+  'pred': 1,
+  's4': 0.5,
+  'u4': 0.5,
+  's8': 1,
+  'u8': 1,
+  'f8e4m3fn': 1,
+  'f8e5m2': 1,
+  'bf16': 2,
+  'f16': 2,
+  's16': 2,
+  'u16': 2,
+  'f32': 4,
+  's32': 4,
+  'u32': 4,
+  'f64': 8,
+  's64': 8,
+  'u64': 8,
+  'c64': 8,
+}
+_ARRAY = re.compile(r'([a-z]\w*)\[([\d,]*)\](\{[^}]*\})?')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$')
+_FREE = {
+  'parameter',
+  'constant',
+  'get-tuple-element',
+  'tuple',
+  'bitcast',
+  'copy-done',
+  'all-reduce-done',
+  'all-gather-done',
+  'collective-permute-done',
+  'after-all',
+  'partition-id',
+  'replica-id',
+}
+_COLLECTIVES = (
+  'all-reduce',
+  'all-gather',
+  'reduce-scatter',
+  'collective-permute',
+  'all-to-all',
+)
+
+
+@dataclasses.dataclass
+class Op:
+  """One instruction of the entry computation and the bytes it moves."""
+
+  name: str
+  opcode: str
+  kind: str
+  direction: str
+  source: str
+  hbm_bytes: float
+  on_chip_bytes: float
+
+
+def array_bytes(shape: str) -> tuple[float, float]:
+  """(HBM bytes, on-chip bytes) of an HLO shape, e.g.
+  `(f32[8,64]{1,0:T(8,128)S(1)}, bf16[8]{0})`: arrays whose layout names a
+  memory space `S(n)`, n > 0, are on chip."""
+  hbm = on_chip = 0.0
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if dtype not in _DTYPE_BYTES:
+      continue
+    n = 1
+    for d in filter(None, dims.split(',')):
+      n *= int(d)
+    space = re.search(r'S\((\d+)\)', layout or '')
+    if space and int(space.group(1)) > 0:
+      on_chip += n * _DTYPE_BYTES[dtype]
+    else:
+      hbm += n * _DTYPE_BYTES[dtype]
+  return hbm, on_chip
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+  """`SHAPE opcode(...)...` -> (SHAPE, the rest); a tuple shape is one
+  balanced parenthesis group."""
+  if not rest.startswith('('):
+    shape, _, tail = rest.partition(' ')
+    return shape, tail
+  depth = 0
+  for i, ch in enumerate(rest):
+    depth += (ch == '(') - (ch == ')')
+    if depth == 0:
+      return rest[: i + 1], rest[i + 1 :].lstrip()
+  return rest, ''
+
+
+def _operands(tail: str) -> tuple[str, list[str], str]:
+  """`opcode(%a, %b), attrs` -> (opcode, operand names, attrs)."""
+  opcode, _, rest = tail.partition('(')
+  depth, end = 1, len(rest)
+  for i, ch in enumerate(rest):
+    depth += (ch == '(') - (ch == ')')
+    if depth == 0:
+      end = i
+      break
+  return (
+    opcode.strip(),
+    re.findall(r'%([\w.\-]+)', rest[:end]),
+    rest[end + 1 :],
+  )
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+  """Computation name -> its instruction lines, and the entry's name."""
+  bodies: dict[str, list[str]] = {}
+  entry, current = '', None
+  for line in hlo_text.splitlines():
+    head = re.match(r'^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$', line)
+    if head and not line.startswith(' '):
+      current = head.group(2)
+      bodies[current] = []
+      if head.group(1):
+        entry = current
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      bodies[current].append(line)
+  return bodies, entry
+
+
+def _stack_sources(hlo_text: str, root: str) -> dict[int, str]:
+  """Stack frame id -> `path:function` of its innermost frame under
+  `root` (the project's package directory), from the HLO module's
+  FileNames / FunctionNames / FileLocations / StackFrames tables."""
+  tables: dict[str, dict[int, str]] = {}
+  section = None
+  for line in hlo_text.splitlines():
+    if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+      section = line
+      tables[section] = {}
+      continue
+    m = re.match(r'^(\d+) (.*)$', line)
+    if section and m:
+      tables[section][int(m.group(1))] = m.group(2)
+    elif section and line.strip():
+      section = None
+  files = {k: v.strip('"') for k, v in tables.get('FileNames', {}).items()}
+  functions = {
+    k: v.strip('"') for k, v in tables.get('FunctionNames', {}).items()
+  }
+  locations = {}
+  for k, v in tables.get('FileLocations', {}).items():
+    f = re.search(r'file_name_id=(\d+)', v)
+    fn = re.search(r'function_name_id=(\d+)', v)
+    if f and fn:
+      locations[k] = (files.get(int(f.group(1)), ''), functions.get(int(fn.group(1)), ''))
+  frames = {}
+  for k, v in tables.get('StackFrames', {}).items():
+    loc = re.search(r'file_location_id=(\d+)', v)
+    parent = re.search(r'parent_frame_id=(\d+)', v)
+    frames[k] = (
+      int(loc.group(1)) if loc else 0,
+      int(parent.group(1)) if parent else 0,
+    )
+
+  def source(frame: int) -> str:
+    seen = set()
+    while frame in frames and frame not in seen:
+      seen.add(frame)
+      loc, parent = frames[frame]
+      path, function = locations.get(loc, ('', ''))
+      marker = f'/{root}/'
+      if marker in path:
+        return f'{path.split(marker, 1)[1]}:{function}'
+      if parent == frame:
+        break
+      frame = parent
+    return '(outside the model code)'
+
+  return {k: source(k) for k in frames}
+
+
+def _kind(opcode: str, body: list[str]) -> str:
+  if any(opcode.startswith(c) for c in _COLLECTIVES):
+    return 'collective'
+  if opcode in ('copy', 'copy-start', 'transpose'):
+    return 'copy'
+  ops = ' '.join(body) if opcode == 'fusion' else f' {opcode}('
+  if re.search(r'\s(convolution|dot)\(', ops):
+    return 'convolution'
+  if opcode == 'fusion':
+    root = next((l for l in body if l.lstrip().startswith('ROOT')), '')
+    if re.search(r'\s(reduce|reduce-window)\(', ops) and (
+      ' reduce(' in root or ' tuple(' in root
+    ):
+      return 'reduce'
+    return 'elementwise'
+  if opcode in ('reduce', 'reduce-window', 'select-and-scatter'):
+    return 'reduce'
+  return 'other'
+
+
+def _direction(op_name: str | None) -> str:
+  if op_name is None:
+    return 'unmarked'
+  return 'backward' if 'transpose(' in op_name else 'forward'
+
+
+def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
+  """The instructions of an optimised HLO program's entry computation with
+  the bytes each reads and writes (see the module docstring)."""
+  bodies, entry = _computations(hlo_text)
+  sources = _stack_sources(hlo_text, root)
+  shapes: dict[str, str] = {}
+  parsed = []
+  for line in bodies.get(entry, []):
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, rest = m.groups()
+    shape, tail = _split_shape(rest)
+    opcode, operands, attrs = _operands(tail)
+    shapes[name] = shape
+    parsed.append((name, shape, opcode, operands, attrs))
+  ops = []
+  for name, shape, opcode, operands, attrs in parsed:
+    if opcode in _FREE:
+      continue
+    if opcode == 'copy-start':
+      # (destination, source, context): the source is the operand.
+      shape = _split_shape(shape[1:])[0] if shape.startswith('(') else shape
+    hbm, chip = array_bytes(shape)
+    for o in operands:
+      h, c = array_bytes(shapes.get(o, ''))
+      hbm, chip = hbm + h, chip + c
+    called = re.search(r'calls=%([\w.\-]+)', attrs)
+    body = bodies.get(called.group(1), []) if called else []
+    op_name = re.search(r'op_name="([^"]*)"', attrs)
+    frame = re.search(r'stack_frame_id=(\d+)', attrs)
+    ops.append(
+      Op(
+        name=name,
+        opcode=opcode,
+        kind=_kind(opcode, body),
+        direction=_direction(op_name.group(1) if op_name else None),
+        source=sources.get(int(frame.group(1)), '(outside the model code)')
+        if frame
+        else '(no stack trace)',
+        hbm_bytes=hbm,
+        on_chip_bytes=chip,
+      )
+    )
+  return ops
+
+
+def summarise(ops: list[Op], by: tuple[str, ...]) -> list[dict]:
+  """Ops grouped by the fields `by` (e.g. `('kind', 'direction')`), with
+  their count and HBM and on-chip bytes, most HBM bytes first."""
+  groups: dict[tuple, dict] = collections.defaultdict(
+    lambda: {'count': 0, 'hbm_bytes': 0.0, 'on_chip_bytes': 0.0}
+  )
+  for op in ops:
+    g = groups[tuple(getattr(op, f) for f in by)]
+    g['count'] += 1
+    g['hbm_bytes'] += op.hbm_bytes
+    g['on_chip_bytes'] += op.on_chip_bytes
+  rows = [dict(zip(by, key), **v) for key, v in groups.items()]
+  return sorted(rows, key=lambda r: (-r['hbm_bytes'], -r['on_chip_bytes']))
