@@ -20,8 +20,9 @@ and what it writes. Each instruction is attributed to
 
 Bytes are split by where the buffer lives: HBM (no memory-space
 annotation) or on-chip memory (`S(n)` in the layout, e.g. TPU VMEM).
-Shapes are counted unpadded, as in XLA's cost analysis. Loop bodies
-(`while`) count once, as there.
+Shapes are counted unpadded, as in XLA's cost analysis. A loop body
+(`while`, e.g. a `lax.scan`) counts once per iteration when its condition
+gives the trip count; XLA's cost analysis counts it once.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class Op:
   kind: str
   direction: str
   source: str
-  hbm_bytes: float
+  hbm_bytes: float  # over all its repeats
   on_chip_bytes: float
+  repeats: int = 1  # times it runs per step (inside a loop: the trip count)
 
 
 def array_bytes(shape: str) -> tuple[float, float]:
@@ -233,62 +235,114 @@ def _direction(op_name: str | None) -> str:
   return 'backward' if 'transpose(' in op_name else 'forward'
 
 
+def _parse(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
+  """(name, shape, opcode, operand names, attributes) of each instruction."""
+  parsed = []
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    if m:
+      name, rest = m.groups()
+      shape, tail = _split_shape(rest)
+      parsed.append((name, shape, *_operands(tail)))
+  return parsed
+
+
+def trip_count(
+  attrs: str, bodies: dict[str, list[str]]
+) -> int | None:
+  """Iterations of a `while` (its attributes): XLA's `known_trip_count`
+  when it records one, else from a condition `counter < N` (a scan: the
+  counter starts at 0, the compare maybe wrapped in a fusion); None if
+  neither says."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r'condition=%([\w.\-]+)', attrs)
+  condition = bodies.get(cond.group(1), []) if cond else []
+  parsed = _parse(condition)
+  constants = {}
+  for name, _, opcode, _, _ in parsed:
+    line = next(l for l in condition if f'%{name} ' in l)
+    value = re.search(r'constant\((-?\d+)\)', line)
+    if opcode == 'constant' and value:
+      constants[name] = int(value.group(1))
+  root = next((p for p, l in zip(parsed, condition) if 'ROOT' in l), None)
+  if root is None:
+    return None
+  _, _, opcode, operands, root_attrs = root
+  compare = root_attrs
+  if opcode == 'fusion':
+    called = re.search(r'calls=%([\w.\-]+)', root_attrs)
+    inner = bodies.get(called.group(1), []) if called else []
+    compare = next((l for l in inner if 'ROOT' in l and 'compare(' in l), '')
+  elif opcode != 'compare':
+    return None
+  if 'direction=LT' not in compare:
+    return None
+  bound = [constants[o] for o in operands if o in constants]
+  return bound[0] if len(bound) == 1 else None
+
+
 def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
   """The instructions of an optimised HLO program's entry computation with
-  the bytes each reads and writes (see the module docstring)."""
+  the bytes each reads and writes (see the module docstring). A `while`
+  loop of a known trip count (a scan) counts its body's instructions that
+  many times (`Op.repeats`); its own loop state is not traffic."""
   bodies, entry = _computations(hlo_text)
   sources = _stack_sources(hlo_text, root)
-  shapes: dict[str, str] = {}
-  parsed = []
-  for line in bodies.get(entry, []):
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    name, rest = m.groups()
-    shape, tail = _split_shape(rest)
-    opcode, operands, attrs = _operands(tail)
-    shapes[name] = shape
-    parsed.append((name, shape, opcode, operands, attrs))
-  ops = []
-  for name, shape, opcode, operands, attrs in parsed:
-    if opcode in _FREE:
-      continue
-    if opcode == 'copy-start':
-      # (destination, source, context): the source is the operand.
-      shape = _split_shape(shape[1:])[0] if shape.startswith('(') else shape
-    hbm, chip = array_bytes(shape)
-    for o in operands:
-      h, c = array_bytes(shapes.get(o, ''))
-      hbm, chip = hbm + h, chip + c
-    called = re.search(r'calls=%([\w.\-]+)', attrs)
-    body = bodies.get(called.group(1), []) if called else []
-    op_name = re.search(r'op_name="([^"]*)"', attrs)
-    frame = re.search(r'stack_frame_id=(\d+)', attrs)
-    ops.append(
-      Op(
-        name=name,
-        opcode=opcode,
-        kind=_kind(opcode, body),
-        direction=_direction(op_name.group(1) if op_name else None),
-        source=sources.get(int(frame.group(1)), '(outside the model code)')
-        if frame
-        else '(no stack trace)',
-        hbm_bytes=hbm,
-        on_chip_bytes=chip,
+  ops: list[Op] = []
+
+  def visit(computation: str, repeats: int) -> None:
+    parsed = _parse(bodies.get(computation, []))
+    shapes = {p[0]: p[1] for p in parsed}
+    for name, shape, opcode, operands, attrs in parsed:
+      if opcode == 'while':
+        body = re.search(r'body=%([\w.\-]+)', attrs)
+        n = trip_count(attrs, bodies)
+        if body:
+          visit(body.group(1), repeats * (n or 1))
+        continue
+      if opcode in _FREE:
+        continue
+      if opcode == 'copy-start':
+        # (destination, source, context): the source is the operand.
+        shape = _split_shape(shape[1:])[0] if shape.startswith('(') else shape
+      hbm, chip = array_bytes(shape)
+      for o in operands:
+        h, c = array_bytes(shapes.get(o, ''))
+        hbm, chip = hbm + h, chip + c
+      called = re.search(r'calls=%([\w.\-]+)', attrs)
+      body = bodies.get(called.group(1), []) if called else []
+      op_name = re.search(r'op_name="([^"]*)"', attrs)
+      frame = re.search(r'stack_frame_id=(\d+)', attrs)
+      ops.append(
+        Op(
+          name=name,
+          opcode=opcode,
+          kind=_kind(opcode, body),
+          direction=_direction(op_name.group(1) if op_name else None),
+          source=sources.get(int(frame.group(1)), '(outside the model code)')
+          if frame
+          else '(no stack trace)',
+          hbm_bytes=repeats * hbm,
+          on_chip_bytes=repeats * chip,
+          repeats=repeats,
+        )
       )
-    )
+
+  visit(entry, 1)
   return ops
 
 
 def summarise(ops: list[Op], by: tuple[str, ...]) -> list[dict]:
   """Ops grouped by the fields `by` (e.g. `('kind', 'direction')`), with
-  their count and HBM and on-chip bytes, most HBM bytes first."""
+  how many run per step and their HBM and on-chip bytes, most HBM bytes first."""
   groups: dict[tuple, dict] = collections.defaultdict(
     lambda: {'count': 0, 'hbm_bytes': 0.0, 'on_chip_bytes': 0.0}
   )
   for op in ops:
     g = groups[tuple(getattr(op, f) for f in by)]
-    g['count'] += 1
+    g['count'] += op.repeats
     g['hbm_bytes'] += op.hbm_bytes
     g['on_chip_bytes'] += op.on_chip_bytes
   rows = [dict(zip(by, key), **v) for key, v in groups.items()]

@@ -55,3 +55,24 @@ def test_gradient_instructions_are_backward():
 def test_memory_space_annotations_split_hbm_from_on_chip():
   shape = '(f32[8,128]{1,0:T(8,128)S(1)}, bf16[4]{0:T(256)}, u32[]{:S(2)})'
   assert hlo_traffic.array_bytes(shape) == (8.0, 8 * 128 * 4 + 4)
+
+
+def test_a_scan_counts_its_body_once_per_iteration():
+  x = np.ones((2, 8, 8, 4), np.float32)
+  w = np.ones((5, 3, 3, 4, 4), np.float32)
+
+  def layers(x, w):
+    def layer(h, wi):
+      h = jax.lax.conv_general_dilated(
+        h, wi, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
+      return jnp.tanh(h), None
+
+    return jax.lax.scan(layer, x, w)[0]
+
+  ops = hlo_traffic.traffic(_compiled_text(layers, x, w), root='tests')
+  convs = [o for o in ops if o.kind == 'convolution']
+  assert sum(o.repeats for o in convs) == 5, convs
+  # Each iteration reads its input and one layer's kernel, writes its output.
+  per_layer = 2 * x.nbytes + w[0].nbytes
+  assert sum(o.hbm_bytes for o in convs) >= 5 * per_layer - 5 * x.nbytes
