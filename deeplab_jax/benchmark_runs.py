@@ -77,6 +77,13 @@ TABLES = {
       frameworks=('jax', 'torch'),
       remat_blocks=True,
     ),
+    # DenseNet's dense layers scanned: sets DenseNet's GPU default.
+    dict(
+      archs=('denseaspp161',),
+      batches=(8,),
+      frameworks=('jax',),
+      scan_blocks=True,
+    ),
   ),
   # The same mechanism at CPU test sizes (torch.compile is left out: it
   # compiles for minutes on CPU).

@@ -186,6 +186,14 @@ _CPU = {'platform': 'cpu'}
     # blocks; growth 8 from 16 channels.
     ('denseaspp_tiny', (1, 7, 1, 1), False, {'platform': 'tpu'}, _CPU),
     ('denseaspp_tiny', (1, 7, 1, 1), True, {}, _CPU),
+    # `model.scan_blocks` scans them on another platform.
+    (
+      'denseaspp_tiny',
+      (1, 7, 1, 1),
+      False,
+      {'platform': 'gpu'},
+      {'platform': 'gpu', 'scan_blocks': True},
+    ),
   ],
 )
 def test_scanned_blocks_equal_the_loop(

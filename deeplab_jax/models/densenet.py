@@ -132,6 +132,7 @@ class DenseNet(layers.RematBlocks, nnx.Module):
   On XLA:CPU each dense block runs as scans over chunks of its layers
   (`xla_cpu.dense_scan`), measured faster there; other platforms unroll
   the layers until a measurement there says otherwise.
+  `scan_blocks` (`model.scan_blocks`) scans them on every platform;
   `scan_dense_layers` (a view) forces either; `remat_blocks` unrolls them
   (it rematerialises each layer).
   """
@@ -207,9 +208,10 @@ class DenseNet(layers.RematBlocks, nnx.Module):
   def _scans_dense_layers(self) -> bool:
     if self.remat_blocks:
       return False
-    if self.scan_dense_layers is None:
-      return self.platform == 'cpu'
-    return self.scan_dense_layers
+    if self.scan_dense_layers is not None:
+      return self.scan_dense_layers
+    # `model.scan_blocks` scans the dense layers on any platform.
+    return self.scan_blocks or self.platform == 'cpu'
 
   def _dense_block(self, block: Sequence[DenseLayer], x: jax.Array):
     """The block's output (all its maps concatenated) and its channels'
