@@ -9,7 +9,8 @@ and what it writes. Each instruction is attributed to
 
 - a kind: `convolution` (a fusion around a convolution or dot), `reduce`
   (a fusion ending in a reduction: BatchNorm statistics, the loss),
-  `elementwise` (the other fusions), `copy` (copies and layout changes),
+  `elementwise` (the other fusions), `copy` (copies, transposes, slices,
+  pads and concatenations outside fusions),
   `collective`, `other`;
 - a direction: `backward` when JAX's metadata marks it a transpose (the
   gradient), `forward` otherwise, `unmarked` when XLA dropped the
@@ -66,6 +67,18 @@ _FREE = {
   'after-all',
   'partition-id',
   'replica-id',
+}
+# Instructions that only move or rearrange data.
+_MOVES = {
+  'copy',
+  'copy-start',
+  'transpose',
+  'slice',
+  'slice-start',
+  'dynamic-slice',
+  'dynamic-update-slice',
+  'pad',
+  'concatenate',
 }
 _COLLECTIVES = (
   'all-reduce',
@@ -212,7 +225,7 @@ def _stack_sources(hlo_text: str, root: str) -> dict[int, str]:
 def _kind(opcode: str, body: list[str]) -> str:
   if any(opcode.startswith(c) for c in _COLLECTIVES):
     return 'collective'
-  if opcode in ('copy', 'copy-start', 'transpose'):
+  if opcode in _MOVES:
     return 'copy'
   ops = ' '.join(body) if opcode == 'fusion' else f' {opcode}('
   if re.search(r'\s(convolution|dot)\(', ops):
@@ -227,6 +240,77 @@ def _kind(opcode: str, body: list[str]) -> str:
   if opcode in ('reduce', 'reduce-window', 'select-and-scatter'):
     return 'reduce'
   return 'other'
+
+
+def _tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape `(a, (b, c), d)`."""
+  if not shape.startswith('('):
+    return [shape]
+  elements, depth, start = [], 0, 1
+  for i, ch in enumerate(shape):
+    depth += (ch == '(') - (ch == ')')
+    if (ch == ',' and depth == 1) or (ch == ')' and depth == 0):
+      elements.append(shape[start:i].strip())
+      start = i + 1
+  return [e for e in elements if e]
+
+
+def _scaled(shape: str, part: float) -> tuple[float, float]:
+  """`part` bytes read from where the array `shape` lives."""
+  hbm, chip = array_bytes(shape)
+  whole = hbm + chip
+  return (hbm * part / whole, chip * part / whole) if whole else (0.0, 0.0)
+
+
+def _sliced_reads(body: list[str]) -> dict[int, float]:
+  """Fusion parameter index -> bytes it reads, for the parameters that
+  are only sliced in the fused computation (the fusion reads the slices,
+  not the whole operand)."""
+  parsed = _parse(body)
+  params = {}
+  for name, _, opcode, _, _ in parsed:
+    if opcode == 'parameter':
+      line = next(l for l in body if f'%{name} ' in l)
+      index = re.search(r'parameter\((\d+)\)', line)
+      if index:
+        params[name] = int(index.group(1))
+  users = collections.defaultdict(list)
+  for _, shape, opcode, operands, _ in parsed:
+    for o in operands:
+      users[o].append((opcode, shape))
+  out = {}
+  for name, index in params.items():
+    uses = users.get(name, [])
+    if uses and all(op in ('slice', 'dynamic-slice') for op, _ in uses):
+      out[index] = sum(sum(array_bytes(shape)) for _, shape in uses)
+  return out
+
+
+def _reads_and_writes(
+  opcode: str,
+  shape: str,
+  operands: list[str],
+  shapes: dict[str, str],
+  body: list[str],
+) -> tuple[float, float]:
+  """(HBM, on-chip) bytes an instruction reads and writes: its operands
+  (or the slices of them it reads) and its result."""
+  elements = _tuple_elements(shape)
+  if opcode == 'copy-start':  # (destination, source, context)
+    hbm, chip = array_bytes(elements[0])
+  elif opcode.endswith('-start') and len(elements) >= 2:
+    # ((operands), result, context): the operands are echoed, not written.
+    hbm, chip = array_bytes(elements[1])
+  else:
+    hbm, chip = array_bytes(shape)
+  sliced = _sliced_reads(body) if opcode == 'fusion' else {}
+  if opcode in ('slice', 'dynamic-slice', 'slice-start') and operands:
+    sliced = {0: hbm + chip}  # reads what it writes
+  for i, o in enumerate(operands):
+    operand = shapes.get(o, '')
+    h, c = _scaled(operand, sliced[i]) if i in sliced else array_bytes(operand)
+    hbm, chip = hbm + h, chip + c
+  return hbm, chip
 
 
 def _direction(op_name: str | None) -> str:
@@ -302,17 +386,11 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
         if body:
           visit(body.group(1), repeats * (n or 1))
         continue
-      if opcode in _FREE:
+      if opcode in _FREE or opcode.endswith('-done'):
         continue
-      if opcode == 'copy-start':
-        # (destination, source, context): the source is the operand.
-        shape = _split_shape(shape[1:])[0] if shape.startswith('(') else shape
-      hbm, chip = array_bytes(shape)
-      for o in operands:
-        h, c = array_bytes(shapes.get(o, ''))
-        hbm, chip = hbm + h, chip + c
       called = re.search(r'calls=%([\w.\-]+)', attrs)
       body = bodies.get(called.group(1), []) if called else []
+      hbm, chip = _reads_and_writes(opcode, shape, operands, shapes, body)
       op_name = re.search(r'op_name="([^"]*)"', attrs)
       frame = re.search(r'stack_frame_id=(\d+)', attrs)
       ops.append(

@@ -7,7 +7,10 @@ libtpu's compile-only client: nothing runs and no TPU is needed. From the
 compiled programs it reads what XLA reports: per-chip memory against the
 chip's HBM, the FLOPs and bytes of a step (`cost_analysis`), a roofline
 step time from the chip's data sheet, and the collectives of a step. The
-largest global batch that fits is found by compiling.
+largest global batch that fits is found by compiling. XLA's bytes count
+every memory level; `hlo_traffic` splits the step's instruction-level
+reads and writes into HBM and on-chip memory, for a second roofline on
+HBM traffic alone and a breakdown of where the bytes go.
 
 Data sheet figures (per chip, bf16 peak, HBM capacity and bandwidth) are
 Google Cloud's: cloud.google.com/tpu/docs/v5e, /v5p and /v6e.
@@ -332,6 +335,19 @@ def traffic_table(row: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _hbm_roofline(row: dict[str, Any], chip: Chip) -> dict[str, float]:
+  """The roofline on HBM traffic alone: the bytes the step's instructions
+  read and write in HBM (`traffic_breakdown`), leaving out what XLA's
+  memory-space assignment keeps in on-chip memory."""
+  hbm_ms = 1e3 * row['traffic']['hbm_bytes'] / chip.hbm_bytes_per_s
+  step_ms = max(row['compute_ms'], hbm_ms)
+  return {
+    'hbm_traffic_ms': hbm_ms,
+    'hbm_step_ms': step_ms,
+    'hbm_mfu': row['compute_ms'] / step_ms if step_ms else 0.0,
+  }
+
+
 def _roofline(compiled, chip: Chip) -> dict[str, float]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -339,11 +355,7 @@ def _roofline(compiled, chip: Chip) -> dict[str, float]:
   moved = float(cost.get('bytes accessed', 0.0))
   compute_s, memory_s = flops / chip.peak_flops, moved / chip.hbm_bytes_per_s
   step_s = max(compute_s, memory_s)
-  # libtpu's own estimate: the sum over instructions of each one's
-  # roofline time, so never below the program-level bound above.
-  optimal_s = cost.get('optimal_seconds')
   return {
-    'xla_optimal_ms': 1e3 * float(optimal_s) if optimal_s else None,
     'flops': flops,
     'bytes_accessed': moved,
     'compute_ms': 1e3 * compute_s,
@@ -457,6 +469,7 @@ def plan(
     'eval_total_bytes': memory(eval_c)['total_bytes'] if eval_c else None,
     'data_sheet': chip.source,
   }
+  row.update(_hbm_roofline(row, chip))
   row['eval_fits'] = (
     row['eval_total_bytes'] <= chip.hbm_bytes if eval_c else None
   )
@@ -531,16 +544,17 @@ def table(rows: list[dict[str, Any]]) -> str:
   head = (
     '| arch | topology | batch | args | temp | out | total | HBM | fits '
     '(margin) | eval total | largest batch | GFLOP/chip | GB moved/chip | '
-    'roofline ms | MFU ceiling | collectives | compile s |'
+    'roofline ms | MFU ceiling | HBM GB/chip | HBM roofline ms | HBM MFU '
+    'ceiling | collectives | compile s |'
   )
-  lines = [head, '|' + '---|' * 17]
+  lines = [head, '|' + '---|' * 20]
   for r in rows:
     if 'refused' in r:  # the compiler refused it: what it needs, no costs
       lines.append(
         f'| {r["arch"]} | {r["topology"]} | {r["batch"]} | - | - | - | '
         f'> {gib(r["need_bytes"])} | {gib(r["hbm_bytes"])} | NO (the TPU '
         f'compiler refused it) | - | {r.get("largest_batch", "-")} | - | - '
-        '| - | - | - | - |'
+        '| - | - | - | - | - | - | - |'
       )
       continue
     coll = ', '.join(
@@ -555,6 +569,8 @@ def table(rows: list[dict[str, Any]]) -> str:
       f'{gib(r["hbm_bytes"])} | {fits} | {gib(r["eval_total_bytes"])} | '
       f'{r.get("largest_batch", "-")} | {r["flops"] / 1e9:.1f} | '
       f'{r["bytes_accessed"] / 1e9:.2f} | {r["step_ms"]:.2f} | '
-      f'{100 * r["mfu"]:.1f}% | {coll or "none"} | {r["compile_s"]} |'
+      f'{100 * r["mfu"]:.1f}% | {r["traffic"]["hbm_bytes"] / 1e9:.2f} | '
+      f'{r["hbm_step_ms"]:.2f} | {100 * r["hbm_mfu"]:.1f}% | '
+      f'{coll or "none"} | {r["compile_s"]} |'
     )
   return '\n'.join(lines)

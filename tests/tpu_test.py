@@ -130,6 +130,8 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   # sheet (197 TFLOP/s, 819 GB/s per v5e chip).
   step = max(row['flops'] / 197e12, row['bytes_accessed'] / 819e9)
   assert row['step_ms'] == pytest.approx(1e3 * step)
+  hbm_step = max(row['flops'] / 197e12, row['traffic']['hbm_bytes'] / 819e9)
+  assert row['hbm_step_ms'] == pytest.approx(1e3 * hbm_step)
 
 
 def test_plan_script_refuses_bad_input_in_one_line():
