@@ -452,7 +452,11 @@ def plan(
   text = train_c.as_text()
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
-    name = f'{config.model.arch}_{topology.replace(":", "_")}_train.hlo.txt'
+    scanned = '_scan_blocks' if config.model.get('scan_blocks') else ''
+    name = (
+      f'{config.model.arch}_{topology.replace(":", "_")}_b'
+      f'{config.train.batch_size}_{config.model.dtype}{scanned}_train.hlo.txt'
+    )
     with open(os.path.join(hlo_dir, name), 'w') as f:
       f.write(text)
   row = {
