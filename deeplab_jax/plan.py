@@ -524,6 +524,8 @@ def _describe(config, topology: str, chip: Chip, mesh) -> dict[str, Any]:
     'batch': config.train.batch_size,
     'crop': list(config.data.crop_size),
     'dtype': config.model.dtype,
+    'remat': config.model.get('remat', 'none'),
+    'scan_blocks': bool(config.model.get('scan_blocks', False)),
   }
 
 
