@@ -286,6 +286,38 @@ def _sliced_reads(body: list[str]) -> dict[int, float]:
   return out
 
 
+def _in_place_updates(body: list[str]) -> tuple[dict[int, float], set[int]]:
+  """For a fused computation whose result (or tuple element) is a
+  `dynamic-update-slice` of a parameter, done in place: result element
+  index -> bytes of the update written, and the indices of the parameters
+  so updated (not read)."""
+  parsed = _parse(body)
+  by_name = {p[0]: p for p in parsed}
+  params = {}
+  for name, _, opcode, _, _ in parsed:
+    if opcode == 'parameter':
+      line = next(l for l in body if f'%{name} ' in l)
+      index = re.search(r'parameter\((\d+)\)', line)
+      if index:
+        params[name] = int(index.group(1))
+  root = next((p for p, l in zip(parsed, body) if 'ROOT' in l), None)
+  if root is None:
+    return {}, set()
+  elements = root[3] if root[2] == 'tuple' else [root[0]]
+  written, updated = {}, set()
+  for i, element in enumerate(elements):
+    e = by_name.get(element)
+    if e is None or e[2] != 'dynamic-update-slice' or len(e[3]) < 2:
+      continue
+    buffer = e[3][0]
+    while buffer in by_name and by_name[buffer][2] == 'bitcast':
+      buffer = by_name[buffer][3][0]
+    if buffer in params:
+      updated.add(params[buffer])
+      written[i] = sum(array_bytes(by_name[e[3][1]][1])) if e[3][1] in by_name else 0.0
+  return written, updated
+
+
 def _reads_and_writes(
   opcode: str,
   shape: str,
@@ -294,19 +326,29 @@ def _reads_and_writes(
   body: list[str],
 ) -> tuple[float, float]:
   """(HBM, on-chip) bytes an instruction reads and writes: its operands
-  (or the slices of them it reads) and its result."""
+  (or the slices of them it reads) and its result (or, updated in place,
+  the part it writes)."""
   elements = _tuple_elements(shape)
   if opcode == 'copy-start':  # (destination, source, context)
-    hbm, chip = array_bytes(elements[0])
+    elements = elements[:1]
   elif opcode.endswith('-start') and len(elements) >= 2:
     # ((operands), result, context): the operands are echoed, not written.
-    hbm, chip = array_bytes(elements[1])
-  else:
-    hbm, chip = array_bytes(shape)
+    elements = elements[1:2]
+  written, updated = {}, set()
+  if opcode == 'fusion':
+    written, updated = _in_place_updates(body)
+  elif opcode == 'dynamic-update-slice' and len(operands) >= 2:
+    written, updated = {0: sum(array_bytes(shapes.get(operands[1], '')))}, {0}
+  hbm = chip = 0.0
+  for i, element in enumerate(elements):
+    h, c = _scaled(element, written[i]) if i in written else array_bytes(element)
+    hbm, chip = hbm + h, chip + c
   sliced = _sliced_reads(body) if opcode == 'fusion' else {}
   if opcode in ('slice', 'dynamic-slice', 'slice-start') and operands:
     sliced = {0: hbm + chip}  # reads what it writes
   for i, o in enumerate(operands):
+    if i in updated:
+      continue
     operand = shapes.get(o, '')
     h, c = _scaled(operand, sliced[i]) if i in sliced else array_bytes(operand)
     hbm, chip = hbm + h, chip + c
@@ -388,6 +430,8 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
         continue
       if opcode in _FREE or opcode.endswith('-done'):
         continue
+      if 'custom_call_target="AllocateBuffer"' in attrs:
+        continue  # an allocation, nothing moved
       called = re.search(r'calls=%([\w.\-]+)', attrs)
       body = bodies.get(called.group(1), []) if called else []
       hbm, chip = _reads_and_writes(opcode, shape, operands, shapes, body)

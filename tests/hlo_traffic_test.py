@@ -76,3 +76,26 @@ def test_a_scan_counts_its_body_once_per_iteration():
   # Each iteration reads its input and one layer's kernel, writes its output.
   per_layer = 2 * x.nbytes + w[0].nbytes
   assert sum(o.hbm_bytes for o in convs) >= 5 * per_layer - 5 * x.nbytes
+
+
+def test_a_scan_writes_each_stacked_output_in_place():
+  xs = np.ones((6, 2, 64, 64), np.float32)
+
+  def stacked(xs):
+    def step(carry, x):
+      y = jnp.tanh(x + carry)
+      return carry + 1.0, y
+
+    return jax.lax.scan(step, jnp.zeros((2, 64, 64)), xs)[1]
+
+  ops = hlo_traffic.traffic(_compiled_text(stacked, xs), root='tests')
+  loop = [o for o in ops if o.repeats == 6]
+  assert loop, ops
+  # Each iteration writes one slice of the stacked output in place and
+  # reads one slice of `xs`: no instruction of the loop moves the whole
+  # stacked buffer (xs.nbytes) per iteration.
+  slice_bytes = xs[0].nbytes
+  for o in loop:
+    assert o.hbm_bytes / o.repeats <= 3 * slice_bytes + 64, o
+  update = [o for o in loop if o.hbm_bytes / o.repeats >= 2 * slice_bytes]
+  assert update, loop  # the fused slice, update and carry are counted
