@@ -21,7 +21,9 @@ and what it writes. Each instruction is attributed to
 
 Bytes are split by where the buffer lives: HBM (no memory-space
 annotation) or on-chip memory (`S(n)` in the layout, e.g. TPU VMEM).
-Shapes are counted unpadded, as in XLA's cost analysis. A loop body
+Each instruction's FLOPs are those of its convolutions and dots (2 x
+multiply-adds, from their shapes), the model FLOPs of MFU. Shapes are
+counted unpadded, as in XLA's cost analysis. A loop body
 (`while`, e.g. a `lax.scan`) counts once per iteration when its condition
 gives the trip count; XLA's cost analysis counts it once.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 
 _DTYPE_BYTES = {
@@ -101,6 +104,7 @@ class Op:
   hbm_bytes: float  # over all its repeats
   on_chip_bytes: float
   repeats: int = 1  # times it runs per step (inside a loop: the trip count)
+  flops: float = 0.0  # of its convolutions and dots, over all its repeats
 
 
 def array_bytes(shape: str) -> tuple[float, float]:
@@ -355,6 +359,54 @@ def _reads_and_writes(
   return hbm, chip
 
 
+def _dims(shape: str) -> list[int]:
+  m = _ARRAY.search(shape)
+  return [int(d) for d in m.group(2).split(',') if d] if m else []
+
+
+def _matmul_flops(
+  opcode: str, shape: str, operands: list[str], attrs: str, shapes: dict
+) -> float:
+  """2 x the multiply-adds of a convolution or dot, from its shapes:
+  output elements x window x input features per group (convolution),
+  output elements x contracted size (dot)."""
+  out = math.prod(_dims(shape))
+  lhs = _dims(shapes.get(operands[0], '')) if operands else []
+  if opcode == 'convolution':
+    labels = re.search(r'dim_labels=(\w+)_', attrs)
+    window = re.search(r'window=\{size=([\dx]+)', attrs)
+    groups = re.search(r'feature_group_count=(\d+)', attrs)
+    if not labels or 'f' not in labels.group(1) or not lhs:
+      return 0.0
+    features = lhs[labels.group(1).index('f')]
+    taps = math.prod(int(k) for k in window.group(1).split('x')) if window else 1
+    return 2.0 * out * taps * features / (int(groups.group(1)) if groups else 1)
+  contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', attrs)
+  size = math.prod(
+    lhs[int(i)] for i in (contracting.group(1).split(',') if contracting else []) if i
+  )
+  return 2.0 * out * size
+
+
+def _flops(
+  opcode: str,
+  shape: str,
+  operands: list[str],
+  attrs: str,
+  shapes: dict[str, str],
+  bodies: dict[str, list[str]],
+) -> float:
+  """Convolution and dot FLOPs of an instruction, inside its fusion too."""
+  if opcode in ('convolution', 'dot'):
+    return _matmul_flops(opcode, shape, operands, attrs, shapes)
+  called = re.search(r'calls=%([\w.\-]+)', attrs) if opcode == 'fusion' else None
+  if not called:
+    return 0.0
+  parsed = _parse(bodies.get(called.group(1), []))
+  inner = {p[0]: p[1] for p in parsed}
+  return sum(_flops(o, sh, ops, a, inner, bodies) for _, sh, o, ops, a in parsed)
+
+
 def _direction(op_name: str | None) -> str:
   if op_name is None:
     return 'unmarked'
@@ -435,6 +487,7 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
       called = re.search(r'calls=%([\w.\-]+)', attrs)
       body = bodies.get(called.group(1), []) if called else []
       hbm, chip = _reads_and_writes(opcode, shape, operands, shapes, body)
+      flops = _flops(opcode, shape, operands, attrs, shapes, bodies)
       op_name = re.search(r'op_name="([^"]*)"', attrs)
       frame = re.search(r'stack_frame_id=(\d+)', attrs)
       ops.append(
@@ -449,6 +502,7 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
           hbm_bytes=repeats * hbm,
           on_chip_bytes=repeats * chip,
           repeats=repeats,
+          flops=repeats * flops,
         )
       )
 
@@ -460,12 +514,13 @@ def summarise(ops: list[Op], by: tuple[str, ...]) -> list[dict]:
   """Ops grouped by the fields `by` (e.g. `('kind', 'direction')`), with
   how many run per step and their HBM and on-chip bytes, most HBM bytes first."""
   groups: dict[tuple, dict] = collections.defaultdict(
-    lambda: {'count': 0, 'hbm_bytes': 0.0, 'on_chip_bytes': 0.0}
+    lambda: {'count': 0, 'hbm_bytes': 0.0, 'on_chip_bytes': 0.0, 'flops': 0.0}
   )
   for op in ops:
     g = groups[tuple(getattr(op, f) for f in by)]
     g['count'] += op.repeats
     g['hbm_bytes'] += op.hbm_bytes
     g['on_chip_bytes'] += op.on_chip_bytes
+    g['flops'] += op.flops
   rows = [dict(zip(by, key), **v) for key, v in groups.items()]
   return sorted(rows, key=lambda r: (-r['hbm_bytes'], -r['on_chip_bytes']))

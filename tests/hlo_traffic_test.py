@@ -37,6 +37,30 @@ def test_bytes_are_what_each_instruction_reads_and_writes():
     'hlo_traffic_test.py:_conv_relu_sum'
   }
   assert all(o.direction == 'forward' and o.on_chip_bytes == 0 for o in ops)
+  # 2 x multiply-adds: every output value sums 3x3 taps of 8 channels.
+  assert conv[0].flops == 2 * y.size * 3 * 3 * x.shape[-1]
+  assert reduce[0].flops == 0
+
+
+def test_matmul_and_grouped_convolution_flops():
+  a, b = np.ones((4, 32, 16), np.float32), np.ones((4, 16, 8), np.float32)
+  ops = hlo_traffic.traffic(_compiled_text(jnp.matmul, a, b))
+  assert sum(o.flops for o in ops) == 2 * 4 * 32 * 8 * 16
+  x = np.ones((2, 8, 8, 6), np.float32)
+  w = np.ones((3, 3, 1, 6), np.float32)  # depthwise: 6 groups of 1
+
+  def depthwise(x, w):
+    return jax.lax.conv_general_dilated(
+      x,
+      w,
+      (1, 1),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=6,
+    )
+
+  ops = hlo_traffic.traffic(_compiled_text(depthwise, x, w))
+  assert sum(o.flops for o in ops) == 2 * x.size * 3 * 3
 
 
 def test_gradient_instructions_are_backward():
@@ -73,6 +97,7 @@ def test_a_scan_counts_its_body_once_per_iteration():
   ops = hlo_traffic.traffic(_compiled_text(layers, x, w), root='tests')
   convs = [o for o in ops if o.kind == 'convolution']
   assert sum(o.repeats for o in convs) == 5, convs
+  assert sum(o.flops for o in convs) == 5 * 2 * x.size * 3 * 3 * 4
   # Each iteration reads its input and one layer's kernel, writes its output.
   per_layer = 2 * x.nbytes + w[0].nbytes
   assert sum(o.hbm_bytes for o in convs) >= 5 * per_layer - 5 * x.nbytes

@@ -130,8 +130,12 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   # sheet (197 TFLOP/s, 819 GB/s per v5e chip).
   step = max(row['flops'] / 197e12, row['bytes_accessed'] / 819e9)
   assert row['step_ms'] == pytest.approx(1e3 * step)
-  hbm_step = max(row['flops'] / 197e12, row['traffic']['hbm_bytes'] / 819e9)
+  traffic = row['traffic']
+  hbm_step = max(traffic['flops'] / 197e12, traffic['hbm_bytes'] / 819e9)
   assert row['hbm_step_ms'] == pytest.approx(1e3 * hbm_step)
+  # The convolutions' FLOPs read from their shapes, against XLA's count of
+  # the whole step (which adds the elementwise work): within 10 %.
+  assert 0.9 * row['flops'] < traffic['flops'] < 1.1 * row['flops']
 
 
 def test_plan_script_refuses_bad_input_in_one_line():
