@@ -199,7 +199,10 @@ def _stack_sources(hlo_text: str, root: str) -> dict[int, str]:
     f = re.search(r'file_name_id=(\d+)', v)
     fn = re.search(r'function_name_id=(\d+)', v)
     if f and fn:
-      locations[k] = (files.get(int(f.group(1)), ''), functions.get(int(fn.group(1)), ''))
+      locations[k] = (
+        files.get(int(f.group(1)), ''),
+        functions.get(int(fn.group(1)), ''),
+      )
   frames = {}
   for k, v in tables.get('StackFrames', {}).items():
     loc = re.search(r'file_location_id=(\d+)', v)
@@ -235,7 +238,8 @@ def _kind(opcode: str, body: list[str]) -> str:
   if re.search(r'\s(convolution|dot)\(', ops):
     return 'convolution'
   if opcode == 'fusion':
-    root = next((l for l in body if l.lstrip().startswith('ROOT')), '')
+    root_name = _root(body)
+    root = next((x for x in body if f'%{root_name} ' in x), '')
     if re.search(r'\s(reduce|reduce-window)\(', ops) and (
       ' reduce(' in root or ' tuple(' in root
     ):
@@ -266,18 +270,27 @@ def _scaled(shape: str, part: float) -> tuple[float, float]:
   return (hbm * part / whole, chip * part / whole) if whole else (0.0, 0.0)
 
 
+def _parameters(body: list[str]) -> dict[str, int]:
+  """A computation's parameters: name -> index."""
+  found = re.findall(r'%([\w.\-]+) = \S+ parameter\((\d+)\)', '\n'.join(body))
+  return {name: int(index) for name, index in found}
+
+
+def _root(body: list[str]) -> str | None:
+  """The name of a computation's result instruction."""
+  for line in body:
+    m = re.match(r'^\s*ROOT\s+%([\w.\-]+)', line)
+    if m:
+      return m.group(1)
+  return None
+
+
 def _sliced_reads(body: list[str]) -> dict[int, float]:
   """Fusion parameter index -> bytes it reads, for the parameters that
   are only sliced in the fused computation (the fusion reads the slices,
   not the whole operand)."""
   parsed = _parse(body)
-  params = {}
-  for name, _, opcode, _, _ in parsed:
-    if opcode == 'parameter':
-      line = next(l for l in body if f'%{name} ' in l)
-      index = re.search(r'parameter\((\d+)\)', line)
-      if index:
-        params[name] = int(index.group(1))
+  params = _parameters(body)
   users = collections.defaultdict(list)
   for _, shape, opcode, operands, _ in parsed:
     for o in operands:
@@ -295,16 +308,9 @@ def _in_place_updates(body: list[str]) -> tuple[dict[int, float], set[int]]:
   `dynamic-update-slice` of a parameter, done in place: result element
   index -> bytes of the update written, and the indices of the parameters
   so updated (not read)."""
-  parsed = _parse(body)
-  by_name = {p[0]: p for p in parsed}
-  params = {}
-  for name, _, opcode, _, _ in parsed:
-    if opcode == 'parameter':
-      line = next(l for l in body if f'%{name} ' in l)
-      index = re.search(r'parameter\((\d+)\)', line)
-      if index:
-        params[name] = int(index.group(1))
-  root = next((p for p, l in zip(parsed, body) if 'ROOT' in l), None)
+  by_name = {p[0]: p for p in _parse(body)}
+  params = _parameters(body)
+  root = by_name.get(_root(body) or '')
   if root is None:
     return {}, set()
   elements = root[3] if root[2] == 'tuple' else [root[0]]
@@ -318,7 +324,9 @@ def _in_place_updates(body: list[str]) -> tuple[dict[int, float], set[int]]:
       buffer = by_name[buffer][3][0]
     if buffer in params:
       updated.add(params[buffer])
-      written[i] = sum(array_bytes(by_name[e[3][1]][1])) if e[3][1] in by_name else 0.0
+      written[i] = (
+        sum(array_bytes(by_name[e[3][1]][1])) if e[3][1] in by_name else 0.0
+      )
   return written, updated
 
 
@@ -345,7 +353,9 @@ def _reads_and_writes(
     written, updated = {0: sum(array_bytes(shapes.get(operands[1], '')))}, {0}
   hbm = chip = 0.0
   for i, element in enumerate(elements):
-    h, c = _scaled(element, written[i]) if i in written else array_bytes(element)
+    h, c = (
+      _scaled(element, written[i]) if i in written else array_bytes(element)
+    )
     hbm, chip = hbm + h, chip + c
   sliced = _sliced_reads(body) if opcode == 'fusion' else {}
   if opcode in ('slice', 'dynamic-slice', 'slice-start') and operands:
@@ -379,11 +389,15 @@ def _matmul_flops(
     if not labels or 'f' not in labels.group(1) or not lhs:
       return 0.0
     features = lhs[labels.group(1).index('f')]
-    taps = math.prod(int(k) for k in window.group(1).split('x')) if window else 1
+    taps = (
+      math.prod(int(k) for k in window.group(1).split('x')) if window else 1
+    )
     return 2.0 * out * taps * features / (int(groups.group(1)) if groups else 1)
   contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', attrs)
   size = math.prod(
-    lhs[int(i)] for i in (contracting.group(1).split(',') if contracting else []) if i
+    lhs[int(i)]
+    for i in (contracting.group(1).split(',') if contracting else [])
+    if i
   )
   return 2.0 * out * size
 
@@ -399,12 +413,16 @@ def _flops(
   """Convolution and dot FLOPs of an instruction, inside its fusion too."""
   if opcode in ('convolution', 'dot'):
     return _matmul_flops(opcode, shape, operands, attrs, shapes)
-  called = re.search(r'calls=%([\w.\-]+)', attrs) if opcode == 'fusion' else None
+  called = (
+    re.search(r'calls=%([\w.\-]+)', attrs) if opcode == 'fusion' else None
+  )
   if not called:
     return 0.0
   parsed = _parse(bodies.get(called.group(1), []))
   inner = {p[0]: p[1] for p in parsed}
-  return sum(_flops(o, sh, ops, a, inner, bodies) for _, sh, o, ops, a in parsed)
+  return sum(
+    _flops(o, sh, ops, a, inner, bodies) for _, sh, o, ops, a in parsed
+  )
 
 
 def _direction(op_name: str | None) -> str:
@@ -425,9 +443,7 @@ def _parse(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
   return parsed
 
 
-def trip_count(
-  attrs: str, bodies: dict[str, list[str]]
-) -> int | None:
+def trip_count(attrs: str, bodies: dict[str, list[str]]) -> int | None:
   """Iterations of a `while` (its attributes): XLA's `known_trip_count`
   when it records one, else from a condition `counter < N` (a scan: the
   counter starts at 0, the compare maybe wrapped in a fusion); None if
@@ -437,14 +453,13 @@ def trip_count(
     return int(known.group(1))
   cond = re.search(r'condition=%([\w.\-]+)', attrs)
   condition = bodies.get(cond.group(1), []) if cond else []
-  parsed = _parse(condition)
-  constants = {}
-  for name, _, opcode, _, _ in parsed:
-    line = next(l for l in condition if f'%{name} ' in l)
-    value = re.search(r'constant\((-?\d+)\)', line)
-    if opcode == 'constant' and value:
-      constants[name] = int(value.group(1))
-  root = next((p for p, l in zip(parsed, condition) if 'ROOT' in l), None)
+  constants = {
+    name: int(value)
+    for name, value in re.findall(
+      r'%([\w.\-]+) = \S+ constant\((-?\d+)\)', '\n'.join(condition)
+    )
+  }
+  root = {p[0]: p for p in _parse(condition)}.get(_root(condition) or '')
   if root is None:
     return None
   _, _, opcode, operands, root_attrs = root
@@ -452,7 +467,10 @@ def trip_count(
   if opcode == 'fusion':
     called = re.search(r'calls=%([\w.\-]+)', root_attrs)
     inner = bodies.get(called.group(1), []) if called else []
-    compare = next((l for l in inner if 'ROOT' in l and 'compare(' in l), '')
+    inner_root = {p[0]: p for p in _parse(inner)}.get(_root(inner) or '')
+    if inner_root is None or inner_root[2] != 'compare':
+      return None
+    compare = inner_root[4]
   elif opcode != 'compare':
     return None
   if 'direction=LT' not in compare:
@@ -511,8 +529,9 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
 
 
 def summarise(ops: list[Op], by: tuple[str, ...]) -> list[dict]:
-  """Ops grouped by the fields `by` (e.g. `('kind', 'direction')`), with
-  how many run per step and their HBM and on-chip bytes, most HBM bytes first."""
+  """Ops grouped by the fields `by` (e.g. `('kind', 'direction')`): how
+  many run per step, their HBM and on-chip bytes and FLOPs, most HBM
+  bytes first."""
   groups: dict[tuple, dict] = collections.defaultdict(
     lambda: {'count': 0, 'hbm_bytes': 0.0, 'on_chip_bytes': 0.0, 'flops': 0.0}
   )
@@ -522,5 +541,5 @@ def summarise(ops: list[Op], by: tuple[str, ...]) -> list[dict]:
     g['hbm_bytes'] += op.hbm_bytes
     g['on_chip_bytes'] += op.on_chip_bytes
     g['flops'] += op.flops
-  rows = [dict(zip(by, key), **v) for key, v in groups.items()]
+  rows = [dict(zip(by, key, strict=True), **v) for key, v in groups.items()]
   return sorted(rows, key=lambda r: (-r['hbm_bytes'], -r['on_chip_bytes']))

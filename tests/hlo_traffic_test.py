@@ -23,9 +23,7 @@ def _compiled_text(f, *args):
 def test_bytes_are_what_each_instruction_reads_and_writes():
   x = np.ones((2, 16, 16, 8), np.float32)
   w = np.ones((3, 3, 8, 4), np.float32)
-  ops = hlo_traffic.traffic(
-    _compiled_text(_conv_relu_sum, x, w), root='tests'
-  )
+  ops = hlo_traffic.traffic(_compiled_text(_conv_relu_sum, x, w), root='tests')
   conv = [o for o in ops if o.kind == 'convolution']
   reduce = [o for o in ops if o.kind == 'reduce']
   assert len(conv) == 1 and len(reduce) == 1, ops
@@ -69,7 +67,9 @@ def test_gradient_instructions_are_backward():
   grad = jax.grad(lambda x, w: _conv_relu_sum(x, w).sum(), argnums=(0, 1))
   ops = hlo_traffic.traffic(_compiled_text(grad, x, w), root='tests')
   kinds = hlo_traffic.summarise(ops, ('kind', 'direction'))
-  convs = {r['direction']: r['count'] for r in kinds if r['kind'] == 'convolution'}
+  convs = {
+    r['direction']: r['count'] for r in kinds if r['kind'] == 'convolution'
+  }
   # One forward convolution; the input and weight gradients are
   # transposes (XLA:CPU may drop the metadata of one: `unmarked`).
   assert convs['forward'] == 1 and convs['backward'] >= 1, kinds
