@@ -55,6 +55,10 @@ _DTYPE_BYTES = {
   'u64': 8,
   'c64': 8,
 }
+# Memory spaces off the chip: the default (HBM) and XLA's host memory
+# space (host offloading). Others are XLA's alternate memories (on TPU,
+# on-chip memories placed by memory-space assignment).
+_OFF_CHIP_SPACES = (0, 5)
 _ARRAY = re.compile(r'([a-z]\w*)\[([\d,]*)\](\{[^}]*\})?')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$')
 _FREE = {
@@ -110,7 +114,7 @@ class Op:
 def array_bytes(shape: str) -> tuple[float, float]:
   """(HBM bytes, on-chip bytes) of an HLO shape, e.g.
   `(f32[8,64]{1,0:T(8,128)S(1)}, bf16[8]{0})`: arrays whose layout names a
-  memory space `S(n)`, n > 0, are on chip."""
+  memory space `S(n)` (n > 0, but for host memory) are on chip."""
   hbm = on_chip = 0.0
   for dtype, dims, layout in _ARRAY.findall(shape):
     if dtype not in _DTYPE_BYTES:
@@ -119,7 +123,7 @@ def array_bytes(shape: str) -> tuple[float, float]:
     for d in filter(None, dims.split(',')):
       n *= int(d)
     space = re.search(r'S\((\d+)\)', layout or '')
-    if space and int(space.group(1)) > 0:
+    if space and int(space.group(1)) not in _OFF_CHIP_SPACES:
       on_chip += n * _DTYPE_BYTES[dtype]
     else:
       hbm += n * _DTYPE_BYTES[dtype]
