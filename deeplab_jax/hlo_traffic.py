@@ -87,7 +87,7 @@ _MOVES = {
   'pad',
   'concatenate',
 }
-_COLLECTIVES = (
+COLLECTIVES = (
   'all-reduce',
   'all-gather',
   'reduce-scatter',
@@ -234,7 +234,7 @@ def _stack_sources(hlo_text: str, root: str) -> dict[int, str]:
 
 
 def _kind(opcode: str, body: list[str]) -> str:
-  if any(opcode.startswith(c) for c in _COLLECTIVES):
+  if any(opcode.startswith(c) for c in COLLECTIVES):
     return 'collective'
   if opcode in _MOVES:
     return 'copy'

@@ -59,28 +59,7 @@ CHIPS = {
   ),
 }
 EXAMPLE_TOPOLOGIES = ('v5e:2x2', 'v5e:2x4', 'v5p:2x2x1', 'v5p:2x2x2', 'v6e:2x4')
-COLLECTIVES = (
-  'all-reduce',
-  'all-gather',
-  'reduce-scatter',
-  'collective-permute',
-  'all-to-all',
-)
-_DTYPE_BYTES = {
-  'pred': 1,
-  's8': 1,
-  'u8': 1,
-  'bf16': 2,
-  'f16': 2,
-  's16': 2,
-  'u16': 2,
-  'f32': 4,
-  's32': 4,
-  'u32': 4,
-  'f64': 8,
-  's64': 8,
-  'u64': 8,
-}
+COLLECTIVES = hlo_traffic.COLLECTIVES
 
 
 def topology_devices(topology: str) -> tuple[list[Any], Chip]:
@@ -275,19 +254,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     if shapes:
       out[kind] = {
         'count': len(shapes),
-        'bytes': sum(_shape_bytes(s) for s in shapes),
+        'bytes': int(sum(sum(hlo_traffic.array_bytes(s)) for s in shapes)),
       }
   return out
-
-
-def _shape_bytes(shape: str) -> int:
-  total = 0
-  for dtype, dims in re.findall(r'([a-z]+\d*)\[([\d,]*)\]', shape):
-    n = 1
-    for d in filter(None, dims.split(',')):
-      n *= int(d)
-    total += n * _DTYPE_BYTES.get(dtype, 4)
-  return total
 
 
 def convolutions(hlo_text: str) -> int:
