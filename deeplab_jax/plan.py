@@ -435,7 +435,7 @@ def plan(
     os.makedirs(hlo_dir, exist_ok=True)
     scanned = '_scan_blocks' if config.model.get('scan_blocks') else ''
     name = (
-      f'{config.model.arch}_{topology.replace(":", "_")}_b'
+      f'{config.model.arch}_c{num_classes}_{topology.replace(":", "_")}_b'
       f'{config.train.batch_size}_{config.model.dtype}{scanned}_train.hlo.txt'
     )
     with open(os.path.join(hlo_dir, name), 'w') as f:
