@@ -8,7 +8,9 @@ for each topology through libtpu (`pip install -e ".[tpu]"`) and prints,
 per chip: memory against HBM and whether it fits, the largest global batch
 that fits (found by compiling), FLOPs and bytes per step, a roofline step
 time and the MFU ceiling it implies, and the collectives of a step
-(docs/tpu.md). `--config.KEY=VALUE` overrides work as in scripts.train.
+(docs/tpu.md). `--compile_profile` adds where the TPU compiler's time
+goes, from libtpu's log. `--config.KEY=VALUE` overrides work as in
+scripts.train.
 """
 
 import os
@@ -39,16 +41,25 @@ _BREAKDOWN = flags.DEFINE_bool(
 _HLO_DIR = flags.DEFINE_string(
   'hlo_dir', None, "Also write each compiled train step's HLO text here."
 )
+_COMPILE_PROFILE = flags.DEFINE_bool(
+  'compile_profile',
+  False,
+  "Also print the TPU compiler's time by stage and its slowest passes.",
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write JSON lines here.')
 
 
 @entry_point
 def main(argv):
   del argv
+  import contextlib
   import json
 
-  from deeplab_jax import plan
+  from deeplab_jax import compile_profile, plan
   from deeplab_jax.data import datasets
+
+  if _COMPILE_PROFILE.value:
+    compile_profile.enable()
 
   if _CONFIG.value is None:
     raise plan.UserError('pass --config, e.g. configs/cityscapes_denseaspp.py')
@@ -58,8 +69,13 @@ def main(argv):
   )
   rows = []
   for topology in _TOPOLOGY.value:
-    rows.append(
-      plan.plan(
+    profile = (
+      compile_profile.capture()
+      if _COMPILE_PROFILE.value
+      else contextlib.nullcontext()
+    )
+    with profile as log:
+      row = plan.plan(
         config,
         topology,
         classes,
@@ -67,12 +83,18 @@ def main(argv):
         max_compiles=_MAX_COMPILES.value,
         hlo_dir=_HLO_DIR.value,
       )
-    )
-    print(json.dumps(rows[-1]), flush=True)
+    if log:
+      row['compile_profile'] = compile_profile.parse(log[0])
+    rows.append(row)
+    print(json.dumps(row), flush=True)
   print(plan.table(rows))
   if _BREAKDOWN.value:
     for r in rows:
       print('\n' + plan.traffic_table(r))
+  for r in rows:
+    if r.get('compile_profile'):
+      print(f'\nCompiling for {r["topology"]}:\n')
+      print(compile_profile.table(r['compile_profile']))
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'a') as f:
       f.writelines(json.dumps(r) + '\n' for r in rows)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeplab_jax import hlo_traffic
+from deeplab_jax import hlo_traffic, plan
 
 
 def _conv_relu_sum(x, w):
@@ -101,6 +101,10 @@ def test_a_scan_counts_its_body_once_per_iteration():
   # Each iteration reads its input and one layer's kernel, writes its output.
   per_layer = 2 * x.nbytes + w[0].nbytes
   assert sum(o.hbm_bytes for o in convs) >= 5 * per_layer - 5 * x.nbytes
+  # The planner marks such a program: XLA's cost analysis counts the body
+  # once, so its columns are not the step's.
+  looped = plan.traffic_breakdown(_compiled_text(layers, x, w))['looped']
+  assert looped == sum(o.repeats > 1 for o in ops) > 0
 
 
 def test_a_scan_writes_each_stacked_output_in_place():

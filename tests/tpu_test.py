@@ -102,6 +102,7 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
     '--output',
     str(out),
     '--breakdown',
+    '--compile_profile',
   )
   assert r.returncode == 0, r.stderr[-2000:]
   row = json.loads(out.read_text().splitlines()[0])
@@ -136,6 +137,25 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   # The convolutions' FLOPs read from their shapes, against XLA's count of
   # the whole step (which adds the elementwise work): within 10 %.
   assert 0.9 * row['flops'] < traffic['flops'] < 1.1 * row['flops']
+  # An unrolled step: XLA's columns are whole, nothing is marked.
+  assert traffic['looped'] == 0 and '* XLA' not in r.stdout
+  assert 0 < row['train_compile_s'] <= row['compile_s']
+  # libtpu's own account of the compile, against this process's clock:
+  # the train step first, then eval, then the largest-batch search's
+  # train steps; each one's stages within its end to end.
+  train, evaluation, *search = row['compile_profile']
+  modules = [m['module'] for m in row['compile_profile']]
+  assert modules == ['jit_train_step', 'jit_eval_step'] + [
+    'jit_train_step'
+  ] * len(search)
+  assert search, 'the largest-batch search compiles more train steps'
+  stages = train['stages']
+  assert 0.5 * row['train_compile_s'] < stages['END_TO_END']
+  assert stages['END_TO_END'] <= row['train_compile_s']
+  parts = ('HLO_PASSES', 'BACKEND_PASSES', 'CODE_GENERATION')
+  assert sum(stages[k] for k in parts) <= stages['END_TO_END']
+  assert 'layout-assignment' in train['passes']
+  assert '| jit_train_step | ' in r.stdout
 
 
 def test_plan_script_refuses_bad_input_in_one_line():

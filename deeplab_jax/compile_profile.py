@@ -1,0 +1,132 @@
+"""Where the TPU compiler's time goes, read from libtpu's own log.
+
+libtpu logs how long each stage of a compile takes (HLO passes, backend
+passes, code generation, end to end) and, with
+`TPU_VMODULE=hlo_pass_pipeline=1`, each HLO pass it runs. `enable` turns
+that log on (before libtpu loads), `capture` collects it around a compile
+and `parse` reads it: one entry per compiled module, in compile order.
+"""
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+LOG_ENV = {
+  'TPU_STDERR_LOG_LEVEL': '0',
+  'TPU_MIN_LOG_LEVEL': '0',
+  'TPU_VMODULE': 'hlo_pass_pipeline=1',
+}
+STAGES = ('HLO_PASSES', 'BACKEND_PASSES', 'CODE_GENERATION', 'END_TO_END')
+
+_PYTHON_WARNING = re.compile(r'^\S+:\d+: \w*Warning: ')
+_MODULE = re.compile(
+  r'XLA::TPU running hlo passes for ([\d,]+) instructions, module: (\S+)'
+)
+_STAGE = re.compile(r'\] (\w+) stage duration: ([\d.]+)\s*(\w+)')
+_PASS = re.compile(r'\] HLO pass: (\S+) time: ([\d.]+)\s*(\w+)')
+_SECONDS = {
+  'ns': 1e-9,
+  'us': 1e-6,
+  'ms': 1e-3,
+  's': 1.0,
+  'min': 60.0,
+  'h': 3600.0,
+}
+
+
+def enable() -> None:
+  """Asks libtpu to log its stages and passes. libtpu reads these
+  variables when it loads (the first TPU topology or client), so call
+  this before."""
+  os.environ.update(LOG_ENV)
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[str]]:
+  """Collects what the process writes to its standard error (file
+  descriptor 2, where libtpu logs) while the block runs. Yields a list
+  that holds the text once the block ends; Python's warnings among it
+  are written on to standard error."""
+  sys.stderr.flush()
+  text: list[str] = []
+  with tempfile.TemporaryFile() as f:
+    saved = os.dup(2)
+    os.dup2(f.fileno(), 2)
+    try:
+      yield text
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      f.seek(0)
+      text.append(f.read().decode(errors='replace'))
+      sys.stderr.writelines(
+        line
+        for line in text[0].splitlines(keepends=True)
+        if _PYTHON_WARNING.match(line)
+      )
+
+
+def _seconds(value: str, unit: str) -> float:
+  return float(value) * _SECONDS.get(unit, float('nan'))
+
+
+def parse(log: str, top: int = 20) -> list[dict[str, Any]]:
+  """Per compiled module, in compile order: `module` (its name),
+  `instructions` (before optimisation), `stages` (seconds of each of
+  `STAGES` that the log reports) and `passes` (the `top` slowest HLO
+  passes: name -> seconds, summed over the pass's runs)."""
+  modules: list[dict[str, Any]] = []
+  for line in log.splitlines():
+    if m := _MODULE.search(line):
+      modules.append(
+        {
+          'module': m[2],
+          'instructions': int(m[1].replace(',', '')),
+          'stages': {},
+          'passes': {},
+        }
+      )
+    elif not modules:
+      continue
+    elif m := _STAGE.search(line):
+      if m[1] in STAGES:
+        modules[-1]['stages'][m[1]] = _seconds(m[2], m[3])
+    elif m := _PASS.search(line):
+      passes = modules[-1]['passes']
+      passes[m[1]] = passes.get(m[1], 0.0) + _seconds(m[2], m[3])
+  for m in modules:
+    slowest = sorted(m['passes'].items(), key=lambda kv: -kv[1])[:top]
+    m['passes'] = dict(slowest)
+  return modules
+
+
+def table(modules: list[dict[str, Any]], top: int = 8) -> str:
+  """The stages of each module, then the `top` slowest HLO passes of the
+  first (the train step), as Markdown."""
+  lines = [
+    '| module | instructions | HLO passes s | backend passes s | code '
+    'generation s | end to end s |',
+    '|---|---|---|---|---|---|',
+  ]
+  for m in modules:
+    s = [m['stages'].get(k) for k in STAGES]
+    cells = ' | '.join('-' if v is None else f'{v:.1f}' for v in s)
+    lines.append(f'| {m["module"]} | {m["instructions"]} | {cells} |')
+  if modules and modules[0]['passes']:
+    first = modules[0]
+    lines += [
+      '',
+      f'Slowest HLO passes of {first["module"]}:',
+      '',
+      '| HLO pass | s |',
+      '|---|---|',
+    ]
+    lines += [
+      f'| {name} | {s:.1f} |' for name, s in list(first['passes'].items())[:top]
+    ]
+  return '\n'.join(lines)
