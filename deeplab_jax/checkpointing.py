@@ -138,6 +138,12 @@ def _committed_steps(directory: str) -> list[int]:
   return [int(p.name) for p in path.iterdir() if p.name.isdigit()]
 
 
+def has_steps(directory: str | os.PathLike) -> bool:
+  """Whether `directory` holds committed steps (a run writing there will
+  resume), read from the file system alone: no Orbax, no collective."""
+  return bool(_committed_steps(resolve_path(directory)))
+
+
 def _checkpoint_dir(directory: str | os.PathLike) -> str:
   """`directory`, or its `checkpoints/` when given a training workdir (the
   directory users hold in mind), as an absolute path."""
@@ -573,6 +579,8 @@ class TrainCheckpointer:
     )
     self.directory = resolve_path(directory)
     self._allow_unverified = allow_unverified
+    # The `meta` item of the step `restore` returned, None before one.
+    self.restored_metadata: dict[str, Any] | None = None
     self._empty_trash()
     self._failed = False
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
@@ -689,12 +697,14 @@ class TrainCheckpointer:
       model=ocp.args.StandardRestore(abstract_weights),
       train=ocp.args.StandardRestore(abstract_train),
       data=ocp.args.JsonRestore(),
+      meta=ocp.args.JsonRestore(),
     )
     if has_digests:
       items['digests'] = ocp.args.JsonRestore()
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     if has_digests:
       _verify(out)
+    self.restored_metadata = dict(out['meta'])
     return out['model'], out['train'], dict(out['data'])
 
   def _restore_latest(

@@ -14,7 +14,9 @@ from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.errors import ConfigError
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
+def create_model(
+  config: ml_collections.ConfigDict, num_classes: int, *, resuming=False
+):
   """The model a run starts from: `config.model.arch` with fresh weights, or
   with those of `config.model.init_from`: a published name
   (`deeplab_jax.convert.sources`, e.g. `hf-hub:timm/densenet161.tv_in1k`), a
@@ -22,10 +24,14 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
   tensor whose path and shape match is copied; the rest (a fresh head, or
   a classifier for other classes) keeps its initialisation, and a warning
   names it. `model.init_source` records the source's name, file and
-  SHA-256 (checkpoint metadata `init_from`)."""
+  SHA-256 (checkpoint metadata `init_from`).
+
+  `resuming`: the run's checkpoint replaces every weight, so `init_from`
+  is neither fetched nor read (a resumed run needs neither the network
+  nor the weights cache); the model has fresh weights until the restore."""
   options = dict(config.model.options.to_dict())
   options.setdefault('dtype', config.model.dtype)
-  src = config.model.init_from
+  src = '' if resuming else config.model.init_from
   fresh = lambda: models.create(
     config.model.arch,
     num_classes=num_classes,

@@ -324,7 +324,11 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     config.data.dataset, config.data.train_split, config.data.data_dir
   )
 
-  model = initialization.create_model(config, spec.num_classes)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  resuming = checkpointing.has_steps(ckpt_dir)
+  model = initialization.create_model(
+    config, spec.num_classes, resuming=resuming
+  )
   sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
   meta = checkpointing.model_metadata(
     model,
@@ -351,7 +355,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # (process 0 checks the workdir, model init compiles).
   multihost.meet('checkpointer')
   ckpt = checkpointing.TrainCheckpointer(
-    os.path.join(workdir, 'checkpoints'),
+    ckpt_dir,
     every_steps=config.checkpoint.every_steps,
     keep=config.checkpoint.keep,
     allow_unverified=config.checkpoint.allow_unverified,
@@ -361,7 +365,16 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     seed=config.seed,
     global_batch_size=config.train.batch_size,
   )
-  state = ckpt.restore(state, position(0)) or state
+  restored = ckpt.restore(state, position(0))
+  if resuming:
+    if restored is None:  # the steps vanished since has_steps looked
+      raise checkpointing.CheckpointNotFoundError(
+        f'the checkpoints in {ckpt_dir} went away while the run started; '
+        'run the same command again'
+      )
+    # The weights' origin, as the run's first checkpoint recorded it.
+    meta['init_from'] = ckpt.restored_metadata.get('init_from')
+  state = restored or state
   first_step = int(jax.device_get(state.step))
   train_ds, _ = pipeline.train_dataset(
     _input_config(config), start_step=first_step

@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -116,24 +117,35 @@ def test_hub_name_through_train_equals_timm(tmp_path, data_dir):
     '  return c\n'
   )
   workdir = tmp_path / 'run'
-  r = _run(
-    [
-      'scripts.train',
-      f'--config={recipe}',
-      f'--workdir={workdir}',
-      f'--config.data.data_dir={data_dir}',
-      f'--config.model.init_from=hf-hub:{HUB_REPO}',
-      # Weights and BN statistics stay as loaded: lr 0, frozen BN.
-      '--config.optim.lr=0.0',
-      '--config.model.freeze_bn=True',
-      '--config.train.num_steps=1',
-    ],
-    {'HF_HOME': str(hf_home), 'HF_HUB_OFFLINE': '1'},
-  )
+  args = [
+    'scripts.train',
+    f'--config={recipe}',
+    f'--workdir={workdir}',
+    f'--config.data.data_dir={data_dir}',
+    f'--config.model.init_from=hf-hub:{HUB_REPO}',
+    # Weights and BN statistics stay as loaded: lr 0, frozen BN.
+    '--config.optim.lr=0.0',
+    '--config.model.freeze_bn=True',
+  ]
+  env = {'HF_HOME': str(hf_home), 'HF_HUB_OFFLINE': '1'}
+  r = _run(args + ['--config.train.num_steps=1'], env)
   assert r.returncode == 0, r.stderr
   model, meta = checkpointing.load_model(str(workdir / 'checkpoints'))
   assert meta['init_from']['name'] == f'hf-hub:{HUB_REPO}'
   assert meta['init_from']['sha256'] == hashlib.sha256(data).hexdigest()
+
+  # Resuming takes the weights from the checkpoint: with the weights cache
+  # gone and no network, the run goes on, and its next step still records
+  # where the weights came from.
+  shutil.rmtree(hf_home)
+  r = _run(args + ['--config.train.num_steps=2'], env)
+  assert r.returncode == 0, r.stderr
+  assert not hf_home.exists()
+  steps = (workdir / 'checkpoints').iterdir()
+  assert sorted(int(p.name) for p in steps if p.name.isdigit()) == [1, 2]
+  _, meta2 = checkpointing.load_model(str(workdir / 'checkpoints'))
+  assert meta2['init_from'] == meta['init_from']
+  assert checkpointing.read_metadata(str(workdir)) == meta2
 
   x = np.random.RandomState(0).randn(2, 61, 83, 3).astype(np.float32)
   with torch.no_grad():
