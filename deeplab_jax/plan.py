@@ -503,6 +503,7 @@ def _describe(config, topology: str, chip: Chip, mesh) -> dict[str, Any]:
   """What a row is of: the run and the slice."""
   return {
     'arch': config.model.arch,
+    'dataset': config.data.dataset,
     'topology': topology,
     'chip': chip.name,
     'chips': mesh.size,
