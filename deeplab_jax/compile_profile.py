@@ -26,13 +26,17 @@ _PYTHON_WARNING = re.compile(r'^\S+:\d+: \w*Warning: ')
 _MODULE = re.compile(
   r'XLA::TPU running hlo passes for ([\d,]+) instructions, module: (\S+)'
 )
-_STAGE = re.compile(r'\] (\w+) stage duration: ([\d.]+)\s*(\w+)')
-_PASS = re.compile(r'\] HLO pass: (\S+) time: ([\d.]+)\s*(\w+)')
+# A duration as libtpu writes it: `139.2ms`, `5 us`, `2.78s`, `9m53.1s`.
+_DURATION = r'((?:[\d.]+\s*(?:ns|us|ms|min|h|m|s)\s*)+)'
+_PART = re.compile(r'([\d.]+)\s*(ns|us|ms|min|h|m|s)')
+_STAGE = re.compile(r'\] (\w+) stage duration: ' + _DURATION)
+_PASS = re.compile(r'\] HLO pass: (\S+) time: ' + _DURATION)
 _SECONDS = {
   'ns': 1e-9,
   'us': 1e-6,
   'ms': 1e-3,
   's': 1.0,
+  'm': 60.0,
   'min': 60.0,
   'h': 3600.0,
 }
@@ -71,8 +75,10 @@ def capture() -> Iterator[list[str]]:
       )
 
 
-def _seconds(value: str, unit: str) -> float:
-  return float(value) * _SECONDS.get(unit, float('nan'))
+def seconds(duration: str) -> float:
+  """A duration as libtpu writes it (`139.2ms`, `5 us`, `9m53.1s`), in
+  seconds."""
+  return sum(float(v) * _SECONDS[u] for v, u in _PART.findall(duration))
 
 
 def parse(log: str, top: int = 20) -> list[dict[str, Any]]:
@@ -95,10 +101,10 @@ def parse(log: str, top: int = 20) -> list[dict[str, Any]]:
       continue
     elif m := _STAGE.search(line):
       if m[1] in STAGES:
-        modules[-1]['stages'][m[1]] = _seconds(m[2], m[3])
+        modules[-1]['stages'][m[1]] = seconds(m[2])
     elif m := _PASS.search(line):
       passes = modules[-1]['passes']
-      passes[m[1]] = passes.get(m[1], 0.0) + _seconds(m[2], m[3])
+      passes[m[1]] = passes.get(m[1], 0.0) + seconds(m[2])
   for m in modules:
     slowest = sorted(m['passes'].items(), key=lambda kv: -kv[1])[:top]
     m['passes'] = dict(slowest)
