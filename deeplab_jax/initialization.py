@@ -15,7 +15,10 @@ from deeplab_jax.errors import ConfigError
 
 
 def create_model(
-  config: ml_collections.ConfigDict, num_classes: int, *, resuming=False
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  *,
+  resuming: bool = False,
 ):
   """The model a run starts from: `config.model.arch` with fresh weights, or
   with those of `config.model.init_from`: a published name
