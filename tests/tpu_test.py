@@ -139,6 +139,11 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   assert 0.9 * row['flops'] < traffic['flops'] < 1.1 * row['flops']
   # An unrolled step: XLA's columns are whole, nothing is marked.
   assert traffic['looped'] == 0 and '* XLA' not in r.stdout
+  scanned = dict(row, traffic=dict(traffic, looped=5))
+  assert f'| {row["flops"] / 1e9:.1f}* |' in plan.table([scanned])
+  assert "* XLA's cost analysis counts each loop's body once" in plan.table(
+    [scanned]
+  )
   assert 0 < row['train_compile_s'] <= row['compile_s']
   # libtpu's own account of the compile, against this process's clock:
   # the train step first, then eval, then the largest-batch search's
