@@ -19,6 +19,8 @@ one-line "not prepared" error, which names the fix.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import importlib.util
 import json
 import os
 import re
@@ -71,6 +73,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True)
     sys.exit(0)
   try:
+    argv = _with_recipes_resolved(argv)
+  except UserError as e:
+    _fail(str(e))
+  try:
     rest = flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - absl and config files raise many
     if os.environ.get('DEEPLAB_TRACEBACK'):
@@ -90,6 +96,70 @@ def _parse_flags(argv: list[str]) -> list[str]:
         else f'--{name}: {_config_error_text(str(error))}'
       )
   return rest
+
+
+def _with_recipes_resolved(argv: list[str]) -> list[str]:
+  """`argv` with `--config`'s file resolved by `resolve_recipe`."""
+  if 'config' not in flags.FLAGS:
+    return argv
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith(('--config=', '-config=')):
+      flag, _, value = arg.partition('=')
+      argv[i] = f'{flag}={resolve_recipe(value)}'
+    elif arg in ('--config', '-config') and i + 1 < len(argv):
+      argv[i + 1] = resolve_recipe(argv[i + 1])
+  return argv
+
+
+def resolve_recipe(value: str) -> str:
+  """`PATH[:variant]` as given when PATH exists; else, for a recipe path such
+  as `configs/NAME.py`, the installed recipe of that name, so a recipe runs
+  from any directory.
+
+  Raises:
+    UserError: no such file and no such recipe: the recipes are listed,
+      the nearest name first.
+  """
+  path, colon, variant = value.partition(':')
+  if not path or os.path.exists(os.path.expanduser(path)):
+    return value
+  recipes = recipes_dir()
+  name = os.path.basename(path)
+  parent = os.path.basename(os.path.dirname(os.path.normpath(path)))
+  if recipes and parent in ('configs', '') and name in recipe_files():
+    return os.path.join(recipes, name) + colon + variant
+  known = recipe_files()
+  nearest = sorted(
+    known,
+    key=lambda k: -difflib.SequenceMatcher(None, name, k).ratio(),
+  )
+  hint = f'; did you mean configs/{nearest[0]}?' if nearest else ''
+  listed = ', '.join(f'configs/{k}' for k in nearest)
+  raise UserError(
+    f'--config: {path} does not exist{hint} The recipes: {listed}'
+    if nearest
+    else f'--config: {path} does not exist'
+  )
+
+
+def recipes_dir() -> str | None:
+  """The folder of the installed recipes (the `configs` package)."""
+  spec = importlib.util.find_spec('configs')
+  locations = spec and spec.submodule_search_locations
+  return list(locations)[0] if locations else None
+
+
+def recipe_files() -> list[str]:
+  """The recipes' file names (`cityscapes_denseaspp.py`, ...)."""
+  where = recipes_dir()
+  if where is None:
+    return []
+  return sorted(
+    f
+    for f in os.listdir(where)
+    if f.endswith('.py') and not f.startswith('_') and f != 'base.py'
+  )
 
 
 def _config_error_text(text: str) -> str:

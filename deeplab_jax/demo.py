@@ -32,16 +32,16 @@ def generated_image() -> np.ndarray:
   return image
 
 
-def prepare(directory: str) -> tuple[str, str]:
-  """Writes `image.png` and a tiny random-weight checkpoint into
-  `directory`; returns `(checkpoint_dir, image_path)`."""
-  os.makedirs(directory, exist_ok=True)
-  image_path = os.path.join(directory, 'image.png')
+def prepare(inputs: str, model_dir: str) -> tuple[str, str]:
+  """Writes `image.png` into `inputs` (which then holds images only) and a
+  tiny random-weight checkpoint into `model_dir`; returns
+  `(checkpoint_dir, image_path)`."""
+  os.makedirs(inputs, exist_ok=True)
+  image_path = os.path.join(inputs, 'image.png')
   Image.fromarray(generated_image()).save(image_path)
   model = models.create(
     'deeplabv3_resnet_tiny', num_classes=len(DEMO_CLASSES), rngs=nnx.Rngs(0)
   )
-  ckpt = os.path.join(directory, 'checkpoint')
   meta = checkpointing.model_metadata(model, class_names=DEMO_CLASSES)
-  checkpointing.save_model(ckpt, model, meta)
-  return ckpt, image_path
+  checkpointing.save_model(model_dir, model, meta)
+  return model_dir, image_path

@@ -43,6 +43,7 @@ def create_model(
   )
   if not src:
     return fresh()
+  sources.check_arch(src, config.model.arch)
   if sources.is_weights_file(src):
     state_dict, fetched = sources.read(src)
     source_classes = torch_convert.source_num_classes(state_dict)

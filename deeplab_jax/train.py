@@ -48,6 +48,7 @@ from deeplab_jax import (
   run_dir,
   sharding,
 )
+from deeplab_jax.convert import sources
 from deeplab_jax.data import datasets, labels, normalization, pipeline
 from deeplab_jax.errors import ConfigError, UserError
 from deeplab_jax.predict import inference_view
@@ -481,6 +482,9 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
       'non-negative weight per class, in class id order'
     )
   remat_mode(config.model.remat)
+  # A published name that cannot load into the model: said before the
+  # data set is opened or anything is downloaded.
+  sources.check_arch(config.model.init_from, config.model.arch)
 
 
 def training_view(

@@ -6,8 +6,10 @@ r"""Converts PyTorch weights into a self-describing deeplab-jax checkpoint.
       --output ckpt/deeplabv3_r101_voc
 
 `--input` is a `.pth`/`.pt`, `.safetensors` or `.npz` file, or a published
-name (README, "Published weights"): fetched into its client's cache and
-hash-checked; `--arch` defaults to the name's architecture.
+name or URL (README, "Published weights"): fetched into its client's cache
+and checked against the hash its source states (`--sha256` or
+`URL#sha256=HEX` states one); `--arch` defaults to the name's
+architecture.
 
 The source layout (torchvision, ...) is detected from the keys; the number
 of classes is read from the classifier unless --num_classes is given, and
@@ -57,6 +59,12 @@ _NORMALIZATION = flags.DEFINE_string(
   'denseaspp_cityscapes; timm Xception: inception; torchvision, smp, other '
   'timm: imagenet).',
 )
+_SHA256 = flags.DEFINE_string(
+  'sha256',
+  None,
+  'The SHA-256 the --input file must have (64 hex digits); a download that '
+  'does not match is not kept. A URL may carry it as URL#sha256=HEX.',
+)
 _FORCE = flags.DEFINE_bool('force', False, 'Overwrite a non-empty --output.')
 
 
@@ -77,7 +85,11 @@ def main(argv):
   with output_dir(_OUTPUT.value, force=_FORCE.value) as out:
     if _NORMALIZATION.value is not None:
       mean, std = normalization.parse(_NORMALIZATION.value)
-    state_dict, fetched = sources.read(_INPUT.value)
+    if _ARCH.value:
+      sources.check_arch(_INPUT.value, _ARCH.value, '--input')
+    state_dict, fetched = sources.read(
+      _INPUT.value, sha256=_SHA256.value, flag='--input'
+    )
     arch = _ARCH.value or _default_arch(fetched.source)
     model = torch_convert.load(
       arch,

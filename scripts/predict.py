@@ -67,7 +67,9 @@ def main(argv):
   with output_dir(_OUTPUT.value, force=_FORCE.value) as out:
     checkpoint, pattern = _CHECKPOINT.value, _INPUT.value
     if _DEMO.value:
-      checkpoint, pattern = demo.prepare(os.path.join(out, 'demo_inputs'))
+      checkpoint, pattern = demo.prepare(
+        os.path.join(out, 'demo_inputs'), os.path.join(out, 'demo_model')
+      )
     paths, skipped = predict.find_inputs(pattern)
     if skipped:
       names = ', '.join(os.path.basename(p) for p in skipped[:3])

@@ -46,9 +46,12 @@ def main(argv):
     _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
   )
   from deeplab_jax import checkpointing, train
+  from deeplab_jax.convert import sources
   from deeplab_jax.data import datasets
 
   config = _CONFIG.value
+  # Before anything is generated or fetched (train checks it again).
+  sources.check_arch(config.model.init_from, config.model.arch)
   if config.data.dataset == 'synthetic_shapes':
     # Generated, not downloaded: prepare it on first use.
     b = datasets.builder('synthetic_shapes', config.data.data_dir)

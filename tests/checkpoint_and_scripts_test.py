@@ -339,7 +339,15 @@ def test_predict_demo_runs_and_fills_the_default_compilation_cache(tmp_path):
     )
   assert r.returncode == 0, r.stderr
   written = sorted(os.listdir(tmp_path / 'demo'))
-  assert written == ['demo_inputs', 'image_label.png', 'image_overlay.png']
+  assert written == [
+    'demo_inputs',
+    'demo_model',
+    'image_label.png',
+    'image_overlay.png',
+  ]
+  # README passes demo_inputs to --input: a folder of images only.
+  assert os.listdir(tmp_path / 'demo' / 'demo_inputs') == ['image.png']
+  assert 'skipped' not in r.stdout
   # The demo input is drawn as the demo recipe's training images are (an
   # index no split uses), so the trained demo model meets familiar data.
   with Image.open(tmp_path / 'demo' / 'demo_inputs' / 'image.png') as im:
@@ -356,7 +364,7 @@ def test_predict_demo_runs_and_fills_the_default_compilation_cache(tmp_path):
   folder.mkdir()
   shutil.copy(tmp_path / 'demo' / 'demo_inputs' / 'image.png', folder)
   (folder / 'broken.png').write_bytes(b'\x89PNG not really')
-  ckpt = tmp_path / 'demo' / 'demo_inputs' / 'checkpoint'
+  ckpt = tmp_path / 'demo' / 'demo_model'
   args = ['--checkpoint', str(ckpt), '--input', str(folder)]
   r = _run('scripts.predict', *args, '--output', str(tmp_path / 'mixed_out'))
   assert r.returncode == 1, r.stderr

@@ -1,5 +1,6 @@
 """What the entry scripts keep off stderr (`deeplab_jax.cli`)."""
 
+import json
 import logging
 import os
 import subprocess
@@ -108,7 +109,29 @@ def test_flag_and_config_mistakes_are_one_line(tmp_path):
   line = _one_error_line(
     _run('scripts.train', '--config', 'configs/nope.py', '--workdir', w)
   )
-  assert line == 'error: --config: config file configs/nope.py does not exist'
+  assert line.startswith('error: --config: configs/nope.py does not exist; ')
+  # A mistyped recipe: the nearest name first, then every recipe.
+  line = _one_error_line(
+    _run(
+      'scripts.train',
+      '--config',
+      'configs/cityscapes_densaspp.py',
+      '--workdir',
+      w,
+    )
+  )
+  assert line.startswith(
+    'error: --config: configs/cityscapes_densaspp.py does not exist; did you '
+    'mean configs/cityscapes_denseaspp.py? The recipes: '
+    'configs/cityscapes_denseaspp.py, '
+  )
+  listed = line.split('The recipes: ')[1].split(', ')
+  recipes = sorted(
+    f'configs/{f}'
+    for f in os.listdir(os.path.join(REPO, 'configs'))
+    if f.endswith('.py') and f not in ('__init__.py', 'base.py')
+  )
+  assert sorted(listed) == recipes
   line = _one_error_line(
     _run(
       'scripts.train',
@@ -184,3 +207,42 @@ def test_broken_state_dict_and_failed_command_leave_nothing(tmp_path):
   )
   assert 'a SavedModel needs TensorFlow' in line
   assert not out.exists()
+
+
+def test_recipe_path_runs_from_any_directory(tmp_path, data_dir):
+  """`--config configs/NAME.py:variant` outside the clone: the installed
+  recipe; a file of that path in the current directory still wins."""
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  w = tmp_path / 'w'
+  args = [
+    sys.executable,
+    '-m',
+    'scripts.train',
+    '--config',
+    'configs/synthetic_demo.py:smoke',
+    f'--workdir={w}',
+    f'--config.data.data_dir={data_dir}',
+    '--config.train.num_steps=1',
+    '--config.eval.every_steps=1',
+    '--config.checkpoint.every_steps=1',
+  ]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  r = subprocess.run(
+    args, cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  record = json.loads((w / 'config.json').read_text())
+  assert record['model']['arch'] == 'deeplabv3plus_resnet_tiny'
+  assert record['train']['num_steps'] == 1
+
+  # A recipe file of the user's own at that relative path is the one read.
+  own = elsewhere / 'configs'
+  own.mkdir()
+  (own / 'synthetic_demo.py').write_text(
+    'def get_config(arg=None):\n  raise ValueError("the user file")\n'
+  )
+  r = subprocess.run(
+    args, cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env
+  )
+  assert r.returncode == 1 and 'the user file' in r.stderr, r.stderr

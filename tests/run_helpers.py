@@ -57,6 +57,14 @@ def finish_all(procs, timeout=600):
   ]
 
 
+def one_error_line(returncode, stderr):
+  """The one line a refused command prints (`error: ...`, exit 1)."""
+  assert returncode == 1, stderr
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), stderr
+  return lines[0]
+
+
 def weights(workdir, **load_options):
   """The final parameters and BN statistics of a run: `'a.b.c' -> array`."""
   model, _ = checkpointing.load_model(

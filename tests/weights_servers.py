@@ -15,13 +15,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   # Bytes actually sent per path (a truncated reply sends fewer than its
   # Content-Length says).
   truncate: dict[str, int] = {}
+  # Paths answered with `(HTTP status, the Hub's X-Error-Code or None)`.
+  refuse: dict[str, tuple[int, str | None]] = {}
   commit = 'c0ffee' + '0' * 34
 
   def log_message(self, *args):
     del args
 
   def _reply(self, body: bool):
-    data = self.files.get(self.path.split('?')[0])
+    path = self.path.split('?')[0]
+    refusal = self.refuse.get(path)
+    if refusal is not None:
+      status, error_code = refusal
+      self.send_response(status)
+      if error_code:
+        self.send_header('X-Error-Code', error_code)
+        self.send_header('X-Error-Message', f'{error_code} (loopback)')
+      self.send_header('Content-Length', '0')
+      self.end_headers()
+      return
+    data = self.files.get(path)
     if data is None:
       self.send_response(404)
       self.send_header('X-Error-Code', 'EntryNotFound')
@@ -48,10 +61,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(files: dict[str, bytes], truncate: dict[str, int] | None = None):
-  """Serves `{path: bytes}` on 127.0.0.1; yields the base URL."""
+def serve(
+  files: dict[str, bytes],
+  truncate: dict[str, int] | None = None,
+  refuse: dict[str, tuple[int, str | None]] | None = None,
+):
+  """Serves `{path: bytes}` on 127.0.0.1; yields the base URL. `truncate`:
+  bytes sent of a path; `refuse`: `{path: (status, X-Error-Code)}`, e.g.
+  `(401, 'GatedRepo')` as the Hub answers for a gated repository."""
   handler = type(
-    'Handler', (_Handler,), {'files': files, 'truncate': truncate or {}}
+    'Handler',
+    (_Handler,),
+    {'files': files, 'truncate': truncate or {}, 'refuse': refuse or {}},
   )
   server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
   thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -8,27 +8,42 @@ whole models), a name works too:
   fetched by `huggingface_hub` into its cache (`HF_HOME`, `HF_HUB_OFFLINE`
   and revisions work as for any Hub client). Reading safetensors needs no
   PyTorch, so an ImageNet backbone loads on a TPU VM without it.
-- `torchvision:NAME`: a torchvision weights URL, fetched by `torch.hub` into
-  its cache (`TORCH_HOME`) and checked against the hash prefix in the file
-  name. These files are PyTorch pickles: reading them needs PyTorch.
-- any `http(s)://` URL of a `.pth`, fetched the torch.hub way.
+- `torchvision:NAME`: a torchvision weights URL, cached in torch.hub's cache
+  (`TORCH_HOME`) under torchvision's own file name.
+- any `http(s)://` URL of a `.pth`, `.pt`, `.safetensors` or `.npz` file,
+  cached in torch.hub's folder under a key of the whole URL
+  (`url_cache_path`); `URL#sha256=HEX` states the digest it must have.
 
-Every fetched file is checked before use: the Hub's content hash (the
-blob's name) or torch.hub's hash prefix. A file that fails is removed from
-the cache and refused, so a truncated or corrupt download is never loaded.
-`SOURCES` is the table of known names (README, "Published weights").
+A hash is checked when the source states one: the Hub's content hash (its
+ETag, the blob's name in the cache), the hash prefix in a torchvision file
+name, or a digest the user gives (`#sha256=`, `scripts.convert_torch
+--sha256`). A download that fails its check is not kept; a cached file that
+fails it is removed. A file with no stated hash is used as downloaded, and
+every file's SHA-256 is recorded (`Fetched.record`: checkpoint metadata
+`init_from` / `source`). `SOURCES` is the table of known names (README,
+"Published weights"); `check_arch` refuses a name that does not fit the run
+before anything is fetched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import http.client
+import logging
 import os
 import re
+import socket
+import sys
+import tempfile
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 
 import numpy as np
+import tqdm
 
 from deeplab_jax.data import normalization
 from deeplab_jax.errors import UserError
@@ -36,6 +51,10 @@ from deeplab_jax.errors import UserError
 HUB = 'hf-hub:'
 TORCHVISION = 'torchvision:'
 _TORCHVISION_URL = 'https://download.pytorch.org/models/'
+# torch.hub's `HASH_REGEX`: torchvision's file names carry a prefix of
+# their SHA-256 (`resnet50-0676ba61.pth`); other URLs' names carry none.
+_TORCHVISION_HASH = re.compile(r'-([a-f0-9]*)\.')
+_INIT_FROM = '--config.model.init_from'
 # timm's pretrained configs (`timm.models.get_pretrained_cfg(name)`) give
 # each tag's licence and input statistics; torchvision's weights enums
 # (`torchvision.models.*_Weights`) give the URLs and the classes.
@@ -208,35 +227,91 @@ def source(spec: str) -> Source | None:
   return SOURCES.get(spec.partition('@')[0])
 
 
-def fetch(spec: str) -> Fetched:
+def fetch(
+  spec: str, *, sha256: str | None = None, flag: str = _INIT_FROM
+) -> Fetched:
   """The local file of `spec` (a name, URL or path), fetched into the
-  ecosystem's cache and checked.
+  ecosystem's cache and checked against the hash its source states.
+
+  Args:
+    spec: a published name (`SOURCES`), an `hf-hub:` repo, an `http(s)://`
+      URL (optionally ending in `#sha256=HEX`), or a local file.
+    sha256: a SHA-256 the file must have (the user's own statement, e.g.
+      `scripts.convert_torch --sha256`), checked besides the source's own.
+    flag: the caller's flag for a local path, named in the advice of an
+      error (e.g. `--input`).
 
   Raises:
-    UserError: one line: unknown name (the known names listed), offline with
-      nothing cached (what to fetch, how, and that a local path works), a
-      failed hash check (the file is removed), or a missing file.
+    UserError: one line: unknown or invalid name (the known names listed),
+      offline with nothing cached (what to fetch, how, and that a local
+      path works), a gated or private repository, a failed hash check (the
+      file is not kept), a URL that names no file, or a missing file.
   """
+  if sha256 is not None:
+    sha256 = _digest(sha256, '--sha256')
   if spec.startswith(HUB):
-    return _fetch_hub(spec)
-  if spec.startswith(TORCHVISION):
+    fetched = _fetch_hub(spec, flag)
+  elif spec.startswith(TORCHVISION):
     entry = SOURCES.get(spec)
     if entry is None:
       raise UserError(f'unknown weights name {spec!r}; known: {_known()}')
-    return _fetch_url(spec, entry.location, entry)
-  if spec.startswith(('http://', 'https://')):
-    return _fetch_url(spec, spec, None)
-  if not os.path.isfile(spec):
+    fetched = _fetch_url(spec, entry.location, entry, flag, sha256)
+  elif spec.startswith(('http://', 'https://')):
+    fetched = _fetch_url(spec, spec, None, flag, sha256)
+  elif os.path.isdir(spec):
+    raise UserError(
+      f'{spec} is a directory, not a weights file: pass a .pth, .pt, '
+      '.safetensors or .npz file or a published name'
+      + (
+        ' (a deeplab-jax checkpoint directory is read as it is, without '
+        'conversion)'
+        if flag == _INIT_FROM
+        else ''
+      )
+    )
+  elif not os.path.isfile(spec):
     raise UserError(
       f'{spec} does not exist (a weights file, a checkpoint directory, or a '
       f'published name: {_known()})'
     )
-  return Fetched(spec, spec, sha256_of(spec))
+  else:
+    fetched = Fetched(spec, spec, sha256_of(spec))
+  if sha256 and fetched.sha256 != sha256:
+    raise UserError(
+      f'{spec}: {fetched.path} has sha256 {fetched.sha256[:12]}..., not the '
+      f'stated {sha256[:12]}...; check the digest or the file'
+    )
+  return fetched
 
 
-def read(spec: str) -> tuple[Mapping[str, np.ndarray], Fetched]:
+def check_arch(spec: str, arch: str, flag: str = _INIT_FROM) -> None:
+  """Refuses a published name that does not load into `arch`, before
+  anything is fetched: one line naming both and the names that fit.
+
+  Raises:
+    UserError: `spec` is a known name whose architectures exclude `arch`.
+  """
+  entry = source(spec)
+  if entry is None or arch in entry.archs:
+    return
+  fits = [s.name for s in SOURCES.values() if arch in s.archs]
+  random = f'{flag}= for random weights'
+  advice = (
+    f'use {" or ".join(f"{flag}={n}" for n in fits)}, or {random}'
+    if fits
+    else f'no published weights load into {arch}: pass {random}'
+  )
+  raise UserError(
+    f'{flag}={spec} holds {" / ".join(entry.archs)} weights, which do not '
+    f'load into {arch}; {advice}'
+  )
+
+
+def read(
+  spec: str, *, sha256: str | None = None, flag: str = _INIT_FROM
+) -> tuple[Mapping[str, np.ndarray], Fetched]:
   """The state dict of `spec` (see `fetch`) and where it came from."""
-  fetched = fetch(spec)
+  fetched = fetch(spec, sha256=sha256, flag=flag)
   return read_file(fetched.path), fetched
 
 
@@ -268,43 +343,57 @@ def sha256_of(path: str) -> str:
   return h.hexdigest()
 
 
-def _fetch_hub(spec: str) -> Fetched:
+def _digest(text: str, what: str) -> str:
+  """A stated SHA-256: 64 hex digits (as `sha256sum` prints them)."""
+  digest = text.strip().lower()
+  if not re.fullmatch(r'[0-9a-f]{64}', digest):
+    raise UserError(
+      f'{what} {text!r} is not a SHA-256 (64 hex digits, as sha256sum '
+      'prints it)'
+    )
+  return digest
+
+
+def _hub_reachable() -> bool:
+  """Whether the Hub's endpoint accepts a connection, asked once with a short
+  timeout, so that an offline host gets its one line at once rather than
+  after huggingface_hub's retries. Behind a proxy the client decides."""
+  from huggingface_hub import constants
+
+  if constants.HF_HUB_OFFLINE:
+    return False
+  if any(
+    os.environ.get(k)
+    for k in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy')
+  ):
+    return True
+  url = urllib.parse.urlparse(constants.ENDPOINT)
+  port = url.port or (443 if url.scheme == 'https' else 80)
+  try:
+    socket.create_connection((url.hostname, port), timeout=5).close()
+  except OSError:
+    return False
+  return True
+
+
+def _fetch_hub(spec: str, flag: str) -> Fetched:
   repo, _, revision = spec.removeprefix(HUB).partition('@')
   import huggingface_hub
-  from huggingface_hub import constants, errors
+  from huggingface_hub import constants
 
   where = f'the Hugging Face cache ({constants.HF_HUB_CACHE})'
+  online = _hub_reachable()
   try:
-    path = huggingface_hub.hf_hub_download(
-      repo, 'model.safetensors', revision=revision or None
-    )
-  except errors.LocalEntryNotFoundError as e:
-    why = (
-      'HF_HUB_OFFLINE is set'
-      if constants.HF_HUB_OFFLINE
-      else 'the Hub cannot be reached'
-    )
-    raise UserError(
-      f'{spec}: model.safetensors of {repo} is not in {where} and {why}; '
-      f'fetch it where there is network with `hf download {repo} '
-      'model.safetensors` (same HF_HOME), or pass the file as a local path '
-      '(model.init_from=/path/to/model.safetensors)'
-    ) from e
-  except (
-    errors.RepositoryNotFoundError,
-    errors.RevisionNotFoundError,
-    errors.EntryNotFoundError,
-  ) as e:
-    raise UserError(
-      f'{spec}: the Hub has no model.safetensors for {repo}'
-      f'{"@" + revision if revision else ""} ({type(e).__name__}); known '
-      f'names: {_known()}'
-    ) from e
-  except (OSError, errors.HfHubHTTPError) as e:
-    raise UserError(
-      f'{spec}: download failed ({type(e).__name__}: '
-      f'{" ".join(str(e).split())[:160]}); try again, or pass a local path'
-    ) from e
+    # The client's own retry warnings would precede the one line.
+    with _quiet('huggingface_hub'):
+      path = huggingface_hub.hf_hub_download(
+        repo,
+        'model.safetensors',
+        revision=revision or None,
+        local_files_only=not online,
+      )
+  except (ValueError, OSError) as e:  # the client's errors are these
+    raise _hub_error(e, spec, flag) from e
   digest = sha256_of(path)
   blob = os.path.realpath(path)
   expected = os.path.basename(blob)
@@ -321,50 +410,244 @@ def _fetch_hub(spec: str) -> Fetched:
   return Fetched(spec, path, digest, source(spec))
 
 
-def _fetch_url(name: str, url: str, entry: Source | None) -> Fetched:
+def _hub_error(e: Exception, spec: str, flag: str) -> UserError:
+  """The one line for a failed `hf_hub_download` of `spec`."""
+  from huggingface_hub import constants, errors
+
+  repo, _, revision = spec.removeprefix(HUB).partition('@')
+  at = f'{repo}@{revision}' if revision else repo
+  login = (
+    'log in with `hf auth login` (or set HF_TOKEN) as a user who has access'
+  )
+  local = f'pass the file as a local path ({flag}=/path/to/model.safetensors)'
+  status = _http_status(e)
+  if isinstance(e, errors.HFValidationError):
+    return UserError(
+      f'{spec}: {repo!r} is not a Hub repo id (OWNER/NAME, e.g. '
+      f'timm/densenet161.tv_in1k); known names: {_known()}'
+    )
+  if isinstance(e, errors.GatedRepoError):
+    return UserError(
+      f'{spec}: {at} is a gated repository: accept its terms on '
+      f'{constants.ENDPOINT}/{repo} and {login}'
+    )
+  if isinstance(e, errors.RepositoryNotFoundError):
+    return UserError(
+      f'{spec}: the Hub has no repository {at}, or it is private (then '
+      f'{login}); known names: {_known()}'
+    )
+  if status in (401, 403):
+    return UserError(
+      f'{spec}: the Hub refused access to {at} (HTTP {status}): it is '
+      f'private or gated; {login}'
+    )
+  if isinstance(e, errors.LocalEntryNotFoundError):
+    why = (
+      'HF_HUB_OFFLINE is set'
+      if constants.HF_HUB_OFFLINE
+      else f'the Hub ({constants.ENDPOINT}) cannot be reached'
+    )
+    return UserError(
+      f'{spec}: model.safetensors of {repo} is not in the Hugging Face '
+      f'cache ({constants.HF_HUB_CACHE}) and {why}; fetch it where there is '
+      f'network with `hf download {repo} model.safetensors` (same HF_HOME), '
+      f'or {local}'
+    )
+  if isinstance(e, (errors.RevisionNotFoundError, errors.EntryNotFoundError)):
+    return UserError(
+      f'{spec}: the Hub has no model.safetensors for {at} '
+      f'({type(e).__name__}); known names: {_known()}'
+    )
+  return UserError(
+    f'{spec}: download failed ({type(e).__name__}: '
+    f'{" ".join(str(e).split())[:160]}); try again, or {local}'
+  )
+
+
+def _http_status(error: BaseException | None) -> int | None:
+  """The HTTP status of the reply behind `error` or its causes."""
+  while error is not None:
+    status = getattr(getattr(error, 'response', None), 'status_code', None)
+    if status is not None:
+      return status
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+  """`logger`'s records below ERROR are dropped while the block runs."""
+  log = logging.getLogger(logger)
+  level = log.level
+  log.setLevel(logging.ERROR)
   try:
-    import torch.hub
-  except ImportError as e:
-    raise UserError(
-      f'{name} is a PyTorch file: downloading and reading it needs PyTorch '
-      '(pip install torch), or convert it once where PyTorch is installed '
-      f'(python -m scripts.convert_torch --input {name} ...) and pass the '
-      'converted checkpoint'
-    ) from e
-  directory = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    yield
+  finally:
+    log.setLevel(level)
+
+
+def url_cache_dir() -> str:
+  """torch.hub's cache of downloaded weights (`TORCH_HOME/hub/checkpoints`),
+  located by torch.hub's own rule, so that no PyTorch is needed to use it."""
+  home = os.environ.get('TORCH_HOME') or os.path.join(
+    os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache'), 'torch'
+  )
+  return os.path.join(os.path.expanduser(home), 'hub', 'checkpoints')
+
+
+def url_cache_path(url: str, *, torchvision: bool = False) -> str:
+  """Where the file of `url` (no fragment) is cached.
+
+  torchvision's files (`torchvision`, or a URL in download.pytorch.org's
+  models folder) keep torch.hub's own entry (`checkpoints/FILE`, shared
+  with torchvision): in that one folder the file name is the whole URL.
+  Any other URL gets a folder keyed by the SHA-256 of the whole URL, so two
+  URLs that end in the same file name never share an entry.
+  """
   filename = os.path.basename(urllib.parse.urlparse(url).path)
-  path = os.path.join(directory, filename)
-  match = torch.hub.HASH_REGEX.search(filename)
-  prefix = match.group(1) if match else None
+  if torchvision or _is_torchvision_file(url):
+    return os.path.join(url_cache_dir(), filename)
+  key = hashlib.sha256(url.encode()).hexdigest()[:16]
+  return os.path.join(url_cache_dir(), f'url-{key}', filename)
+
+
+def _is_torchvision_file(url: str) -> bool:
+  rest = url.removeprefix(_TORCHVISION_URL)
+  return rest != url and '/' not in rest and '?' not in rest
+
+
+def _stated_hash(url, fragment, sha256, torchvision):
+  """`(hex, what stated it)`: the user's digest (`#sha256=` or `sha256`), or
+  the prefix a torchvision file name carries; `(None, '')` if none."""
+  if fragment:
+    key, _, value = fragment.partition('=')
+    if key != 'sha256':
+      raise UserError(
+        f'{url}#{fragment}: the only fragment understood is #sha256=HEX'
+      )
+    stated = _digest(value, '#sha256=')
+    if sha256 and sha256 != stated:
+      raise UserError(f'{url}: #sha256= and --sha256 differ')
+    return stated, '#sha256='
+  if sha256:
+    return sha256, '--sha256'
+  if torchvision:
+    match = _TORCHVISION_HASH.search(os.path.basename(url))
+    if match:
+      return match.group(1), "the hash prefix in torchvision's file name"
+  return None, ''
+
+
+def _fetch_url(
+  name: str, spec: str, entry: Source | None, flag: str, sha256: str | None
+) -> Fetched:
+  """A URL through torch.hub's cache (see `url_cache_path`): downloaded into
+  a temporary file, checked against its stated hash, then moved into place,
+  so a failed or truncated download leaves nothing behind."""
+  url, _, fragment = spec.partition('#')
+  if not os.path.basename(urllib.parse.urlparse(url).path):
+    raise UserError(
+      f'{url} names no file (its path ends in "/"); give the URL of the '
+      'weights file itself'
+    )
+  torchvision = _is_torchvision_file(url) or (
+    entry is not None and entry.name.startswith(TORCHVISION)
+  )
+  expected, stated_by = _stated_hash(url, fragment, sha256, torchvision)
+  path = url_cache_path(url, torchvision=torchvision)
   if not os.path.isfile(path):
-    os.makedirs(directory, exist_ok=True)
-    try:
-      # torch.hub's own download: a temporary file, checked against the
-      # hash prefix, then moved into place (nothing is left on failure).
-      torch.hub.download_url_to_file(url, path, hash_prefix=prefix)
-    except RuntimeError as e:
-      what = url if name == url else f'{name}: the download from {url}'
-      raise UserError(
-        f'{what} fails its hash check ({e}); '
-        f'nothing was kept in {directory}. Try again, or fetch the file by '
-        'hand and pass its path'
-      ) from e
-    except Exception as e:  # noqa: BLE001 - URLError, IncompleteRead, ...
-      what = url if name == url else f'{name}: {url}'
-      raise UserError(
-        f'cannot download {what} ({type(e).__name__}: '
-        f'{" ".join(str(e).split())[:160]}); fetch it where there is network '
-        f'into {directory}/ (curl -L -o {path} {url}), or pass a local path'
-      ) from e
+    _download(name, url, path, expected, stated_by, flag)
   digest = sha256_of(path)
-  if prefix and not digest.startswith(prefix):
+  if expected and not digest.startswith(expected):
     os.remove(path)
     raise UserError(
       f'{name}: the cached {path} fails its hash check (sha256 '
-      f'{digest[:12]}..., expected {prefix}...): removed it; run again to '
-      'download it again'
+      f'{digest[:12]}..., expected {expected[:12]}... from {stated_by}): '
+      'removed it; run again to download it again'
     )
   return Fetched(name, path, digest, entry)
+
+
+def _download(name, url, path, expected, stated_by, flag) -> None:
+  directory = os.path.dirname(path)
+  what = url if name == url.partition('#')[0] else f'{name}: {url}'
+  advice = (
+    f'fetch it where there is network (curl -L -o {path} {url}), or pass '
+    f'a local path ({flag}=/path/to/{os.path.basename(path)})'
+  )
+  os.makedirs(directory, exist_ok=True)
+  partial = tempfile.NamedTemporaryFile(
+    dir=directory, prefix='.partial-', delete=False
+  )
+  try:
+    with partial, _open_url(url, what, advice) as reply:
+      size = int(reply.headers.get('Content-Length') or 0) or None
+      h = hashlib.sha256()
+      got = 0
+      with tqdm.tqdm(
+        total=size,
+        unit='B',
+        unit_scale=True,
+        desc=os.path.basename(path),
+        disable=not sys.stderr.isatty(),
+      ) as bar:
+        while block := reply.read(1 << 20):
+          partial.write(block)
+          h.update(block)
+          got += len(block)
+          bar.update(len(block))
+    if size is not None and got != size:
+      raise UserError(
+        f'cannot download {what}: the connection closed after {got} of '
+        f'{size} bytes; nothing was kept in {directory}. Try again, or '
+        f'{advice}'
+      )
+    digest = h.hexdigest()
+    if expected and not digest.startswith(expected):
+      raise UserError(
+        f'{what} fails its hash check (sha256 {digest[:12]}..., expected '
+        f'{expected[:12]}... from {stated_by}); nothing was kept in '
+        f'{directory}. Try again, or fetch the file by hand and pass its path'
+      )
+    os.replace(partial.name, path)
+  finally:
+    if os.path.exists(partial.name):
+      os.remove(partial.name)
+      with contextlib.suppress(OSError):
+        os.rmdir(directory)  # a URL's own folder, if it is empty
+
+
+@contextlib.contextmanager
+def _open_url(url: str, what: str, advice: str):
+  try:
+    reply = urllib.request.urlopen(
+      urllib.request.Request(url, headers={'User-Agent': 'deeplab-jax'}),
+      timeout=60,
+    )
+  except urllib.error.HTTPError as e:
+    why = {
+      401: 'it needs a login: download it with your credentials and pass '
+      'its path',
+      403: 'access is denied (private, or it needs a login): download it '
+      'with your credentials and pass its path',
+      404: 'there is no such file: check the URL',
+    }.get(e.code, f'{e.reason}: try again later, or {advice}')
+    raise UserError(
+      f'cannot download {what}: the server answered HTTP {e.code}; {why}'
+    ) from e
+  except (OSError, http.client.HTTPException) as e:
+    raise UserError(
+      f'cannot download {what} ({type(e).__name__}: '
+      f'{" ".join(str(e).split())[:160]}); {advice}'
+    ) from e
+  with reply:
+    try:
+      yield reply
+    except (OSError, http.client.HTTPException) as e:
+      raise UserError(
+        f'cannot download {what}: the transfer failed ({type(e).__name__}: '
+        f'{" ".join(str(e).split())[:120]}); {advice}'
+      ) from e
 
 
 def load_model(spec: str):
@@ -388,7 +671,7 @@ def load_model(spec: str):
       f'{spec} is not a published segmentation model; --checkpoint takes a '
       f'checkpoint directory or one of {", ".join(whole)}'
     )
-  state_dict, fetched = read(spec)
+  state_dict, fetched = read(spec, flag='--checkpoint')
   model = torch_convert.load(entry.archs[0], state_dict)
   names = datasets.label_spec(entry.dataset).class_names
   mean, std = entry.normalization
