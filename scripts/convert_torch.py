@@ -60,10 +60,7 @@ _NORMALIZATION = flags.DEFINE_string(
   'timm: imagenet).',
 )
 _SHA256 = flags.DEFINE_string(
-  'sha256',
-  None,
-  'The SHA-256 the --input file must have (64 hex digits); a download that '
-  'does not match is not kept. A URL may carry it as URL#sha256=HEX.',
+  'sha256', None, "--input's SHA-256 (or pass URL#sha256=HEX)."
 )
 _FORCE = flags.DEFINE_bool('force', False, 'Overwrite a non-empty --output.')
 
