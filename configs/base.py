@@ -70,6 +70,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 1000
   c.train.batch_size = 8  # global, over all devices and hosts
   c.train.log_every_steps = 10
+  # Multi-process: a process whose step stays behind the others' this long
+  # (they wait for it in a collective) hangs; every process then stops,
+  # naming it. Compiles, evaluations and checkpoint writes hold every
+  # process at one step and do not count.
+  c.train.hang_timeout_s = 1800.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 500

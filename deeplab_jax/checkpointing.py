@@ -9,10 +9,12 @@ normalisation, so `--checkpoint DIR` is enough to rebuild and run the model.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +32,7 @@ from deeplab_jax.errors import (
   CheckpointCorruptError,
   CheckpointMismatchError,
   CheckpointNotFoundError,
+  CheckpointReadError,
   CheckpointWriteError,
   ConfigError,
   UserError,
@@ -40,6 +43,17 @@ FORMAT = 'deeplab_jax.model'
 FORMAT_VERSION = 1
 TRASH = 'trash'  # Orbax's todelete_subdir: deletion is one atomic rename
 CORRUPT = 'corrupt'  # steps that failed verification, kept for inspection
+# A step that fails to restore for a reason other than its content (a
+# storage or memory error) is tried this often, with the delay doubling
+# from RESTORE_BACKOFF_S, before the run stops; content errors are tried
+# twice before the step counts as corrupt.
+RESTORE_TRIES = 4
+RESTORE_BACKOFF_S = 1.0
+# What TensorStore says of bytes that are there but wrong or cut short.
+_DATA_ERRORS = re.compile(
+  r'OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND|DATA_LOSS|Data corruption|'
+  r'Truncated|pytree structure'
+)
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -511,6 +525,29 @@ def _first_line(e: BaseException) -> str:
   return f'{type(e).__name__}: {line[:240]}'
 
 
+def _is_corruption(e: BaseException) -> bool:
+  """Whether a failed restore blames the step's content: its digests, a
+  missing item or file, or bytes and metadata that do not decode (not a
+  storage, network or memory error)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(
+      e,
+      (
+        CheckpointCorruptError,
+        KeyError,
+        FileNotFoundError,
+        json.JSONDecodeError,
+      ),
+    ):
+      return True
+    if isinstance(e, ValueError) and _DATA_ERRORS.search(str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 def _root_cause(e: BaseException) -> str:
   """The innermost reason of a (chained) write error, on one line: storage
   layers put the OS error last ('...: File too large [os_error_code=27]')."""
@@ -705,7 +742,18 @@ class TrainCheckpointer:
     if has_digests:
       _verify(out)
     self.restored_metadata = dict(out['meta'])
+    self._restored_step = step
     return out['model'], out['train'], dict(out['data'])
+
+  def restored_saved_at(self) -> str:
+    """When the step `restore` returned was committed (UTC), as
+    `saved at 2026-12-07 04:30:12 UTC`, or `saved at an unknown time`."""
+    try:
+      stat = epath.Path(self.directory, str(self._restored_step)).stat()
+      when = datetime.datetime.fromtimestamp(stat.mtime, datetime.UTC)
+    except (AttributeError, OSError, ValueError):
+      return 'saved at an unknown time'
+    return f'saved at {when:%Y-%m-%d %H:%M:%S} UTC'
 
   def _restore_latest(
     self, abstract_weights: Mapping, abstract_train: Any
@@ -714,21 +762,23 @@ class TrainCheckpointer:
     targets (their shardings decide the placement: a run can resume on
     another device count).
 
-    Steps that fail are reported (step, item, reason) and, once an older
-    good step is found, moved to `corrupt/` (kept for inspection, and out
-    of the way of the steps the resumed run will save again). Returns
-    `(step, weights, train_state, data_state)`, or None when the directory
-    has no steps. Raises `CheckpointCorruptError` when steps exist but none
-    is usable, leaving everything in place.
+    A step is corrupt when its content fails its digests, an item is
+    missing, or its bytes or metadata cannot be decoded, twice
+    (`_restore_agreed`). Corrupt steps are reported (step, reason) and,
+    once an older step restored and verified, moved to `corrupt/` (kept
+    for inspection, and out of the way of the steps the resumed run will
+    save again). Any other error is retried and, if it persists, stops the
+    run with every step in place. Every process takes the same decisions.
+    Returns `(step, weights, train_state, data_state)`, or None when the
+    directory has no steps. Raises `CheckpointCorruptError` when steps
+    exist but none is usable, leaving everything in place.
     """
     bad = []
     for step in sorted(self.all_steps(), reverse=True):
-      try:
-        restored = self._restore_verified(
-          step, abstract_weights, abstract_train
-        )
-      except Exception as e:  # Orbax's errors share no base class
-        reason = _first_line(e)
+      restored, reason = self._restore_agreed(
+        step, abstract_weights, abstract_train
+      )
+      if restored is None:
         logging.warning('checkpoint step %d is unusable: %s', step, reason)
         bad.append((step, reason))
         continue
@@ -752,6 +802,61 @@ class TrainCheckpointer:
         'in a new --workdir'
       )
     return None
+
+  def _restore_agreed(self, step, abstract_weights, abstract_train):
+    """`(restored, '')` or `(None, reason)` when `step` is corrupt.
+
+    Every process tries the step once per round and the rounds' outcomes
+    are exchanged (`multihost.gather`), so all retry, skip or stop
+    together. A content error on any process (`_is_corruption`) gets one
+    more round; any other error up to `RESTORE_TRIES` rounds with backoff,
+    then `CheckpointReadError`.
+    """
+    delay, content_rounds, rounds = RESTORE_BACKOFF_S, 0, 0
+    while True:
+      rounds += 1
+      restored, outcome = None, 'ok'
+      try:
+        restored = self._restore_verified(
+          step, abstract_weights, abstract_train
+        )
+      except Exception as e:  # Orbax's errors share no base class
+        kind = 'corrupt' if _is_corruption(e) else 'error'
+        outcome = f'{kind}|{_first_line(e)}'
+      outcomes = multihost.gather(f'restore {step}', outcome)
+      if all(o == 'ok' for o in outcomes):
+        return restored, ''
+      errors = [o for o in outcomes if o.startswith('error|')]
+      if errors:
+        reason = errors[0].partition('|')[2]
+        if rounds >= RESTORE_TRIES:
+          raise CheckpointReadError(
+            f'could not read checkpoint step {step} in {self.directory} '
+            f'({reason}) in {RESTORE_TRIES} tries; every step was left in '
+            'place. Fix the storage or free memory, then run the same '
+            'command again'
+          )
+        logging.warning(
+          'reading checkpoint step %d failed (%s); trying again in %.0f s '
+          '(%d of %d)',
+          step,
+          reason,
+          delay,
+          rounds + 1,
+          RESTORE_TRIES,
+        )
+        time.sleep(delay)
+        delay *= 2
+        continue
+      content_rounds += 1
+      reason = next(o for o in outcomes if o != 'ok').partition('|')[2]
+      if content_rounds >= 2:
+        return None, reason
+      logging.warning(
+        'checkpoint step %d failed verification (%s); reading it once more',
+        step,
+        reason,
+      )
 
   def _quarantine(self, steps: Sequence[int]) -> None:
     if jax.process_index() == 0:

@@ -30,3 +30,8 @@ class CheckpointCorruptError(UserError, RuntimeError):
 
 class CheckpointWriteError(UserError, OSError):
   """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
+class CheckpointReadError(UserError, OSError):
+  """A checkpoint step could not be read, again and again, for a reason that
+  is not its content (storage, memory): every step is left in place."""

@@ -9,29 +9,51 @@ context initialization failed: ... GetKeyValue() timed out". Processes that
 may have drifted apart therefore first meet at a barrier of the coordination
 service, whose timeout is ours.
 
+Decisions that can stop a run are taken once and every process learns
+them (`decide`): a refusal at start (the workdir's lock and run record, the
+config, the data) is published through the coordination service's
+key-value store, and every process raises the same one-line error within
+seconds, instead of one process exiting while the others wait at their
+next meeting.
+
 A peer that dies (a killed process, a lost host) leaves the others blocked
 in their next collective: gloo does not notice. JAX's coordination service
 does when the peer's heartbeats stop, and its client then aborts every
 other process with a C++ stack dump; a process that still exits normally
 waits for the dead one at JAX's shutdown barrier. So every process runs a
-watchdog thread: every `ALIVE_PERIOD_S` it writes a counter to the
-coordination service's key-value store and reads the others'. A peer whose
-counter stops for `PEER_TIMEOUT_S` (well inside JAX's heartbeat timeout,
-`HEARTBEAT_TIMEOUT_S`), or a store that cannot be reached, ends the process
-with one line (a peer stopped responding; restart every process with the
-same command) and exit status 1, at once, without the shutdown barrier. A
-process that finishes says so first (`finished`), so that its end is not
-taken for a death. A collective that fails outright (gloo's "Connection
-reset by peer" in a checkpoint write) ends the same way (`is_peer_failure`,
-`PeerLostError`), not as a disk error. When the process that hosts the
-coordination service (process 0) dies, JAX's client in the others ends
-them first, within a second, with its own fatal message
-(docs/distributed.md, "A process dies").
+watchdog thread (`_Watchdog`): every `ALIVE_PERIOD_S` it writes its sign of
+life and the step it is at to the key-value store, and reads one verdict.
+Process 0 alone reads every process's key (one directory read) and writes
+the verdict: O(N) calls per period for N processes, not N^2. The verdict
+stops every process, each with the same one line and exit status 1, at
+once, without the shutdown barrier, when
+
+- a peer's sign of life stops for `PEER_TIMEOUT_S` (well inside JAX's
+  heartbeat timeout, `HEARTBEAT_TIMEOUT_S`), or process 0's verdict does;
+- a peer hangs: its step stays behind the others' for `hang_timeout_s`
+  (`train.hang_timeout_s`) while they wait for it; a long compile,
+  evaluation or checkpoint write holds every process at the same step and
+  is not a hang;
+- a process asks to stop the job (`stop_job`: e.g. its workdir lock was
+  taken over).
+
+A key-value call that fails is retried until `PEER_TIMEOUT_S` has passed
+before the store counts as unreachable. A process that finishes says so
+first (`finished`), so that its end is not taken for a death. A
+collective that fails outright (gloo's "Connection reset by peer" in a
+checkpoint write) ends the same way (`is_peer_failure`, `PeerLostError`),
+not as a disk error. When the process that hosts the coordination service
+(process 0) dies, JAX's client in the others ends them first, within a
+second, with its own fatal message (docs/distributed.md, "A process
+dies"). Exit callbacks (`on_exit`, e.g. releasing the workdir lock) run on
+every exit this module takes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import os
 import re
 import sys
@@ -57,8 +79,14 @@ PEER_TIMEOUT_S = 30
 # (seen: the abort 51-68 s after a SIGKILL with JAX's default of 100 s).
 HEARTBEAT_TIMEOUT_S = 150
 ALIVE_PERIOD_S = 2
+# A peer whose step stays behind the others' this long hangs
+# (`train.hang_timeout_s` sets it for a run).
+DEFAULT_HANG_TIMEOUT_S = 1800
 _ALIVE = 'deeplab_jax/alive/'
+_VERDICT = 'deeplab_jax/verdict'
 _DONE = 'done'
+_STOP = 'stop'
+_LOST = 'lost'
 _RESTART = (
   'restart every process with the same command; the run resumes from its '
   'last checkpoint'
@@ -122,11 +150,33 @@ def is_peer_failure(error: BaseException) -> bool:
 def exit_peer_lost(cause: str) -> None:
   """Prints `peer_lost_message(cause)` and exits 1 now: not through JAX's
   shutdown barrier, which would wait for the dead peer and then abort."""
+  _exit_now(peer_lost_message(cause))
+
+
+def _exit_now(message: str) -> None:
+  """Runs the exit callbacks, prints `error: message` and exits 1 at once."""
+  for callback in reversed(_exit_callbacks):
+    try:
+      callback()
+    except Exception:  # noqa: BLE001 - exiting anyway; the line matters
+      pass
   # A new line first: a progress bar may be mid-line.
-  sys.stderr.write(f'\nerror: {peer_lost_message(cause)}\n')
+  sys.stderr.write(f'\nerror: {message}\n')
   sys.stderr.flush()
   sys.stdout.flush()
   os._exit(1)
+
+
+_exit_callbacks: list[Callable[[], None]] = []
+
+
+def on_exit(callback: Callable[[], None]) -> Callable[[], None]:
+  """Registers `callback` to run when this module ends the process (a lost
+  peer, a hang, a stop verdict); returns a function that unregisters it."""
+  _exit_callbacks.append(callback)
+  return lambda: (
+    callback in _exit_callbacks and _exit_callbacks.remove(callback)
+  )
 
 
 def finished() -> None:
@@ -139,10 +189,41 @@ def finished() -> None:
       client.key_value_set(
         f'{_ALIVE}{jax.process_index()}', _DONE, allow_overwrite=True
       )
+      if jax.process_index() == 0:
+        client.key_value_set(_VERDICT, _DONE, allow_overwrite=True)
+
+
+def at_step(step: int) -> None:
+  """Records the step this process has reached (the watchdog publishes it,
+  so a peer that stays behind while the others wait is found)."""
+  _progress['step'] = step
+
+
+def stop_job(message: str) -> None:
+  """Ends every process of the job with `message` (one line, exit 1): this
+  process now, the others through the watchdog's next verdict."""
+  client = _client()
+  with _alive_lock:  # no sign of life overwrites the request
+    if client is not None and jax.process_count() > 1:
+      key, value = f'{_ALIVE}{jax.process_index()}', f'{_STOP}|{message}'
+      if jax.process_index() == 0:
+        key, value = _VERDICT, f'-1|{_STOP}|{message}'
+      with contextlib.suppress(Exception):  # exiting anyway
+        client.key_value_set(key, value, allow_overwrite=True)
+    _exit_now(message)
 
 
 _finished = threading.Event()
 _alive_lock = threading.Lock()  # no beat is written after `done`
+_progress = {'step': -1}
+# `train.hang_timeout_s`, set by training (`set_hang_timeout`).
+_hang = {'timeout_s': DEFAULT_HANG_TIMEOUT_S}
+
+
+def set_hang_timeout(seconds: float) -> None:
+  """How long a peer may stay behind the others' step (`train.
+  hang_timeout_s`) before the job ends naming it."""
+  _hang['timeout_s'] = seconds
 
 
 def _client():
@@ -151,44 +232,217 @@ def _client():
   return distributed.global_state.client
 
 
+def _retrying(call: Callable[[], Any], what: str) -> Any:
+  """`call()`, retried for up to `PEER_TIMEOUT_S` (a store that answers
+  late is not a dead one); then the process ends as peer-lost."""
+  deadline = time.monotonic() + PEER_TIMEOUT_S
+  delay = 0.25
+  while True:
+    try:
+      return call()
+    except Exception as e:  # noqa: BLE001 - the store's errors are generic
+      if time.monotonic() + delay > deadline:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        exit_peer_lost(
+          f'the coordination service is unreachable ({what}): {first}'
+        )
+      time.sleep(delay)
+      delay = min(2 * delay, 4.0)
+
+
 class _Watchdog(threading.Thread):
-  """Writes this process's sign of life and checks the others' (module
-  docstring)."""
+  """Signs of life, steps and the verdict (module docstring)."""
 
   def __init__(self):
     super().__init__(name='deeplab_jax peer watchdog', daemon=True)
     self.client = _client()
     self.index, self.count = jax.process_index(), jax.process_count()
+    self.calls = 0  # key-value calls made, for the cost per period
+    start = time.monotonic()
+    # Process 0: per peer, the last value and step seen and when each
+    # changed; the others: process 0's last verdict and when it changed.
+    self.seen = {p: (None, start, None, start) for p in range(self.count)}
+    self.verdict_seen = (None, start)
 
   def run(self):
-    seen: dict[int, tuple[str | None, float]] = {}
-    start = time.monotonic()
     for beat in itertools.count(1):
       if _finished.wait(ALIVE_PERIOD_S):
         return
-      try:
-        with _alive_lock:
-          if _finished.is_set():
-            return
-          self.client.key_value_set(
-            f'{_ALIVE}{self.index}', str(beat), allow_overwrite=True
-          )
-        values = dict(self.client.key_value_dir_get(_ALIVE))
-      except Exception as e:  # noqa: BLE001 - the store's host is gone
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        exit_peer_lost(f'the coordination service is unreachable: {first}')
-      now = time.monotonic()
-      for other in range(self.count):
-        value = values.get(f'{_ALIVE}{other}')
-        if other == self.index or value == _DONE:
-          continue
-        last, since = seen.get(other, (None, start))
-        if value != last:
-          seen[other] = (value, now)
-        elif now - since > PEER_TIMEOUT_S:
-          exit_peer_lost(
-            f'process {other} sent no sign of life for {PEER_TIMEOUT_S} s'
-          )
+      with _alive_lock:
+        if _finished.is_set():
+          return
+        self._call(
+          lambda b=beat: self.client.key_value_set(
+            f'{_ALIVE}{self.index}',
+            f'{b}|{_progress["step"]}',
+            allow_overwrite=True,
+          ),
+          "writing this process's sign of life",
+        )
+      if self.index == 0:
+        self._judge(beat)
+      else:
+        self._obey()
+
+  def _call(self, fn, what):
+    self.calls += 1
+    return _retrying(fn, what)
+
+  def _judge(self, beat: int) -> None:
+    """Process 0: reads every sign of life, writes the verdict."""
+    values = dict(
+      self._call(
+        lambda: self.client.key_value_dir_get(_ALIVE), 'reading the peers'
+      )
+    )
+    verdict = verdict_of(values, self.seen, time.monotonic(), self.count)
+    with _alive_lock:
+      if _finished.is_set():
+        return
+      self._call(
+        lambda: self.client.key_value_set(
+          _VERDICT, f'{beat}|{verdict or "ok"}', allow_overwrite=True
+        ),
+        'writing the verdict',
+      )
+    if verdict:
+      _exit_for(verdict)
+
+  def _obey(self) -> None:
+    """The other processes: act on process 0's verdict."""
+    value = self._call(self._try_verdict, 'reading the verdict')
+    now = time.monotonic()
+    if value == _DONE:
+      _finished.set()  # process 0 ended normally: nobody left to judge
+      return
+    beat, _, verdict = (value or '').partition('|')
+    if verdict != 'ok' and verdict:
+      _exit_for(verdict)
+    last, since = self.verdict_seen
+    if beat != last:
+      self.verdict_seen = (beat, now)
+    elif now - since > PEER_TIMEOUT_S:
+      exit_peer_lost(f'process 0 sent no verdict for {PEER_TIMEOUT_S} s')
+
+  def _try_verdict(self) -> str | None:
+    try:
+      return self.client.key_value_try_get(_VERDICT)
+    except Exception as e:
+      if 'NOT_FOUND' in str(e):  # process 0 has not judged yet
+        return None
+      raise
+
+
+def _exit_for(verdict: str) -> None:
+  """Ends this process as `verdict` (`lost|cause` or `stop|message`) says."""
+  kind, _, text = verdict.partition('|')
+  if kind == _LOST:
+    exit_peer_lost(text)
+  _exit_now(text)
+
+
+def verdict_of(values, seen, now, count) -> str | None:
+  """Process 0's verdict from the signs of life `values` (`{key: 'beat|step'
+  or 'done' or 'stop|message'}`), updating `seen` (per process: value, when
+  it changed, step, when it changed): `lost|cause`, `stop|message`, or None
+  when all is well."""
+  steps = {}
+  for p in range(count):
+    value = values.get(f'{_ALIVE}{p}')
+    if value == _DONE:
+      continue
+    if value is not None and value.startswith(f'{_STOP}|'):
+      return value
+    last, since, step, step_since = seen[p]
+    if value != last:
+      since = now
+    beat_step = None if value is None else value.partition('|')[2]
+    if beat_step != step:
+      step_since = now
+    seen[p] = (value, since, beat_step, step_since)
+    if p != 0 and now - since > PEER_TIMEOUT_S:
+      return f'{_LOST}|process {p} sent no sign of life for {PEER_TIMEOUT_S} s'
+
+    if beat_step is not None:
+      steps[p] = int(beat_step)
+  if steps and len(set(steps.values())) > 1:
+    ahead = max(steps.values())
+    behind = sorted(
+      p
+      for p, step in steps.items()
+      if step < ahead and now - seen[p][3] > _hang['timeout_s']
+    )
+    if behind:
+      at = ', '.join(f'process {p} at step {steps[p] + 1}' for p in behind)
+      return (
+        f'{_STOP}|{at} made no progress for {_hang["timeout_s"]:.0f} s while '
+        f'the others wait at step {ahead + 1} (train.hang_timeout_s): it hangs '
+        f'(a stalled file system, a stuck input pipeline); every process '
+        f'stops. {_RESTART[0].upper()}{_RESTART[1:]}'
+      )
+  return None
+
+
+_exchanges = itertools.count()
+
+
+def gather(name: str, value: str) -> list[str]:
+  """Every process's `value`, in process order (`[value]` with one
+  process). Every process must call it at the same point, in the same
+  order; it waits up to `MEET_TIMEOUT_S` for the others."""
+  if jax.process_count() == 1:
+    return [value]
+  client = _client()
+  key = f'deeplab_jax/exchange/{next(_exchanges)}.{name}/'
+  client.key_value_set(f'{key}{jax.process_index()}', value)
+  return [
+    client.blocking_key_value_get(f'{key}{p}', MEET_TIMEOUT_S * 1000)
+    for p in range(jax.process_count())
+  ]
+
+
+def decide(
+  name: str, check: Callable[[], Any], *, every_process: bool = False
+) -> None:
+  """Runs `check` once and makes every process act on its verdict: a
+  `UserError` it raises is raised by every process, with the same line.
+
+  Every process must call `decide` at the same point, in the same order.
+  `every_process=False`: process 0 alone runs `check` (it owns the workdir:
+  lock, run record); the others wait for its verdict. `every_process=True`:
+  each process checks what only it sees (its data files), and the failure
+  of the lowest-numbered process is everyone's, prefixed with its index.
+  Another exception in `check` is re-raised where it happened and ends the
+  others with one line naming it. With one process, `check()` simply runs.
+  """
+  if jax.process_count() == 1:
+    check()
+    return
+  index = jax.process_index()
+  failure, outcome = None, 'ok'
+  if every_process or index == 0:
+    try:
+      check()
+    except UserError as e:
+      failure, outcome = e, str(e)
+    except Exception as e:
+      failure = e
+      outcome = f'{name} failed on process {index}: {_one_line(e)}'
+  outcomes = gather(name, json.dumps(outcome))
+  for p, value in enumerate(outcomes if every_process else outcomes[:1]):
+    message = json.loads(value)
+    if message == 'ok':
+      continue
+    if p == index and failure is not None and not every_process:
+      raise failure  # its own type and traceback where it happened
+    if every_process:
+      message = f'process {p} of {jax.process_count()}: {message}'
+    raise UserError(message) from failure
+
+
+def _one_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text[:200]}'
 
 
 def meet(name: str, timeout_s: int = MEET_TIMEOUT_S) -> None:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -303,34 +304,67 @@ def train_and_evaluate(
     step, as a dict.
   """
   workdir = checkpointing.resolve_path(workdir)
-  lock = contextlib.nullcontext()
-  if jax.process_index() == 0 and '://' not in workdir:
-    lock = run_dir.WriterLock(workdir)
-  with lock:
+  # Process 0 owns the workdir: its lock and run record. What refuses a
+  # start is decided before any collective and every process learns it.
+  lock = None
+  if jax.process_index() == 0 and not run_dir.is_remote(workdir):
+    lock = run_dir.WriterLock(workdir, on_lost=multihost.stop_job)
+  try:
+    multihost.decide('workdir', lambda: _claim_workdir(config, workdir, lock))
+    multihost.decide(
+      'config and data', lambda: _check_start(config), every_process=True
+    )
     return _train_and_evaluate(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _claim_workdir(config, workdir: str, lock) -> None:
+  """Process 0: the workdir is a folder (or can be), ours to write, and
+  holds no run of another config."""
+  run_dir.check_path(workdir)
+  if lock is None:
+    logging.warning(
+      '%s has no writer lock (remote storage): make sure that one job '
+      'writes it at a time (docs/distributed.md)',
+      workdir,
+    )
+    run_dir.check(config, workdir)
+    return
+  lock.acquire()
+  try:
+    run_dir.check(config, workdir)
+  except BaseException:
+    lock.release()
+    raise
+
+
+def _check_start(config) -> None:
+  """Every check that can refuse the run, on each process, before a step or
+  a download: the mesh and batch sizes, the config, the crop, and the data
+  this process reads (both splits)."""
+  mesh = sharding.make_mesh(config.mesh.shape)
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  sharding.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
+  spec = _label_spec(config)
+  _check_config(config, spec.num_classes)
+  options = dict(config.model.options.to_dict())
+  arch = models.registry.make_config(config.model.arch, **options)
+  sharding.check_crop(config.data.crop_size, mesh, arch.output_stride)
+  for split in (config.data.train_split, config.data.eval_split):
+    datasets.open_split(config.data.dataset, split, config.data.data_dir)
 
 
 def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.shape)
-  sharding.check_batch_size(config.train.batch_size, mesh)
-  # Evaluation runs after training steps: found now, not then.
-  sharding.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
-  if is_main:
-    run_dir.check(config, workdir)
   spec = _label_spec(config)
-  _check_config(config, spec.num_classes)
-  # A missing data set is said before any weights are downloaded.
-  datasets.open_split(
-    config.data.dataset, config.data.train_split, config.data.data_dir
-  )
-
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   resuming = checkpointing.has_steps(ckpt_dir)
   model = initialization.create_model(
     config, spec.num_classes, resuming=resuming
   )
-  sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
   meta = checkpointing.model_metadata(
     model,
     class_names=spec.class_names,
@@ -367,6 +401,12 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     global_batch_size=config.train.batch_size,
   )
   restored = ckpt.restore(state, position(0))
+  if restored is not None and is_main:
+    print(
+      f'resuming from step {int(jax.device_get(restored.step))} '
+      f'({ckpt.restored_saved_at()}) in {ckpt.directory}',
+      file=sys.stderr,
+    )
   if resuming:
     if restored is None:  # the steps vanished since has_steps looked
       raise checkpointing.CheckpointNotFoundError(
@@ -416,7 +456,9 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     cleanup.callback(ckpt.wait_until_finished)
     rate = _Rate(first_step, config.train.batch_size)
     logged = False
+    multihost.set_hang_timeout(config.train.hang_timeout_s)
     for step in range(first_step, config.train.num_steps):
+      multihost.at_step(step)
       batch = sharding.to_global(next(train_iter), mesh)
       if step == first_step and is_main:
         bar.write(
@@ -482,6 +524,20 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
       'non-negative weight per class, in class id order'
     )
   remat_mode(config.model.remat)
+  for key in (
+    'train.num_steps',
+    'train.log_every_steps',
+    'eval.every_steps',
+    'checkpoint.every_steps',
+    'train.hang_timeout_s',
+  ):
+    group, name = key.split('.')
+    value = config[group][name]
+    if not value > 0:
+      raise ConfigError(
+        f'{key}={value} must be positive'
+        + (' (a large value makes it rare)' if key != 'train.num_steps' else '')
+      )
   # A published name that cannot load into the model: said before the
   # data set is opened or anything is downloaded.
   sources.check_arch(config.model.init_from, config.model.arch)

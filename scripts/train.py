@@ -53,11 +53,13 @@ def main(argv):
   # Before anything is generated or fetched (train checks it again).
   sources.check_arch(config.model.init_from, config.model.arch)
   if config.data.dataset == 'synthetic_shapes':
-    # Generated, not downloaded: prepare it on first use.
-    b = datasets.builder('synthetic_shapes', config.data.data_dir)
-    if not b.is_prepared() and jax.process_index() == 0:
-      datasets.prepare('synthetic_shapes', data_dir=config.data.data_dir)
-    multihost.meet('synthetic_shapes prepared')
+    # Generated, not downloaded: process 0 prepares it on first use.
+    def prepare():
+      b = datasets.builder('synthetic_shapes', config.data.data_dir)
+      if not b.is_prepared():
+        datasets.prepare('synthetic_shapes', data_dir=config.data.data_dir)
+
+    multihost.decide('synthetic_shapes prepared', prepare)
   try:
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except train.Preempted as e:
