@@ -115,8 +115,14 @@ def initialize(
     heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
   )
   if jax.process_count() > 1:
-    _Watchdog().start()
+    watchdog['thread'] = _Watchdog()
+    watchdog['thread'].start()
   return True
+
+
+# The running `_Watchdog` (its `periods`, `calls` and `busy_s` give its
+# cost; docs/distributed.md).
+watchdog: dict[str, Any] = {}
 
 
 class PeerLostError(UserError):
@@ -257,7 +263,8 @@ class _Watchdog(threading.Thread):
     super().__init__(name='deeplab_jax peer watchdog', daemon=True)
     self.client = _client()
     self.index, self.count = jax.process_index(), jax.process_count()
-    self.calls = 0  # key-value calls made, for the cost per period
+    # Its cost: periods run, key-value calls made, seconds spent in them.
+    self.periods, self.calls, self.busy_s = 0, 0, 0.0
     start = time.monotonic()
     # Process 0: per peer, the last value and step seen and when each
     # changed; the others: process 0's last verdict and when it changed.
@@ -268,21 +275,27 @@ class _Watchdog(threading.Thread):
     for beat in itertools.count(1):
       if _finished.wait(ALIVE_PERIOD_S):
         return
-      with _alive_lock:
-        if _finished.is_set():
-          return
-        self._call(
-          lambda b=beat: self.client.key_value_set(
-            f'{_ALIVE}{self.index}',
-            f'{b}|{_progress["step"]}',
-            allow_overwrite=True,
-          ),
-          "writing this process's sign of life",
-        )
-      if self.index == 0:
-        self._judge(beat)
-      else:
-        self._obey()
+      start = time.perf_counter()
+      self._period(beat)
+      self.periods += 1
+      self.busy_s += time.perf_counter() - start
+
+  def _period(self, beat: int) -> None:
+    with _alive_lock:
+      if _finished.is_set():
+        return
+      self._call(
+        lambda b=beat: self.client.key_value_set(
+          f'{_ALIVE}{self.index}',
+          f'{b}|{_progress["step"]}',
+          allow_overwrite=True,
+        ),
+        "writing this process's sign of life",
+      )
+    if self.index == 0:
+      self._judge(beat)
+    else:
+      self._obey()
 
   def _call(self, fn, what):
     self.calls += 1

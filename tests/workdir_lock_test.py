@@ -3,10 +3,12 @@ refused at once, a lock left by a dead process does not block, and a lock
 of another host expires as a lease."""
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -113,3 +115,108 @@ def test_lock_of_a_reused_pid_is_stale(tmp_path):
   with pytest.raises(run_dir.WorkdirBusyError, match=f'pid {os.getpid()}'):
     run_dir.WriterLock(workdir).acquire()
   lock.release()
+
+
+def _stale_lock(workdir):
+  """A lock left by a process of this host that is no longer running."""
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, run_dir.LOCK), 'w') as f:
+    json.dump({'host': socket.gethostname(), 'pid': dead.pid, 'start': '1'}, f)
+
+
+def _race(workdir, ready, results, hold):
+  """One starter: waits for the others, tries the lock, reports, holds a
+  winning lock until every starter has reported."""
+  ready.wait()
+  try:
+    lock = run_dir.WriterLock(workdir).acquire()
+  except run_dir.WorkdirBusyError:
+    results.put('busy')
+    hold.wait()
+    return
+  results.put('won')
+  hold.wait()
+  lock.release()
+
+
+def test_racing_starters_take_a_stale_lock_once(tmp_path):
+  """Starters that all find the same stale lock: exactly one wins, every
+  time (each starter a process of its own)."""
+  ctx = multiprocessing.get_context('fork')
+  starters = 4
+  for attempt in range(25):
+    workdir = str(tmp_path / f'w{attempt}')
+    _stale_lock(workdir)
+    ready, hold = ctx.Barrier(starters), ctx.Event()
+    results = ctx.Queue()
+    procs = [
+      ctx.Process(target=_race, args=(workdir, ready, results, hold))
+      for _ in range(starters)
+    ]
+    for p in procs:
+      p.start()
+    outcomes = sorted(results.get(timeout=60) for _ in range(starters))
+    hold.set()
+    for p in procs:
+      p.join(timeout=60)
+    assert outcomes == ['busy'] * (starters - 1) + ['won'], (attempt, outcomes)
+    assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
+    # Nothing of the takeover is left beside the lock.
+    assert os.listdir(workdir) == []
+
+
+def test_renewal_stops_a_run_whose_lock_was_taken_over(tmp_path):
+  lost = []
+  lock = run_dir.WriterLock(
+    str(tmp_path / 'w'), lease_s=0.4, on_lost=lost.append
+  ).acquire()
+  with open(lock.path, 'w') as f:
+    json.dump({'host': 'elsewhere', 'pid': 7, 'token': 'theirs'}, f)
+  deadline = time.time() + 5
+  while not lost and time.time() < deadline:
+    time.sleep(0.05)
+  [message] = lost
+  assert message.startswith(
+    f'the lock {lock.path} was taken over by pid 7 on elsewhere: another '
+    'run may write'
+  )
+  assert 'run the same command to resume' in message
+  # Release leaves the other run's lock alone.
+  lock.release()
+  with open(lock.path) as f:
+    assert json.load(f)['token'] == 'theirs'
+
+
+def test_release_never_removes_another_runs_lock(tmp_path):
+  lock = run_dir.WriterLock(str(tmp_path / 'w')).acquire()
+  os.remove(lock.path)
+  with open(lock.path, 'w') as f:
+    json.dump({'host': 'elsewhere', 'pid': 7, 'token': 'theirs'}, f)
+  lock.release()
+  assert os.path.exists(lock.path)
+
+
+def test_a_peer_lost_exit_releases_the_lock(tmp_path):
+  """The peer-lost path ends a process with `os._exit`; its lock goes with
+  it, so the restart the message recommends is not refused, even where
+  the holder could only be judged by its lease (another host)."""
+  workdir = str(tmp_path / 'w')
+  script = (
+    'from deeplab_jax import multihost, run_dir\n'
+    f'run_dir.WriterLock({workdir!r}).acquire()\n'
+    "multihost.exit_peer_lost('process 1 sent no sign of life for 30 s')\n"
+  )
+  r = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
+  assert r.returncode == 1
+  assert 'another process of the job stopped responding' in r.stderr
+  assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
+  run_dir.WriterLock(workdir, lease_s=3600).acquire().release()

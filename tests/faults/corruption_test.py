@@ -11,11 +11,12 @@ import os
 import shutil
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import assert_bitwise_equal, config, weights
 
 from deeplab_jax import checkpointing, train
-from deeplab_jax.errors import CheckpointCorruptError
+from deeplab_jax.errors import CheckpointCorruptError, CheckpointReadError
 
 OVERRIDES = {'train.num_steps': 6, 'checkpoint.every_steps': 2}
 
@@ -142,3 +143,57 @@ def test_loading_a_damaged_step_names_it(reference, tmp_path):
   with pytest.raises(CheckpointCorruptError, match='--allow_unverified'):
     checkpointing.load_model(workdir)
   assert_bitwise_equal(weights(workdir, allow_unverified=True), ref_weights)
+
+
+def _failing_restore(monkeypatch, times):
+  """Orbax's restore raises a storage error `times` times (None: always)."""
+  original = ocp.CheckpointManager.restore
+  calls = []
+
+  def restore(self, *args, **kwargs):
+    calls.append(args[0] if args else kwargs.get('step'))
+    if times is None or len(calls) <= times:
+      raise OSError(104, 'Connection reset by storage (injected)')
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
+  monkeypatch.setattr(checkpointing, 'RESTORE_BACKOFF_S', 0.01)
+  return calls
+
+
+def test_a_storage_error_on_restore_is_retried(
+  reference, data_dir, tmp_path, monkeypatch
+):
+  """One OSError while reading the newest step: tried again, and the run
+  resumes from that step; nothing is moved aside."""
+  ref_dir, ref_weights = reference
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(ref_dir, workdir)
+  calls = _failing_restore(monkeypatch, times=1)
+  summary = train.train_and_evaluate(config(data_dir, **OVERRIDES), workdir)
+  assert summary['step'] == 6
+  assert calls[:2] == [6, 6]  # the newest step, tried twice
+  ckpts = os.path.join(workdir, 'checkpoints')
+  assert sorted(os.listdir(ckpts)) == ['4', '6']
+  assert_bitwise_equal(weights(workdir), ref_weights)
+
+
+def test_a_storage_error_that_persists_stops_with_every_step_in_place(
+  reference, data_dir, tmp_path, monkeypatch
+):
+  ref_dir, _ = reference
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(ref_dir, workdir)
+  ckpts = os.path.join(workdir, 'checkpoints')
+  before = sorted(os.listdir(ckpts))
+  calls = _failing_restore(monkeypatch, times=None)
+  with pytest.raises(CheckpointReadError) as e:
+    train.train_and_evaluate(config(data_dir, **OVERRIDES), workdir)
+  assert calls == [6] * checkpointing.RESTORE_TRIES  # never an older step
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(f'could not read checkpoint step 6 in {ckpts} (')
+  assert 'Connection reset by storage (injected)' in message
+  assert 'every step was left in place' in message
+  assert sorted(os.listdir(ckpts)) == before
+  assert 'corrupt' not in before
