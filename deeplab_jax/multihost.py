@@ -86,6 +86,7 @@ _ALIVE = 'deeplab_jax/alive/'
 _VERDICT = 'deeplab_jax/verdict'
 _DONE = 'done'
 _STOP = 'stop'
+_STOPPED = 'stopped'  # a process read the stop verdict and exits
 _LOST = 'lost'
 _RESTART = (
   'restart every process with the same command; the run resumes from its '
@@ -205,6 +206,19 @@ def at_step(step: int) -> None:
   _progress['step'] = step
 
 
+@contextlib.contextmanager
+def busy(phase: str):
+  """Marks work that may keep this process behind its peers for long
+  without hanging (a compile, an evaluation, a checkpoint write): while it
+  runs, the process is never judged hung."""
+  before = _progress['phase']
+  _progress['phase'] = phase
+  try:
+    yield
+  finally:
+    _progress['phase'] = before
+
+
 def stop_job(message: str) -> None:
   """Ends every process of the job with `message` (one line, exit 1): this
   process now, the others through the watchdog's next verdict."""
@@ -216,12 +230,31 @@ def stop_job(message: str) -> None:
         key, value = _VERDICT, f'-1|{_STOP}|{message}'
       with contextlib.suppress(Exception):  # exiting anyway
         client.key_value_set(key, value, allow_overwrite=True)
+        if jax.process_index() == 0:
+          _await_acks(client, jax.process_count())
     _exit_now(message)
+
+
+def _await_acks(client, count: int) -> None:
+  """Process 0, having published a stop verdict: waits (at most two periods
+  and a bit) until the others have read it. It hosts the coordination
+  service, whose end would abort them before they could say why."""
+  deadline = time.monotonic() + 2 * ALIVE_PERIOD_S + 5
+  while time.monotonic() < deadline:
+    with contextlib.suppress(Exception):
+      values = dict(client.key_value_dir_get(_ALIVE))
+      if all(
+        values.get(f'{_ALIVE}{p}', '').partition('|')[0]
+        in (_DONE, _STOPPED, _STOP)
+        for p in range(1, count)
+      ):
+        return
+    time.sleep(0.1)
 
 
 _finished = threading.Event()
 _alive_lock = threading.Lock()  # no beat is written after `done`
-_progress = {'step': -1}
+_progress = {'step': -1, 'phase': ''}
 # `train.hang_timeout_s`, set by training (`set_hang_timeout`).
 _hang = {'timeout_s': DEFAULT_HANG_TIMEOUT_S}
 
@@ -287,7 +320,7 @@ class _Watchdog(threading.Thread):
       self._call(
         lambda b=beat: self.client.key_value_set(
           f'{_ALIVE}{self.index}',
-          f'{b}|{_progress["step"]}',
+          f'{b}|{_progress["step"]}|{_progress["phase"]}',
           allow_overwrite=True,
         ),
         "writing this process's sign of life",
@@ -319,6 +352,7 @@ class _Watchdog(threading.Thread):
         'writing the verdict',
       )
     if verdict:
+      _await_acks(self.client, self.count)
       _exit_for(verdict)
 
   def _obey(self) -> None:
@@ -330,6 +364,10 @@ class _Watchdog(threading.Thread):
       return
     beat, _, verdict = (value or '').partition('|')
     if verdict != 'ok' and verdict:
+      with _alive_lock, contextlib.suppress(Exception):
+        self.client.key_value_set(
+          f'{_ALIVE}{self.index}', _STOPPED, allow_overwrite=True
+        )
       _exit_for(verdict)
     last, since = self.verdict_seen
     if beat != last:
@@ -355,35 +393,38 @@ def _exit_for(verdict: str) -> None:
 
 
 def verdict_of(values, seen, now, count) -> str | None:
-  """Process 0's verdict from the signs of life `values` (`{key: 'beat|step'
-  or 'done' or 'stop|message'}`), updating `seen` (per process: value, when
-  it changed, step, when it changed): `lost|cause`, `stop|message`, or None
-  when all is well."""
-  steps = {}
+  """Process 0's verdict from the signs of life `values` (`{key:
+  'beat|step|phase'}`, or `done`, `stopped`, `stop|message`), updating
+  `seen` (per process: value, when it changed, progress, when it changed):
+  `lost|cause`, `stop|message`, or None when all is well. A process in a
+  `busy` phase (compiling, evaluating, checkpointing) is never hung."""
+  steps, idle = {}, set()
   for p in range(count):
     value = values.get(f'{_ALIVE}{p}')
-    if value == _DONE:
+    if value in (_DONE, _STOPPED):
       continue
     if value is not None and value.startswith(f'{_STOP}|'):
       return value
-    last, since, step, step_since = seen[p]
+    last, since, progress, progress_since = seen[p]
     if value != last:
       since = now
-    beat_step = None if value is None else value.partition('|')[2]
-    if beat_step != step:
-      step_since = now
-    seen[p] = (value, since, beat_step, step_since)
+    now_progress = None if value is None else value.split('|', 1)[1]
+    if now_progress != progress:
+      progress_since = now
+    seen[p] = (value, since, now_progress, progress_since)
     if p != 0 and now - since > PEER_TIMEOUT_S:
       return f'{_LOST}|process {p} sent no sign of life for {PEER_TIMEOUT_S} s'
-
-    if beat_step is not None:
-      steps[p] = int(beat_step)
+    if now_progress is not None:
+      step, _, phase = now_progress.partition('|')
+      steps[p] = int(step)
+      if not phase:
+        idle.add(p)
   if steps and len(set(steps.values())) > 1:
     ahead = max(steps.values())
     behind = sorted(
       p
-      for p, step in steps.items()
-      if step < ahead and now - seen[p][3] > _hang['timeout_s']
+      for p in idle
+      if steps[p] < ahead and now - seen[p][3] > _hang['timeout_s']
     )
     if behind:
       at = ', '.join(f'process {p} at step {steps[p] + 1}' for p in behind)
@@ -480,8 +521,12 @@ class CompiledOnFirstCall:
 
   def __call__(self, *args):
     if self.compile_s is None:
-      start = time.perf_counter()
-      self.fn.lower(*args).compile()  # cached: the call below reuses it
-      self.compile_s = time.perf_counter() - start
-      meet(self.name)
+      with busy('compiling'):
+        start = time.perf_counter()
+        self.fn.lower(*args).compile()  # cached: the call below reuses it
+        self.compile_s = time.perf_counter() - start
+        meet(self.name)
+        # A compile shorter than the persistent cache's threshold is not
+        # cached: this first call may compile again.
+        return self.fn(*args)
     return self.fn(*args)

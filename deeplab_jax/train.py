@@ -488,13 +488,15 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         )
       step_metrics = None
       if eval_now:
-        summary = evaluate_state(state)
+        with multihost.busy('evaluating'):
+          summary = evaluate_state(state)
         logger.write(done, _evaluation_record(summary))
         step_metrics = {'miou': summary['miou']}
         if is_main:
           bar.write(f'step {done}: mIoU {100 * summary["miou"]:.2f}')
       if ckpt.should_save(done) or last:
-        save(done, state, metrics=step_metrics, force=last)
+        with multihost.busy('checkpointing'):
+          save(done, state, metrics=step_metrics, force=last)
       if stop.requested(done):
         if done not in ckpt.all_steps():
           save(done, state, force=True)

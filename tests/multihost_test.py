@@ -59,3 +59,14 @@ def test_finished_peers_and_stop_requests():
   rounds += [(timeout + 5, {0: '2|9', 1: 'done', 2: '2|9'})]
   rounds += [(timeout + 7, {0: '3|9', 1: 'done', 2: 'stop|the lock was lost'})]
   assert _judge(rounds) == [None, None, 'stop|the lock was lost']
+
+
+def test_a_peer_behind_while_busy_is_not_hung():
+  # Process 1 compiles (or evaluates, or writes a checkpoint) far longer
+  # than the bound while the others wait at the next step; once it is back
+  # at its steps, the bound counts from then.
+  rounds = [(t, {0: f'{t}|1|', 1: f'{t}|0|compiling'}) for t in (0, 2, 300)]
+  rounds += [(t, {0: f'{t}|1|', 1: f'{t}|0|'}) for t in (302, 400, 403)]
+  verdicts = _judge(rounds, count=2, hang_s=100.0)
+  assert verdicts[:5] == [None] * 5
+  assert verdicts[5].startswith('stop|process 1 at step 1 made no progress')

@@ -10,6 +10,8 @@ from flax import nnx
 from configs import synthetic_demo
 from deeplab_jax import checkpointing
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def config(data_dir, **overrides):
   """`synthetic_demo.py:smoke` reading `data_dir`, with dotted-key

@@ -82,12 +82,14 @@ def steps_in(ckpt_dir):
   return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
 
 
-def start_two_processes(workdir, data_dir, *overrides, devices=2):
+def start_two_processes(workdir, data_dir, *overrides, devices=2, env_of=None):
   """Two `scripts.train` processes of one job (gloo on 127.0.0.1), each
-  with `devices` CPU devices; output piped."""
+  with `devices` CPU devices; output piped. `env_of`: `{process: {name:
+  value}}` added to one process's environment."""
   import portpicker
 
   port = portpicker.pick_unused_port()
+  env_of = env_of or {}
   return [
     subprocess.Popen(
       train_cmd(
@@ -99,7 +101,7 @@ def start_two_processes(workdir, data_dir, *overrides, devices=2):
         f'--process_id={i}',
       ),
       cwd=REPO,
-      env=env(devices=devices),
+      env=dict(env(devices=devices), **env_of.get(i, {})),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,

@@ -45,10 +45,12 @@ def flip_byte(step_dir, rng):
   """One flipped bit in the middle half of the array bytes: Orbax restores
   this silently wrong."""
   path = _array_file(step_dir, rng)
-  data = bytearray(open(path, 'rb').read())
+  with open(path, 'rb') as f:
+    data = bytearray(f.read())
   n = len(data)
   data[rng.randint(n // 4, 3 * n // 4)] ^= 1 << rng.randint(8)
-  open(path, 'wb').write(bytes(data))
+  with open(path, 'wb') as f:
+    f.write(bytes(data))
 
 
 def truncate(step_dir, rng):
