@@ -121,8 +121,8 @@ def initialize(
   return True
 
 
-# The running `_Watchdog` (its `periods`, `calls` and `busy_s` give its
-# cost; docs/distributed.md).
+# The running `_Watchdog` (its `periods`, `calls`, `keys_read` and `busy_s`
+# give its cost; docs/distributed.md).
 watchdog: dict[str, Any] = {}
 
 
@@ -296,8 +296,8 @@ class _Watchdog(threading.Thread):
     super().__init__(name='deeplab_jax peer watchdog', daemon=True)
     self.client = _client()
     self.index, self.count = jax.process_index(), jax.process_count()
-    # Its cost: periods run, key-value calls made, seconds spent in them.
-    self.periods, self.calls, self.busy_s = 0, 0, 0.0
+    # Its cost: periods run, key-value calls made, keys read, seconds.
+    self.periods, self.calls, self.keys_read, self.busy_s = 0, 0, 0, 0.0
     start = time.monotonic()
     # Process 0: per peer, the last value and step seen and when each
     # changed; the others: process 0's last verdict and when it changed.
@@ -341,6 +341,7 @@ class _Watchdog(threading.Thread):
         lambda: self.client.key_value_dir_get(_ALIVE), 'reading the peers'
       )
     )
+    self.keys_read += len(values)
     verdict = verdict_of(values, self.seen, time.monotonic(), self.count)
     with _alive_lock:
       if _finished.is_set():
@@ -358,6 +359,7 @@ class _Watchdog(threading.Thread):
   def _obey(self) -> None:
     """The other processes: act on process 0's verdict."""
     value = self._call(self._try_verdict, 'reading the verdict')
+    self.keys_read += 1
     now = time.monotonic()
     if value == _DONE:
       _finished.set()  # process 0 ended normally: nobody left to judge
