@@ -23,7 +23,7 @@ from deeplab_jax import checkpointing, initialization
 from deeplab_jax.convert import sources
 from deeplab_jax.errors import UserError
 from tests import weights_servers
-from tests.run_helpers import finish_all, one_error_line
+from tests.run_helpers import finish_all, one_error_line, run_python
 from tests.torch_refs import randomize_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,18 +286,17 @@ def _closed_port() -> int:
 
 
 def test_offline_miss_is_one_quick_line_without_hf_hub_offline(
-  tmp_path, data_dir
+  tmp_path, data_dir, monkeypatch
 ):
   """No network, an empty cache, HF_HUB_OFFLINE unset: `scripts.train` and
   `scripts.convert_torch` each say the miss once, within 15 s, without the
   client's retry warnings, naming their own flag for a local path."""
   name = 'hf-hub:timm/densenet161.tv_in1k'
-  env = dict(
-    os.environ,
-    HF_HOME=str(tmp_path / 'empty_hf'),
-    HF_ENDPOINT=f'http://127.0.0.1:{_closed_port()}',
-  )
-  env.pop('HF_HUB_OFFLINE', None)
+  monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+  env = {
+    'HF_HOME': str(tmp_path / 'empty_hf'),
+    'HF_ENDPOINT': f'http://127.0.0.1:{_closed_port()}',
+  }
   workdir = tmp_path / 'run'
   commands = {
     '--config.model.init_from': [
@@ -316,14 +315,7 @@ def test_offline_miss_is_one_quick_line_without_hf_hub_offline(
   }
   for flag, args in commands.items():
     start = time.monotonic()
-    r = subprocess.run(
-      [sys.executable, '-m', *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env=env,
-    )
+    r = run_python(['-m', *args], **env)
     took = time.monotonic() - start
     line = one_error_line(r.returncode, r.stderr)
     assert took < 15, (flag, took)

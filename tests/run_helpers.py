@@ -2,6 +2,7 @@
 dotted-key overrides, the training command line, a run's final weights."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -57,6 +58,19 @@ def finish_all(procs, timeout=600):
   return [
     (p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)
   ]
+
+
+def run_python(args, timeout=300, **env):
+  """`python ARGS` in the repository, output captured, `env` added to this
+  process's environment."""
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=dict(os.environ, **env),
+  )
 
 
 def one_error_line(returncode, stderr):

@@ -31,6 +31,7 @@ from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.data import datasets
 from deeplab_jax.errors import UserError
 from tests import weights_servers
+from tests.run_helpers import run_python
 from tests.torch_refs import (
   dilate_densenet,
   nchw,
@@ -244,14 +245,7 @@ def test_corrupt_hub_blob_is_removed(tmp_path):
     'from deeplab_jax.convert import sources\n'
     f'sources.fetch("hf-hub:{HUB_REPO}")\n'
   )
-  r = subprocess.run(
-    [sys.executable, '-c', script],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env=dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE='1'),
-  )
+  r = run_python(['-c', script], HF_HOME=str(tmp_path), HF_HUB_OFFLINE='1')
   assert r.returncode == 1
   assert 'fails its hash check' in r.stderr and 'removed it' in r.stderr
   assert not os.path.exists(blob) and not os.path.lexists(cached)

@@ -8,13 +8,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from deeplab_jax import run_dir
-from tests.run_helpers import train_cmd
+from tests.run_helpers import run_python, train_cmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,45 +125,54 @@ def _stale_lock(workdir):
     json.dump({'host': socket.gethostname(), 'pid': dead.pid, 'start': '1'}, f)
 
 
-def _race(workdir, ready, results, hold):
-  """One starter: waits for the others, tries the lock, reports, holds a
-  winning lock until every starter has reported."""
-  ready.wait()
-  try:
-    lock = run_dir.WriterLock(workdir).acquire()
-  except run_dir.WorkdirBusyError:
-    results.put('busy')
-    hold.wait()
-    return
-  results.put('won')
-  hold.wait()
-  lock.release()
+def _racer(workdirs, ready, tried, results):
+  """One starter, for each workdir in turn: waits until the stale lock is
+  there and every starter is ready, tries the lock, reports, and releases a
+  won lock once every starter has tried."""
+  for workdir in workdirs:
+    ready.wait()
+    try:
+      lock = run_dir.WriterLock(workdir).acquire()
+      results.put((workdir, 'won'))
+    except run_dir.WorkdirBusyError:
+      lock = None
+      results.put((workdir, 'busy'))
+    tried.wait()
+    if lock is not None:
+      lock.release()
 
 
 def test_racing_starters_take_a_stale_lock_once(tmp_path):
   """Starters that all find the same stale lock: exactly one wins, every
-  time (each starter a process of its own)."""
-  ctx = multiprocessing.get_context('fork')
+  time (each starter a process of its own, 25 races)."""
+  ctx = multiprocessing.get_context('spawn')  # JAX's threads forbid fork
   starters = 4
-  for attempt in range(25):
-    workdir = str(tmp_path / f'w{attempt}')
-    _stale_lock(workdir)
-    ready, hold = ctx.Barrier(starters), ctx.Event()
-    results = ctx.Queue()
-    procs = [
-      ctx.Process(target=_race, args=(workdir, ready, results, hold))
-      for _ in range(starters)
-    ]
-    for p in procs:
-      p.start()
-    outcomes = sorted(results.get(timeout=60) for _ in range(starters))
-    hold.set()
+  workdirs = [str(tmp_path / f'w{attempt}') for attempt in range(25)]
+  ready, tried = ctx.Barrier(starters + 1), ctx.Barrier(starters + 1)
+  results = ctx.Queue()
+  procs = [
+    ctx.Process(target=_racer, args=(workdirs, ready, tried, results))
+    for _ in range(starters)
+  ]
+  for p in procs:
+    p.start()
+  try:
+    for workdir in workdirs:
+      _stale_lock(workdir)
+      ready.wait(timeout=120)
+      outcomes = sorted(results.get(timeout=60) for _ in range(starters))
+      tried.wait(timeout=60)
+      assert outcomes == [(workdir, 'busy')] * (starters - 1) + [
+        (workdir, 'won')
+      ], outcomes
+  finally:
     for p in procs:
       p.join(timeout=60)
-    assert outcomes == ['busy'] * (starters - 1) + ['won'], (attempt, outcomes)
-    assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
-    # Nothing of the takeover is left beside the lock.
-    assert os.listdir(workdir) == []
+      if p.is_alive():
+        p.kill()
+  for workdir in workdirs:
+    # Released, and nothing of the takeover is left beside the lock.
+    assert os.listdir(workdir) == [], workdir
 
 
 def test_renewal_stops_a_run_whose_lock_was_taken_over(tmp_path):
@@ -208,14 +216,7 @@ def test_a_peer_lost_exit_releases_the_lock(tmp_path):
     f'run_dir.WriterLock({workdir!r}).acquire()\n'
     "multihost.exit_peer_lost('process 1 sent no sign of life for 30 s')\n"
   )
-  r = subprocess.run(
-    [sys.executable, '-c', script],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-  )
+  r = run_python(['-c', script], JAX_PLATFORMS='cpu')
   assert r.returncode == 1
   assert 'another process of the job stopped responding' in r.stderr
   assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
