@@ -236,16 +236,24 @@ def stop_job(message: str) -> None:
 
 
 def _await_acks(client, count: int) -> None:
-  """Process 0, having published a stop verdict: waits (at most two periods
-  and a bit) until the others have read it. It hosts the coordination
-  service, whose end would abort them before they could say why."""
-  deadline = time.monotonic() + 2 * ALIVE_PERIOD_S + 5
-  while time.monotonic() < deadline:
+  """Process 0, having published a stop verdict: waits until every other
+  process has read it (or, silent since the verdict for two periods, is
+  dead). It hosts the coordination service, whose end would abort the
+  others before they could say why. At most two periods and 5 s."""
+  start = time.monotonic()
+  first = None
+  while time.monotonic() - start < 2 * ALIVE_PERIOD_S + 5:
     with contextlib.suppress(Exception):
       values = dict(client.key_value_dir_get(_ALIVE))
+      first = first or values
+      silent_long = time.monotonic() - start > 2 * ALIVE_PERIOD_S
       if all(
         values.get(f'{_ALIVE}{p}', '').partition('|')[0]
         in (_DONE, _STOPPED, _STOP)
+        or (
+          silent_long
+          and values.get(f'{_ALIVE}{p}') == first.get(f'{_ALIVE}{p}')
+        )
         for p in range(1, count)
       ):
         return
