@@ -57,7 +57,7 @@ RESULT_COLUMNS = (
 KERNEL_KINDS = ('conv', 'matmul', 'norm', 'copy', 'other', 'total')
 
 
-# `--table gpu`: issue #22's GPU table on one device, the most wanted rows
+# `--table gpu`: the GPU table on one device, the most wanted rows
 # first, so that a lease cut short still returns them (`--deadline_s`).
 TABLES = {
   'gpu': (
