@@ -27,7 +27,10 @@ _TOPOLOGY = flags.DEFINE_multi_string(
   'topology', ['v5e:2x4'], 'TPU GENERATION:SHAPE, e.g. v5e:2x4, v6e:2x4.'
 )
 _LARGEST = flags.DEFINE_bool(
-  'largest_batch', True, 'Find the largest batch that fits (compiles more).'
+  'largest_batch',
+  False,
+  'Also find the largest batch that fits: up to --max_compiles more train '
+  'steps compiled (about an hour for the main job on 2 cores).',
 )
 _MAX_COMPILES = flags.DEFINE_integer(
   'max_compiles', 4, 'Compiles allowed for the largest-batch search.'
@@ -87,6 +90,9 @@ def main(argv):
       row['compile_profile'] = compile_profile.parse(log[0])
     rows.append(row)
     print(json.dumps(row), flush=True)
+    if _OUTPUT.value:  # kept even if a later topology's compile fails
+      with open(_OUTPUT.value, 'a') as f:
+        f.write(json.dumps(row) + '\n')
   print(plan.table(rows))
   if _BREAKDOWN.value:
     for r in rows:
@@ -95,9 +101,6 @@ def main(argv):
     if r.get('compile_profile'):
       print(f'\nCompiling for {r["topology"]}:\n')
       print(compile_profile.table(r['compile_profile']))
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, 'a') as f:
-      f.writelines(json.dumps(r) + '\n' for r in rows)
 
 
 if __name__ == '__main__':

@@ -103,6 +103,7 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
     str(out),
     '--breakdown',
     '--compile_profile',
+    '--largest_batch',
   )
   assert r.returncode == 0, r.stderr[-2000:]
   row = json.loads(out.read_text().splitlines()[0])
