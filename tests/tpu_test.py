@@ -232,6 +232,7 @@ def test_fsdp_cuts_per_chip_state_about_d_fold():
 def test_plan_of_a_run_too_big_for_the_slice_says_it_does_not_fit():
   # 1,024 images of 512x512 per chip: the TPU compiler refuses the program
   # (its temporaries exceed 16 GB); the plan says so instead of failing.
+  # Default flags: no largest-batch search (it is opt-in).
   r = _plan(
     '--config',
     'configs/synthetic_demo.py:smoke',
@@ -239,10 +240,10 @@ def test_plan_of_a_run_too_big_for_the_slice_says_it_does_not_fit():
     '--config.data.crop_size=(512,512)',
     '--topology',
     'v5e:2x2',
-    '--nolargest_batch',
   )
   assert r.returncode == 0, r.stderr[-2000:]
   row = json.loads(next(x for x in r.stdout.splitlines() if x[:1] == '{'))
+  assert 'largest_batch' not in row
   assert row['fits'] is False
   if 'refused' in row:
     assert row['need_bytes'] > row['hbm_bytes']
