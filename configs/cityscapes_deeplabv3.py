@@ -15,11 +15,11 @@ architecture (torchvision's layout) does not have.
 `:smoke` = tiny DeepLabV3 on synthetic data, a few steps.
 """
 
-from configs import base
+from deeplab_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  c = base.get_base_config()
+  c = defaults.get_base_config()
   c.model.arch = 'deeplabv3_resnet101'
   c.model.init_from = 'hf-hub:timm/resnet101.tv_in1k'
   c.model.options.output_stride = 8
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = 8_000
   c.checkpoint.every_steps = 2_000
   if arg == 'smoke':
-    base.smoke(c, 'deeplabv3_resnet_tiny')
+    defaults.smoke(c, 'deeplabv3_resnet_tiny')
     c.model.options.aux_head = True
   elif arg:
     raise ValueError(f'unknown variant {arg!r}; known: smoke')

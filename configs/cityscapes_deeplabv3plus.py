@@ -13,12 +13,12 @@ auxiliary head (loss weight 0.4).
 `:smoke` = tiny Xception DeepLabV3+ on synthetic data, a few steps.
 """
 
-from configs import base
+from deeplab_jax import defaults
 from deeplab_jax.data import normalization
 
 
 def get_config(arg: str | None = None):
-  c = base.get_base_config()
+  c = defaults.get_base_config()
   c.model.arch = 'deeplabv3plus_xception65'
   c.model.init_from = 'hf-hub:timm/xception65.tf_in1k'
   c.data.mean, c.data.std = normalization.INCEPTION
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
     c.model.options.aux_head = True
     c.loss.aux_weight = 0.4
   elif arg == 'smoke':
-    base.smoke(c, 'deeplabv3plus_xception_tiny')
+    defaults.smoke(c, 'deeplabv3plus_xception_tiny')
   elif arg:
     raise ValueError(f'unknown variant {arg!r}; known: resnet101, smoke')
   c.lock()

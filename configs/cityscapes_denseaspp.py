@@ -22,11 +22,11 @@ images over devices");
 on generated zips in the official layout).
 """
 
-from configs import base
+from deeplab_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  c = base.get_base_config()
+  c = defaults.get_base_config()
   c.model.arch = 'denseaspp161'
   c.model.init_from = 'hf-hub:timm/densenet161.tv_in1k'
   c.model.options.output_stride = 8
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
     c.data.crop_size = (1024, 2048)
     c.mesh.shape = (-1, 4)
   if arg in ('smoke', 'cityscapes_smoke'):
-    base.smoke(c, 'denseaspp_tiny')
+    defaults.smoke(c, 'denseaspp_tiny')
   if arg == 'cityscapes_smoke':
     # The main job's input path (the Cityscapes builder's data through
     # Grain) on a small prepared copy, e.g. generated zips in CI.

@@ -18,11 +18,11 @@ PyTorch file, so reading it needs PyTorch.
 `:smoke` = the same model on synthetic data, a few steps.
 """
 
-from configs import base
+from deeplab_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  c = base.get_base_config()
+  c = defaults.get_base_config()
   c.model.arch = 'lraspp_mobilenet_v3_large'
   c.model.init_from = 'torchvision:mobilenet_v3_large'
   c.data.dataset = 'cityscapes'
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = 744  # every 8 epochs
   c.checkpoint.every_steps = 500
   if arg == 'smoke':
-    base.smoke(c, 'lraspp_mobilenet_v3_large')
+    defaults.smoke(c, 'lraspp_mobilenet_v3_large')
   elif arg:
     raise ValueError(f'unknown variant {arg!r}; known: smoke')
   c.lock()

@@ -4,14 +4,14 @@ r"""DeepLabV3+ (tiny ResNet) on the synthetic shapes data set: the README demo.
 
 Needs no download (the data set is generated on first use) and reaches a
 useful mIoU in a few minutes on 2 CPU cores. `:smoke` runs 10 steps of
-`deeplabv3plus_resnet_tiny` at its registry widths (`base.smoke`).
+`deeplabv3plus_resnet_tiny` at its registry widths (`defaults.smoke`).
 """
 
-from configs import base
+from deeplab_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  c = base.get_base_config()
+  c = defaults.get_base_config()
   c.model.arch = 'deeplabv3plus_resnet_tiny'
   c.model.options.aspp_channels = 32
   c.model.options.resnet_width = 16
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
   c.eval.batch_size = 16
   c.checkpoint.every_steps = 100
   if arg == 'smoke':
-    base.smoke(c, 'deeplabv3plus_resnet_tiny')
+    defaults.smoke(c, 'deeplabv3plus_resnet_tiny')
   elif arg:
     raise ValueError(f'unknown variant {arg!r}; known: smoke')
   c.lock()

@@ -12,11 +12,11 @@ ResNet this architecture does not have).
 `:smoke` = tiny DeepLabV3+ on synthetic data, a few steps.
 """
 
-from configs import base
+from deeplab_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  c = base.get_base_config()
+  c = defaults.get_base_config()
   c.model.arch = 'deeplabv3plus_resnet101'
   c.model.init_from = 'hf-hub:timm/resnet101.tv_in1k'
   c.model.options.output_stride = 8
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = 4_000
   c.checkpoint.every_steps = 2_000
   if arg == 'smoke':
-    base.smoke(c, 'deeplabv3plus_resnet_tiny')
+    defaults.smoke(c, 'deeplabv3plus_resnet_tiny')
   elif arg:
     raise ValueError(f'unknown variant {arg!r}; known: smoke')
   c.lock()

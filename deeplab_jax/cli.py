@@ -156,9 +156,7 @@ def recipe_files() -> list[str]:
   if where is None:
     return []
   return sorted(
-    f
-    for f in os.listdir(where)
-    if f.endswith('.py') and not f.startswith('_') and f != 'base.py'
+    f for f in os.listdir(where) if f.endswith('.py') and not f.startswith('_')
   )
 
 
@@ -255,6 +253,16 @@ class ModelLoadFlags:
       raw_weights=self._raw.value,
       allow_unverified=self._unverified.value,
     )
+
+  def training_config(self, directory: str):
+    """The config of the training run that wrote `directory`
+    (`checkpointing.training_config`); None for a published name."""
+    from deeplab_jax import checkpointing
+    from deeplab_jax.convert import sources
+
+    if sources.is_name(directory):
+      return None
+    return checkpointing.training_config(directory)
 
 
 @contextlib.contextmanager

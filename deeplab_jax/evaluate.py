@@ -258,7 +258,7 @@ def evaluate(
   batch_size = -(-batch_size // slots) * slots
   nnx.update(model, jax.device_put(nnx.state(model), sharding.replicated(mesh)))
   model = inference_view(model, platform_of(mesh))
-  if spatial > 1:  # as training does on a spatial mesh (train.training_view)
+  if spatial > 1:  # as training does on a spatial mesh (programs.training_view)
     model = nnx.view(model, conv_lowering='native')
   # Whole images on each device of a spatial group; split inside the step.
   data = jax.sharding.NamedSharding(mesh, jax.P(sharding.DATA_AXIS))

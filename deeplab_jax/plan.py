@@ -1,7 +1,7 @@
 """An ahead-of-time plan of a recipe on a TPU slice, from any host.
 
 `plan(config, 'v5e:2x4')` compiles the programs `train.train_and_evaluate`
-runs (the same `train.build_programs`: jit, shardings, donation, remat,
+runs (the same `programs.build_programs`: jit, shardings, donation, remat,
 dtype and the kernels of the target platform) for a TPU topology through
 libtpu's compile-only client: nothing runs and no TPU is needed. From the
 compiled programs it reads what XLA reports: per-chip memory against the
@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from deeplab_jax import hlo_traffic, models, sharding, train
+from deeplab_jax import hlo_traffic, models, sharding
 from deeplab_jax.errors import ConfigError, UserError
+from deeplab_jax.programs import Programs, programs_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +123,9 @@ def programs_for(
   *,
   train_batch: int | None = None,
   view: dict[str, Any] | None = None,
-) -> tuple[train.Programs, dict[str, Any], dict[str, Any]]:
+) -> tuple[Programs, dict[str, Any], dict[str, Any]]:
   """`(programs, train batch, eval batch)`: the run's programs over
-  `devices` (`train.build_programs`, as `train_and_evaluate` builds them)
+  `devices` (`programs.build_programs`, as `train_and_evaluate` builds them)
   and the shapes of their batches, ready to `.lower(...)`. `view`: extra
   `nnx.view` settings on top of the training view (a lever to measure,
   e.g. `{'conv_lowering': 'native'}`)."""
@@ -139,9 +140,7 @@ def programs_for(
     )
   model = abstract_model(config, num_classes)
   sharding.check_crop(config.data.crop_size, mesh, model.config.output_stride)
-  programs, _, _ = train.programs_of(
-    config, model, num_classes, mesh, view=view
-  )
+  programs, _, _ = programs_of(config, model, num_classes, mesh, view=view)
   h, w = config.data.crop_size
   train_in = {
     'image': _spec((batch, h, w, 3), jnp.uint8, programs.data),

@@ -57,7 +57,7 @@ def _view_and_mesh(model: nnx.Module, spatial: int):
     return inference_view(model, platform_of(jax.local_devices()[:1])), None
   mesh = sharding.make_mesh((1, spatial), jax.local_devices())
   view = inference_view(model, platform_of(mesh))
-  # XLA's own convolutions partition along height (train.training_view).
+  # XLA's own convolutions partition along height (programs.training_view).
   graphdef, state = nnx.split(nnx.view(view, conv_lowering='native'))
   state = jax.device_put(state, sharding.replicated(mesh))
   return nnx.merge(graphdef, state), mesh

@@ -48,7 +48,7 @@ REMAT = ('none', 'full', 'blocks')
 class StepOptions:
   """The train step's static inputs (see `CONFIG_KEYS` for their keys).
 
-  `graph` is the model's static half (`train.split_model`); `remat` is
+  `graph` is the model's static half (`steps.split_model`); `remat` is
   `'none'`, `'full'` (the whole forward recomputed in backward) or
   `'blocks'` (each backbone block).
   """

@@ -6,10 +6,10 @@ optimizer state and BatchNorm statistics are replicated (or split with
 computes the loss over the global batch, so BatchNorm statistics are
 synchronised across devices and hosts for free.
 
-The steps are module-level functions that anyone can call: `split_model`
-and `initial_state` make a train state from a model, `train_step` advances
-it by one batch, `eval_step` counts a batch's confusion matrix. The caller
-applies `jax.jit` and the shardings, as `train_and_evaluate` does.
+The steps themselves are in `steps` and the jitted programs that run them
+are built by `programs`, which the planner and the benchmark share; this
+module is the run around them: start checks, resume, the loop, evaluation,
+checkpoints, logs and stop requests.
 
 A workdir holds `config.json`, `metrics.jsonl`, TensorBoard events (`tb/`)
 and checkpoints (`checkpoints/`). Starting with a workdir that has
@@ -19,41 +19,36 @@ checkpoints resumes from the latest one, data iterator included.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax import nnx, struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from deeplab_jax import (
   checkpointing,
   initialization,
-  losses,
   metrics,
   models,
   multihost,
-  optim,
   run_dir,
   sharding,
 )
 from deeplab_jax.convert import sources
-from deeplab_jax.data import datasets, labels, normalization, pipeline
-from deeplab_jax.errors import ConfigError, UserError
-from deeplab_jax.predict import inference_view
-from deeplab_jax.step_options import StepOptions, remat_mode
+from deeplab_jax.data import datasets, labels, pipeline
+from deeplab_jax.errors import CheckpointNotFoundError, ConfigError, UserError
+from deeplab_jax.programs import programs_of
+from deeplab_jax.step_options import remat_mode
 
 
 class TrainingDivergedError(UserError):
@@ -73,177 +68,7 @@ class Preempted(Exception):
     self.interrupted = interrupted
 
 
-# ------------------------------------------------------------ the steps ---
-
-
-class Graph(NamedTuple):
-  """The static half of a model, which `nnx.merge` joins with the arrays."""
-
-  train: Any  # graphdef of the training model
-  eval: Any  # graphdef of its inference view
-  rest: Any  # shapes of the non-weight state (dropout RNG streams)
-
-
-def split_model(model: nnx.Module) -> tuple[Graph, dict, dict]:
-  """`(graph, params, batch_stats)` of a model; the arrays as pure dicts."""
-  graphdef, params, stats, rest = nnx.split(
-    model, nnx.Param, nnx.BatchStat, ...
-  )
-  rest = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(rest)
-  )
-  eval_graphdef = nnx.split(
-    inference_view(model), nnx.Param, nnx.BatchStat, ...
-  )[0]
-  graph = Graph(graphdef, eval_graphdef, rest)
-  return graph, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-
-
-@struct.dataclass
-class TrainState:
-  """Everything the train step reads and writes, as one pytree: the step
-  count, parameters, BatchNorm statistics, optimizer state, and `ema` (a
-  moving average of the parameters, or None when none is kept)."""
-
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  ema: Any = None
-
-  @property
-  def eval_params(self) -> Any:
-    """The parameters evaluation uses and checkpoints' `model` item holds:
-    the EMA when one is kept."""
-    return self.params if self.ema is None else self.ema
-
-
-def initial_state(params: Any, stats: Any, options: StepOptions) -> TrainState:
-  """The state at step 0: the optimizer initialised from `options.tx`, and
-  an EMA starting at the parameters when `options.ema_decay` is set."""
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    batch_stats=stats,
-    opt_state=options.tx.init(params),
-    ema=jax.tree.map(jnp.copy, params) if options.ema_decay else None,
-  )
-
-
-def _step_rngs(rest_template: Any, key: jax.Array) -> Any:
-  """Fresh dropout streams for one step: leaf i gets `fold_in(key, i)`."""
-  leaves, treedef = jax.tree.flatten(rest_template)
-  out = []
-  for i, leaf in enumerate(leaves):
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      out.append(jax.random.fold_in(key, i))
-    else:
-      out.append(jnp.zeros(leaf.shape, leaf.dtype))
-  return jax.tree.unflatten(treedef, out)
-
-
-def loss_of(
-  out: dict[str, jax.Array], labels: jax.Array, options: StepOptions
-) -> jax.Array:
-  """Cross-entropy of the main logits, plus `options.aux_weight` times the
-  auxiliary head's when the model has one."""
-  ce = lambda logits: losses.cross_entropy(
-    logits,
-    labels,
-    class_weights=options.class_weights,
-    ohem_thresh=options.ohem_thresh,
-    ohem_min_kept=options.ohem_min_kept,
-  )
-  total = ce(out['out'])
-  if 'aux' in out and options.aux_weight:
-    total = total + options.aux_weight * ce(out['aux'])
-  return total
-
-
-def train_step(
-  state: TrainState,
-  batch: dict[str, jax.Array],
-  *,
-  options: StepOptions,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer micro-step on `batch` (`image` uint8 pixels, normalised
-  here with `options.mean` / `options.std`; `label` class ids, 255
-  ignored).
-
-  Returns the new state and `{'loss', 'lr', 'grad_norm'}`. `options`
-  (`StepOptions.from_config`) supplies the model graph, optimizer, loss,
-  EMA decay, gradient accumulation, remat and the dropout seed.
-  """
-  graph = options.graph
-  rngs = _step_rngs(
-    graph.rest, jax.random.fold_in(jax.random.key(options.seed), state.step)
-  )
-
-  def forward(params, stats, rngs, images):
-    model = nnx.merge(graph.train, params, stats, rngs)
-    out = model(images)
-    _, _, new_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    return out, nnx.to_pure_dict(new_stats)
-
-  if options.remat == 'full':
-    # Recompute the whole forward pass during backward: activation memory
-    # of one layer at a time for about a third more compute. ('blocks'
-    # rematerialises each backbone block instead, through the model view.)
-    forward = jax.checkpoint(forward)
-
-  images = normalization.normalize_on_device(
-    batch['image'], options.mean, options.std
-  )
-  labels = batch['label'].astype(jnp.int32)
-
-  def loss_fn(params):
-    out, stats = forward(params, state.batch_stats, rngs, images)
-    return loss_of(out, labels, options), stats
-
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = options.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema
-  if options.ema_decay:
-    ema = optim.ema_update(state.ema, params, options.ema_decay)
-    if options.grad_accum_steps > 1:
-      # Only the micro-steps that update the parameters move the average.
-      applied = (state.step + 1) % options.grad_accum_steps == 0
-      ema = jax.tree.map(
-        lambda e, old: jnp.where(applied, e, old), ema, state.ema
-      )
-  new = state.replace(
-    step=state.step + 1,
-    params=params,
-    batch_stats=stats,
-    opt_state=opt_state,
-    ema=ema,
-  )
-  logs = {
-    'loss': loss,
-    'lr': options.schedule(state.step),
-    'grad_norm': optax.tree.norm(grads),
-  }
-  return new, logs
-
-
-def eval_step(
-  params: dict,
-  stats: dict,
-  batch: dict[str, jax.Array],
-  *,
-  graph: Graph,
-  num_classes: int,
-  mesh: jax.sharding.Mesh,
-) -> jax.Array:
-  """The `[K, K]` confusion matrix of one batch (`image` normalised,
-  `label`, `mask` of the real pixels) split over `mesh`'s data axis."""
-  rngs = _step_rngs(graph.rest, jax.random.key(0))  # unused: no dropout
-  model = nnx.merge(graph.eval, params, stats, rngs)
-  pred = jnp.argmax(model(batch['image'])['out'], axis=-1)
-  return metrics.sharded_confusion_matrix(
-    pred, batch['label'], batch['mask'], num_classes, mesh
-  )
+# -------------------------------------------------------- evaluation ---
 
 
 def evaluate_params(
@@ -409,7 +234,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
   if resuming:
     if restored is None:  # the steps vanished since has_steps looked
-      raise checkpointing.CheckpointNotFoundError(
+      raise CheckpointNotFoundError(
         f'the checkpoints in {ckpt_dir} went away while the run started; '
         'run the same command again'
       )
@@ -545,26 +370,6 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
   sources.check_arch(config.model.init_from, config.model.arch)
 
 
-def training_view(
-  model: nnx.Module, options: StepOptions, mesh: jax.sharding.Mesh
-) -> nnx.Module:
-  """The model as `mesh`'s devices train it: kernels for their platform,
-  frozen BatchNorm, per-block remat and scanned blocks, as `options` ask;
-  XLA's own convolutions on a spatial mesh, whose halo exchange XLA
-  partitions (the patch, tap and Winograd lowerings reshape the height into
-  tiles or slices, which made XLA gather whole activations)."""
-  model = models.platform_view(model, models.platform_of(mesh))
-  if sharding.spatial_size(mesh) > 1:
-    model = nnx.view(model, conv_lowering='native')
-  if options.freeze_bn:
-    model = nnx.view(model, use_running_average=True)
-  if options.remat == 'blocks':
-    model = nnx.view(model, remat_blocks=True)
-  if options.scan_blocks:
-    model = nnx.view(model, scan_blocks=True)
-  return model
-
-
 def _input_config(config) -> pipeline.TrainInputConfig:
   return pipeline.TrainInputConfig(
     dataset=config.data.dataset,
@@ -580,91 +385,6 @@ def _input_config(config) -> pipeline.TrainInputConfig:
     mean=tuple(config.data.mean),
     std=tuple(config.data.std),
   )
-
-
-class Programs(NamedTuple):
-  """The jitted programs of a run, with the shardings they were built for:
-  what `train_and_evaluate` runs and `plan` compiles ahead of time."""
-
-  init: Callable[..., Any]  # (params, stats) -> state, created sharded
-  train: Callable[..., Any]  # (state, batch) -> (state, logs); donates state
-  eval: Callable[..., Any]  # (weights, batch_stats, batch) -> confusion
-  state: Any  # the state's shapes, each with its sharding
-  data: jax.sharding.NamedSharding  # of every batch array
-
-
-def build_programs(
-  options: StepOptions,
-  params: Any,
-  stats: Any,
-  num_classes: int,
-  mesh: jax.sharding.Mesh,
-  param_sharding: str = 'replicated',
-) -> Programs:
-  """The run's programs over `mesh`: the state replicated, or split with
-  `param_sharding='fsdp'` (`mesh.param_sharding`), the batch as
-  `sharding.data_sharding`, the state donated into the train step.
-  `params` and `stats` may be concrete or `jax.ShapeDtypeStruct`s (a plan
-  for devices that are not attached). Training, `scripts.plan` and
-  `scripts.benchmark` all build their programs here."""
-  init = functools.partial(initial_state, options=options)
-  shapes = jax.eval_shape(init, params, stats)
-  shardings = sharding.state_shardings(shapes, mesh, param_sharding)
-  data = sharding.data_sharding(mesh)
-  train_fn = jax.jit(
-    functools.partial(train_step, options=options),
-    in_shardings=(shardings, data),
-    out_shardings=(shardings, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
-  eval_fn = jax.jit(
-    functools.partial(
-      eval_step, graph=options.graph, num_classes=num_classes, mesh=mesh
-    ),
-    in_shardings=(shardings.eval_params, shardings.batch_stats, data),
-    out_shardings=sharding.replicated(mesh),
-  )
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    shapes,
-    shardings,
-  )
-  return Programs(
-    init=jax.jit(init, out_shardings=shardings),
-    train=train_fn,
-    eval=eval_fn,
-    state=abstract,
-    data=data,
-  )
-
-
-def programs_of(
-  config: ml_collections.ConfigDict,
-  model: nnx.Module,
-  num_classes: int,
-  mesh: jax.sharding.Mesh,
-  *,
-  view: dict[str, Any] | None = None,
-) -> tuple[Programs, Any, Any]:
-  """`(programs, params, batch_stats)` of `config` for `model` over `mesh`:
-  the training view, `StepOptions` and `build_programs`, as
-  `train_and_evaluate` runs them. `model` may be abstract (`nnx.eval_shape`:
-  a plan). `view`: extra `nnx.view` settings on top of the training view
-  (a lever to measure, e.g. `{'conv_lowering': 'native'}`)."""
-  options = StepOptions.from_config(config)
-  model = training_view(model, options, mesh)
-  if view:
-    model = nnx.view(model, **view)
-  graph, params, stats = split_model(model)
-  programs = build_programs(
-    dataclasses.replace(options, graph=graph),
-    params,
-    stats,
-    num_classes,
-    mesh,
-    config.mesh.param_sharding,
-  )
-  return programs, params, stats
 
 
 class _StopRequests:

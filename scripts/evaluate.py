@@ -65,7 +65,7 @@ _LOAD = ModelLoadFlags()
 def main(argv):
   del argv
   use_compilation_cache()  # a rerun or resume loads its compiled programs
-  from deeplab_jax import checkpointing, evaluate, metrics
+  from deeplab_jax import evaluate, metrics
 
   if _CHECKPOINT.value is None:
     raise UserError('--checkpoint is required')
@@ -75,7 +75,7 @@ def main(argv):
   training = _CONFIG.value and _CONFIG.value.to_dict()
   dataset, split, data_dir = evaluate.data_source(
     meta,
-    training or checkpointing.training_config(_CHECKPOINT.value),
+    training or _LOAD.training_config(_CHECKPOINT.value),
     dataset=_DATASET.value,
     split=_SPLIT.value,
     data_dir=_DATA_DIR.value,

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 from deeplab_jax import checkpointing, models, predict
+from deeplab_jax.checkpointing import digests
 from deeplab_jax.convert.official_denseaspp_torch import (
   OfficialMobileNetDenseASPP,
   official_state_dict,
@@ -116,14 +117,14 @@ def test_host_digests_equal_device_digests():
       NamedSharding(mesh, PartitionSpec('data')),
     ),
   }
-  host = [checkpointing._host_leaf_digest(v) for v in jax.tree.leaves(tree)]
-  device = jax.device_get(checkpointing._tree_digests(tree))
+  host = [digests._host_leaf_digest(v) for v in jax.tree.leaves(tree)]
+  device = jax.device_get(digests._tree_digests(tree))
   assert host == [(int(a), int(b)) for a, b in jax.tree.leaves(device)]
   # By hand: bits 0x3F800000 (1.0) and 0x40000000 (2.0). d1: weights 1 and
   # 3. d2: each word mixed as b ^ b >> 15 ^ b << 7 (0xFF807F00,
   # 0x40008000), weights i * 0x9E3779B1 + 0x7F4A7C15, made odd (0x7F4A7C15,
   # 0x1D81F5C7); all modulo 2**32.
-  d1, d2 = checkpointing._host_leaf_digest(np.float32([1, 2]))
+  d1, d2 = digests._host_leaf_digest(np.float32([1, 2]))
   assert d1 == (0x3F800000 + 3 * 0x40000000) % 2**32
   assert d2 == (0xFF807F00 * 0x7F4A7C15 + 0x40008000 * 0x1D81F5C7) % 2**32
 

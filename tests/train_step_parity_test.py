@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from flax import nnx
 from torchvision.models.segmentation import deeplabv3_resnet50
 
-from configs import base
-from deeplab_jax import models, train
+from deeplab_jax import defaults, models, steps
 from deeplab_jax.convert import torch as torch_convert
 from deeplab_jax.data import normalization
+from deeplab_jax.step_options import StepOptions
 from tests.torch_refs import nchw, randomize_batchnorm, rel_err
 
 LR, MOMENTUM, WD, AUX = 0.01, 0.9, 1e-4, 0.4
@@ -39,7 +39,7 @@ def test_sgd_step_matches_pytorch(parity_report):
   rng = np.random.RandomState(0)
   # The train step takes uint8 pixels and normalises them on the device;
   # PyTorch gets the same pixels normalised on the host.
-  c = base.get_base_config()
+  c = defaults.get_base_config()
   pixels = rng.randint(0, 256, (2, 65, 73, 3)).astype(np.uint8)
   x = normalization.normalize(pixels, c.data.mean, c.data.std)
   y = rng.randint(0, 5, (2, 65, 73))
@@ -71,16 +71,16 @@ def test_sgd_step_matches_pytorch(parity_report):
   c.loss.aux_weight = AUX
   c.train.num_steps = 100
   c.model.freeze_bn = True
-  # As training on this host's CPU devices views it (train.training_view).
+  # As training on this host's CPU devices views it (programs.training_view).
   model = nnx.view(
     models.platform_view(model, 'cpu'),
     deterministic=True,
     use_running_average=True,
   )
-  graph, params, stats = train.split_model(model)
-  options = train.StepOptions.from_config(c, graph)
-  step = functools.partial(train.train_step, options=options)
-  state = train.initial_state(params, stats, options)
+  graph, params, stats = steps.split_model(model)
+  options = StepOptions.from_config(c, graph)
+  step = functools.partial(steps.train_step, options=options)
+  state = steps.initial_state(params, stats, options)
   new, logs = jax.jit(step)(
     state, {'image': jnp.asarray(pixels), 'label': jnp.asarray(y, jnp.uint8)}
   )

@@ -111,7 +111,7 @@ def test_one_device_equals_eight_devices_and_split_images(
   assert_same_update(start, results[0], results[1], rtol=UPDATE_RTOL)
   assert_same_update(start, results[1], results[2], rtol=UPDATE_RTOL)
   np.testing.assert_allclose(losses[2], losses[1], rtol=1e-3)
-  # The spatial mesh runs XLA's own convolutions (train.training_view),
+  # The spatial mesh runs XLA's own convolutions (programs.training_view),
   # the data-parallel runs the CPU lowerings: the logits differ by float
   # rounding, which can flip the argmax of a pixel at a near tie. Bound:
   # 1e-4, about 80 of the validation split's 786,432 pixels; a wrong

@@ -1,7 +1,7 @@
 """Speed and memory measurements (used by scripts/benchmark.py, not tests).
 
 `jax_step.jax_model` times the train and eval steps that `scripts.train`
-runs (built by `train.programs_of`); `torch_step.torch_model` does the
+runs (built by `programs.programs_of`); `torch_step.torch_model` does the
 same work with the PyTorch reference (`reference`) on the same shapes;
 `input` times the training input. `timing` holds the one timing rule,
 `flops` the FLOP counts and peaks, `traces` the kernel-time summaries.

@@ -1,4 +1,4 @@
-"""Measures the programs `scripts.train` runs (`train.programs_of`)."""
+"""Measures the programs `scripts.train` runs (`programs.programs_of`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import base
-from deeplab_jax import initialization, sharding, train
+from deeplab_jax import defaults, initialization, sharding
 from deeplab_jax.benchmarking.flops import (
   peak_tflops,
   program_flops,
@@ -20,6 +19,7 @@ from deeplab_jax.benchmarking.flops import (
 from deeplab_jax.benchmarking.reference import reference_overrides
 from deeplab_jax.benchmarking.timing import median_seconds, peak_mem_mb
 from deeplab_jax.benchmarking.traces import PROFILE_STEPS, kernel_time_summary
+from deeplab_jax.programs import programs_of
 
 
 def benchmark_config(
@@ -40,7 +40,7 @@ def benchmark_config(
   255 ignored, uint8 pixels normalised in the step; with `aux`, the
   auxiliary head's loss at `loss.aux_weight`) for `arch` in its PyTorch
   reference's layout (`reference_overrides`), random weights."""
-  c = base.get_base_config()
+  c = defaults.get_base_config()
   c.model.arch = arch
   c.model.dtype = dtype
   c.model.options = ml_collections.ConfigDict(reference_overrides(arch, aux))
@@ -71,7 +71,7 @@ def jax_model(
   profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """Train and eval images/s, compile time, memory, FLOPs, MFU of the
-  programs `scripts.train` runs (`train.programs_of`: the same view, jit,
+  programs `scripts.train` runs (`programs.programs_of`: the same view, jit,
   shardings and donation) for `benchmark_config`'s run.
 
   `batch` is the global batch, split over the first `devices` devices
@@ -108,13 +108,13 @@ def jax_model(
   view = None
   if conv_lowering != 'auto' and spatial == 1:
     view = {'conv_lowering': conv_lowering}
-  programs, params, stats = train.programs_of(
+  programs, params, stats = programs_of(
     config, model, num_classes, mesh, view=view
   )
   # Model FLOPs: the standard count of every convolution (XLA's own
   # lowering), whatever the lowering that runs performs (e.g. Winograd's
   # fewer multiplies on CPU).
-  native = train.programs_of(
+  native = programs_of(
     config, model, num_classes, mesh, view={'conv_lowering': 'native'}
   )[0]
   state = programs.init(params, stats)

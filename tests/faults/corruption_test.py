@@ -16,6 +16,7 @@ import pytest
 from conftest import assert_bitwise_equal, config, weights
 
 from deeplab_jax import checkpointing, train
+from deeplab_jax.checkpointing import train_checkpointer
 from deeplab_jax.errors import CheckpointCorruptError, CheckpointReadError
 
 OVERRIDES = {'train.num_steps': 6, 'checkpoint.every_steps': 2}
@@ -159,7 +160,7 @@ def _failing_restore(monkeypatch, times):
     return original(self, *args, **kwargs)
 
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
-  monkeypatch.setattr(checkpointing, 'RESTORE_BACKOFF_S', 0.01)
+  monkeypatch.setattr(train_checkpointer, 'RESTORE_BACKOFF_S', 0.01)
   return calls
 
 
@@ -191,7 +192,7 @@ def test_a_storage_error_that_persists_stops_with_every_step_in_place(
   calls = _failing_restore(monkeypatch, times=None)
   with pytest.raises(CheckpointReadError) as e:
     train.train_and_evaluate(config(data_dir, **OVERRIDES), workdir)
-  assert calls == [6] * checkpointing.RESTORE_TRIES  # never an older step
+  assert calls == [6] * train_checkpointer.RESTORE_TRIES  # never an older step
   message = str(e.value)
   assert '\n' not in message
   assert message.startswith(f'could not read checkpoint step 6 in {ckpts} (')
