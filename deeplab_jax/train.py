@@ -41,13 +41,13 @@ from deeplab_jax import (
   metrics,
   models,
   multihost,
-  run_dir,
   sharding,
 )
 from deeplab_jax.convert import sources
 from deeplab_jax.data import datasets, labels, pipeline
 from deeplab_jax.errors import CheckpointNotFoundError, ConfigError, UserError
 from deeplab_jax.programs import programs_of
+from deeplab_jax.run_dir import metrics_log, record, writer_lock
 from deeplab_jax.step_options import remat_mode
 
 
@@ -120,7 +120,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it has checkpoints).
 
-  A workdir has one writer: process 0 holds `run_dir.WriterLock` for the
+  A workdir has one writer: process 0 holds `writer_lock.WriterLock` for the
   whole run, so a second training process on a live local workdir is
   refused at once, naming the live one.
 
@@ -132,8 +132,8 @@ def train_and_evaluate(
   # Process 0 owns the workdir: its lock and run record. What refuses a
   # start is decided before any collective and every process learns it.
   lock = None
-  if jax.process_index() == 0 and not run_dir.is_remote(workdir):
-    lock = run_dir.WriterLock(workdir, on_lost=multihost.stop_job)
+  if jax.process_index() == 0 and not record.is_remote(workdir):
+    lock = writer_lock.WriterLock(workdir, on_lost=multihost.stop_job)
   try:
     multihost.decide('workdir', lambda: _claim_workdir(config, workdir, lock))
     multihost.decide(
@@ -148,18 +148,18 @@ def train_and_evaluate(
 def _claim_workdir(config, workdir: str, lock) -> None:
   """Process 0: the workdir is a folder (or can be), ours to write, and
   holds no run of another config."""
-  run_dir.check_path(workdir)
+  record.check_path(workdir)
   if lock is None:
     logging.warning(
       '%s has no writer lock (remote storage): make sure that one job '
       'writes it at a time (docs/distributed.md)',
       workdir,
     )
-    run_dir.check(config, workdir)
+    record.check(config, workdir)
     return
   lock.acquire()
   try:
-    run_dir.check(config, workdir)
+    record.check(config, workdir)
   except BaseException:
     lock.release()
     raise
@@ -266,8 +266,8 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     # exception that would leave the TensorBoard writer's thread running.
     stop = cleanup.enter_context(_stop_requests(is_main))
     if is_main:
-      run_dir.claim(config, workdir)
-    logger = cleanup.enter_context(run_dir.MetricsLog(workdir, is_main))
+      record.claim(config, workdir)
+    logger = cleanup.enter_context(metrics_log.MetricsLog(workdir, is_main))
     bar = cleanup.enter_context(
       tqdm(
         total=config.train.num_steps,
@@ -328,7 +328,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         ckpt.wait_until_finished()
         raise Preempted(done, ckpt.directory, interrupted=stop.interrupted)
   if not summary:  # a finished run asked to run again
-    summary = run_dir.last_evaluation(workdir) or evaluate_state(state)
+    summary = metrics_log.last_evaluation(workdir) or evaluate_state(state)
   return dict(summary, step=int(jax.device_get(state.step)))
 
 

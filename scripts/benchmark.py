@@ -50,7 +50,7 @@ _TORCH_COMPILE = flags.DEFINE_bool(
   'torch_compile', False, 'Also run it under torch.compile.'
 )
 _TABLE = flags.DEFINE_enum(
-  'table', None, ['gpu', 'tiny'], 'Prepared rows (benchmark_runs.TABLES).'
+  'table', None, ['gpu', 'tiny'], 'Prepared rows (benchmarking.runs.TABLES).'
 )
 _OUTPUT = flags.DEFINE_string(
   'output', None, 'Append every row to this JSON-lines file as it comes.'
@@ -84,7 +84,7 @@ _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Grain workers.')
 @entry_point
 def main(argv):
   del argv
-  from deeplab_jax import benchmark_runs
+  from deeplab_jax.benchmarking import runs as benchmark_runs
 
   on = (_JAX.value, _TORCH.value, _TORCH_COMPILE.value)
   chosen = dict(zip(benchmark_runs.FRAMEWORKS, on, strict=True))

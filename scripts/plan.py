@@ -58,14 +58,15 @@ def main(argv):
   import contextlib
   import json
 
-  from deeplab_jax import compile_profile, plan
   from deeplab_jax.data import datasets
+  from deeplab_jax.errors import UserError
+  from deeplab_jax.planning import compile_profile, planner, tables
 
   if _COMPILE_PROFILE.value:
     compile_profile.enable()
 
   if _CONFIG.value is None:
-    raise plan.UserError('pass --config, e.g. configs/cityscapes_denseaspp.py')
+    raise UserError('pass --config, e.g. configs/cityscapes_denseaspp.py')
   config = _CONFIG.value
   classes = (
     _NUM_CLASSES.value or datasets.label_spec(config.data.dataset).num_classes
@@ -78,7 +79,7 @@ def main(argv):
       else contextlib.nullcontext()
     )
     with profile as log:
-      row = plan.plan(
+      row = planner.plan(
         config,
         topology,
         classes,
@@ -93,10 +94,10 @@ def main(argv):
     if _OUTPUT.value:  # kept even if a later topology's compile fails
       with open(_OUTPUT.value, 'a') as f:
         f.write(json.dumps(row) + '\n')
-  print(plan.table(rows))
+  print(tables.table(rows))
   if _BREAKDOWN.value:
     for r in rows:
-      print('\n' + plan.traffic_table(r))
+      print('\n' + tables.traffic_table(r))
   for r in rows:
     if r.get('compile_profile'):
       print(f'\nCompiling for {r["topology"]}:\n')

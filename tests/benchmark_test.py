@@ -100,7 +100,7 @@ def _die():
 def test_failed_or_late_measurements_become_rows():
   import time
 
-  from deeplab_jax import benchmark_runs
+  from deeplab_jax.benchmarking import runs as benchmark_runs
 
   assert benchmark_runs.isolated(_raise_oom) == {
     'error': 'MemoryError: RESOURCE_EXHAUSTED: out of memory'

@@ -3,7 +3,7 @@ real log of a compile is read in `tpu_test.py`)."""
 
 import pytest
 
-from deeplab_jax import compile_profile
+from deeplab_jax.planning import compile_profile
 
 
 @pytest.mark.parametrize(

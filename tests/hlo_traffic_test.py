@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeplab_jax import hlo_traffic, plan
+from deeplab_jax.planning import traffic as hlo_traffic
 
 
 def _conv_relu_sum(x, w):
@@ -103,7 +103,7 @@ def test_a_scan_counts_its_body_once_per_iteration():
   assert sum(o.hbm_bytes for o in convs) >= 5 * per_layer - 5 * x.nbytes
   # The planner marks such a program: XLA's cost analysis counts the body
   # once, so its columns are not the step's.
-  looped = plan.traffic_breakdown(_compiled_text(layers, x, w))['looped']
+  looped = hlo_traffic.traffic_breakdown(_compiled_text(layers, x, w))['looped']
   assert looped == sum(o.repeats > 1 for o in ops) > 0
 
 

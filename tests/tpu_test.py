@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from configs import synthetic_demo
-from deeplab_jax import export, models, plan, predict, sharding
+from deeplab_jax import export, models, predict, sharding
+from deeplab_jax.planning import chips, compiling, tables, traffic
 
 pytestmark = pytest.mark.skipif(
   importlib.util.find_spec('libtpu') is None,
@@ -38,21 +39,21 @@ def _smoke(**overrides):
 )
 def test_tpu_train_step_has_native_convolutions_and_no_cpu_kernels(arch):
   config = _smoke(**{'model.arch': arch})
-  devices, _ = plan.topology_devices('v5e:2x2')
-  programs, batch, _ = plan.programs_for(config, devices, CLASSES)
+  devices, _ = chips.topology_devices('v5e:2x2')
+  programs, batch, _ = compiling.programs_for(config, devices, CLASSES)
   traced = programs.train.trace(programs.state, batch)
   # XLA:CPU's kernels are custom VJPs (the fusion barrier, the matmul
   # weight gradient, Winograd, DenseNet's scanned layers): none on TPU.
   assert 'custom_vjp_call' not in str(traced.jaxpr)
-  tpu = plan.convolutions(traced.lower().compile().as_text())
+  tpu = traffic.convolutions(traced.lower().compile().as_text())
   # Reference: every convolution of the model forced to XLA's own.
-  native, batch, _ = plan.programs_for(
+  native, batch, _ = compiling.programs_for(
     config, devices, CLASSES, view={'conv_lowering': 'native'}
   )
   forced = native.train.lower(native.state, batch).compile().as_text()
-  assert tpu == plan.convolutions(forced) > 0
+  assert tpu == traffic.convolutions(forced) > 0
   # The same step for this host's CPU devices takes XLA:CPU's kernels.
-  cpu, batch, _ = plan.programs_for(config, jax.devices()[:4], CLASSES)
+  cpu, batch, _ = compiling.programs_for(config, jax.devices()[:4], CLASSES)
   cpu_traced = cpu.train.trace(cpu.state, batch)
   assert 'custom_vjp_call' in str(cpu_traced.jaxpr)
   assert cpu_traced.lower().as_text().count('stablehlo.convolution') < tpu
@@ -123,7 +124,7 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   # Independent reference: the gradients summed over the 4 chips are the
   # model's float32 parameters, at least once (XLA may add BatchNorm's
   # batch statistics and loss terms to the same all-reduces).
-  model = plan.abstract_model(_smoke(), 11)  # synthetic_shapes: 11 classes
+  model = compiling.abstract_model(_smoke(), 11)  # synthetic_shapes: 11 classes
   params = nnx.state(model, nnx.Param)
   param_bytes = sum(4 * np.prod(p.shape) for p in jax.tree.leaves(params))
   reduced = row['collectives']['all-reduce']['bytes']
@@ -141,8 +142,8 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   # An unrolled step: XLA's columns are whole, nothing is marked.
   assert traffic['looped'] == 0 and '* XLA' not in r.stdout
   scanned = dict(row, traffic=dict(traffic, looped=5))
-  assert f'| {row["flops"] / 1e9:.1f}* |' in plan.table([scanned])
-  assert "* XLA's cost analysis counts each loop's body once" in plan.table(
+  assert f'| {row["flops"] / 1e9:.1f}* |' in tables.table([scanned])
+  assert "* XLA's cost analysis counts each loop's body once" in tables.table(
     [scanned]
   )
   assert 0 < row['train_compile_s'] <= row['compile_s']
@@ -193,12 +194,14 @@ def test_spatial_tpu_program_exchanges_halos():
   # stride-4 logits are, for the final resize).
   crop = (128, 64)
   config = _smoke(**{'mesh.shape': (2, 4), 'data.crop_size': crop})
-  devices, _ = plan.topology_devices('v5e:2x4')
-  compiled = plan.compile_programs(config, devices, CLASSES, with_eval=False)
+  devices, _ = chips.topology_devices('v5e:2x4')
+  compiled = compiling.compile_programs(
+    config, devices, CLASSES, with_eval=False
+  )
   text = compiled['train'].as_text()
   assert compiled['mesh'].shape[sharding.SPATIAL_AXIS] == 4
-  assert plan.collectives(text)['collective-permute']['count'] > 0
-  for shape in plan.collective_shapes(text, 'all-gather'):
+  assert traffic.collectives(text)['collective-permute']['count'] > 0
+  for shape in traffic.collective_shapes(text, 'all-gather'):
     dims = [int(d) for d in re.findall(r'\[([\d,]+)\]', shape)[0].split(',')]
     assert len(dims) != 4 or dims[1] < crop[0] // 2, shape
 
@@ -209,7 +212,7 @@ def test_fsdp_cuts_per_chip_state_about_d_fold():
   # would hold whole (tensors too small to split, such as BatchNorm's,
   # stay whole). Reference: the state's bytes counted from the model's
   # shapes; the compiled program's arguments less the batch shard.
-  devices, _ = plan.topology_devices('v5e:2x4')
+  devices, _ = chips.topology_devices('v5e:2x4')
   config = _smoke(**{'mesh.param_sharding': 'fsdp'})
   with config.unlocked():
     # Wide enough that most of the state is in tensors FSDP splits (16k
@@ -217,12 +220,14 @@ def test_fsdp_cuts_per_chip_state_about_d_fold():
     config.model.options.resnet_width = 32
     config.model.options.aspp_channels = 128
   assert config.optim.name == 'adam' and not config.optim.ema_decay
-  model = plan.abstract_model(config, CLASSES)
+  model = compiling.abstract_model(config, CLASSES)
   size = lambda kind: sum(
     4 * np.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, kind))
   )
   whole = 3 * size(nnx.Param) + size(nnx.BatchStat)
-  compiled = plan.compile_programs(config, devices, CLASSES, with_eval=False)
+  compiled = compiling.compile_programs(
+    config, devices, CLASSES, with_eval=False
+  )
   args = compiled['train'].memory_analysis().argument_size_in_bytes
   h, w = config.data.crop_size
   batch_shard = config.train.batch_size // 8 * h * w * 4  # uint8 RGB + label

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from deeplab_jax import run_dir
+from deeplab_jax.run_dir import writer_lock
 from tests.run_helpers import run_python, train_cmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def test_second_trainer_is_refused_and_a_killed_ones_lock_does_not_block(
   data_dir, tmp_path
 ):
   workdir = str(tmp_path / 'w')
-  lock = os.path.join(workdir, run_dir.LOCK)
+  lock = os.path.join(workdir, writer_lock.LOCK)
   first = _start(workdir, data_dir)
   try:
     deadline = time.time() + 120
@@ -76,19 +76,19 @@ def test_second_trainer_is_refused_and_a_killed_ones_lock_does_not_block(
 def test_lock_of_another_host_is_a_lease(tmp_path):
   workdir = str(tmp_path / 'w')
   os.makedirs(workdir)
-  path = os.path.join(workdir, run_dir.LOCK)
+  path = os.path.join(workdir, writer_lock.LOCK)
   holder = {'host': 'elsewhere', 'pid': 1, 'since': '2026-01-01T00:00:00'}
   with open(path, 'w') as f:
     json.dump(holder, f)
-  with pytest.raises(run_dir.WorkdirBusyError, match='pid 1 on elsewhere'):
-    run_dir.WriterLock(workdir, lease_s=60).acquire()
+  with pytest.raises(writer_lock.WorkdirBusyError, match='pid 1 on elsewhere'):
+    writer_lock.WriterLock(workdir, lease_s=60).acquire()
   old = time.time() - 61
   os.utime(path, (old, old))  # not renewed for longer than the lease
-  lock = run_dir.WriterLock(workdir, lease_s=60).acquire()
+  lock = writer_lock.WriterLock(workdir, lease_s=60).acquire()
   with open(path) as f:
     assert json.load(f)['pid'] == os.getpid()
   # A live holder renews its lease: the file's time moves.
-  renewing = run_dir.WriterLock(str(tmp_path / 'v'), lease_s=0.4).acquire()
+  renewing = writer_lock.WriterLock(str(tmp_path / 'v'), lease_s=0.4).acquire()
   first = os.path.getmtime(renewing.path)
   time.sleep(0.5)
   assert os.path.getmtime(renewing.path) > first
@@ -104,15 +104,15 @@ def test_lock_of_a_reused_pid_is_stale(tmp_path):
   # and its pid belongs to someone else now.
   workdir = str(tmp_path / 'w')
   os.makedirs(workdir)
-  with open(os.path.join(workdir, run_dir.LOCK), 'w') as f:
+  with open(os.path.join(workdir, writer_lock.LOCK), 'w') as f:
     json.dump(
       {'host': socket.gethostname(), 'pid': os.getpid(), 'start': '1'}, f
     )
-  run_dir.WriterLock(workdir).acquire().release()
+  writer_lock.WriterLock(workdir).acquire().release()
   # The same start time: a live holder, refused.
-  lock = run_dir.WriterLock(workdir).acquire()
-  with pytest.raises(run_dir.WorkdirBusyError, match=f'pid {os.getpid()}'):
-    run_dir.WriterLock(workdir).acquire()
+  lock = writer_lock.WriterLock(workdir).acquire()
+  with pytest.raises(writer_lock.WorkdirBusyError, match=f'pid {os.getpid()}'):
+    writer_lock.WriterLock(workdir).acquire()
   lock.release()
 
 
@@ -121,7 +121,7 @@ def _stale_lock(workdir):
   dead = subprocess.Popen(['true'])
   dead.wait()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, run_dir.LOCK), 'w') as f:
+  with open(os.path.join(workdir, writer_lock.LOCK), 'w') as f:
     json.dump({'host': socket.gethostname(), 'pid': dead.pid, 'start': '1'}, f)
 
 
@@ -132,9 +132,9 @@ def _racer(workdirs, ready, tried, results):
   for workdir in workdirs:
     ready.wait()
     try:
-      lock = run_dir.WriterLock(workdir).acquire()
+      lock = writer_lock.WriterLock(workdir).acquire()
       results.put((workdir, 'won'))
-    except run_dir.WorkdirBusyError:
+    except writer_lock.WorkdirBusyError:
       lock = None
       results.put((workdir, 'busy'))
     tried.wait()
@@ -177,7 +177,7 @@ def test_racing_starters_take_a_stale_lock_once(tmp_path):
 
 def test_renewal_stops_a_run_whose_lock_was_taken_over(tmp_path):
   lost = []
-  lock = run_dir.WriterLock(
+  lock = writer_lock.WriterLock(
     str(tmp_path / 'w'), lease_s=0.4, on_lost=lost.append
   ).acquire()
   with open(lock.path, 'w') as f:
@@ -198,7 +198,7 @@ def test_renewal_stops_a_run_whose_lock_was_taken_over(tmp_path):
 
 
 def test_release_never_removes_another_runs_lock(tmp_path):
-  lock = run_dir.WriterLock(str(tmp_path / 'w')).acquire()
+  lock = writer_lock.WriterLock(str(tmp_path / 'w')).acquire()
   os.remove(lock.path)
   with open(lock.path, 'w') as f:
     json.dump({'host': 'elsewhere', 'pid': 7, 'token': 'theirs'}, f)
@@ -212,12 +212,13 @@ def test_a_peer_lost_exit_releases_the_lock(tmp_path):
   the holder could only be judged by its lease (another host)."""
   workdir = str(tmp_path / 'w')
   script = (
-    'from deeplab_jax import multihost, run_dir\n'
-    f'run_dir.WriterLock({workdir!r}).acquire()\n'
+    'from deeplab_jax import multihost\n'
+    'from deeplab_jax.run_dir import writer_lock\n'
+    f'writer_lock.WriterLock({workdir!r}).acquire()\n'
     "multihost.exit_peer_lost('process 1 sent no sign of life for 30 s')\n"
   )
   r = run_python(['-c', script], JAX_PLATFORMS='cpu')
   assert r.returncode == 1
   assert 'another process of the job stopped responding' in r.stderr
-  assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
-  run_dir.WriterLock(workdir, lease_s=3600).acquire().release()
+  assert not os.path.exists(os.path.join(workdir, writer_lock.LOCK))
+  writer_lock.WriterLock(workdir, lease_s=3600).acquire().release()

@@ -19,7 +19,7 @@ from conftest import (
 )
 from corruption_test import flip_byte
 
-from deeplab_jax import run_dir
+from deeplab_jax.run_dir import writer_lock
 from tests import run_helpers
 
 FLAGS = (
@@ -76,7 +76,7 @@ def test_refusals_end_every_process_and_the_live_job_goes_on(
   alone, data_dir, tmp_path
 ):
   workdir = str(tmp_path / 'run')
-  lock = os.path.join(workdir, run_dir.LOCK)
+  lock = os.path.join(workdir, writer_lock.LOCK)
   first = start_two_processes(workdir, data_dir, *FLAGS)
   try:
     assert wait_for(lambda: os.path.exists(lock), first[0], timeout=300)
@@ -175,7 +175,7 @@ def test_a_hung_peer_ends_the_job_naming_it(data_dir, tmp_path):
     'process with the same command; the run resumes from its last checkpoint'
   )
   assert took < bound + 60, took
-  assert not os.path.exists(os.path.join(workdir, run_dir.LOCK))
+  assert not os.path.exists(os.path.join(workdir, writer_lock.LOCK))
 
 
 def test_a_damaged_step_is_skipped_by_every_process(alone, data_dir, tmp_path):

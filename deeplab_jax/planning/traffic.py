@@ -34,6 +34,7 @@ import collections
 import dataclasses
 import math
 import re
+from typing import Any
 
 _DTYPE_BYTES = {
   'pred': 1,
@@ -547,3 +548,46 @@ def summarise(ops: list[Op], by: tuple[str, ...]) -> list[dict]:
     g['flops'] += op.flops
   rows = [dict(zip(by, key, strict=True), **v) for key, v in groups.items()]
   return sorted(rows, key=lambda r: (-r['hbm_bytes'], -r['on_chip_bytes']))
+
+
+def collective_shapes(hlo_text: str, kind: str) -> list[str]:
+  """The result shapes (HLO text, e.g. `f32[2,8,8,256]{3,2,1,0}`) of every
+  `kind` collective in optimised HLO; an asynchronous pair counts once."""
+  text = re.sub(r'/\*.*?\*/', '', hlo_text)  # tuple index comments
+  pattern = re.compile(rf'=\s*(\(?[^=]*?\)?)\s+{kind}(?:-start)?\(')
+  return pattern.findall(text)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """`{kind: {'count', 'bytes'}}` of the collectives in optimised HLO,
+  bytes of each result shape."""
+  out = {}
+  for kind in COLLECTIVES:
+    shapes = collective_shapes(hlo_text, kind)
+    if shapes:
+      out[kind] = {
+        'count': len(shapes),
+        'bytes': int(sum(sum(array_bytes(s)) for s in shapes)),
+      }
+  return out
+
+
+def convolutions(hlo_text: str) -> int:
+  """How many convolution instructions an optimised HLO program holds."""
+  return len(re.findall(r'\sconvolution\(', hlo_text))
+
+
+def traffic_breakdown(hlo_text: str, top: int = 12) -> dict[str, Any]:
+  """Where a compiled step's bytes go (`traffic`): totals, bytes by
+  kind and direction, and the `top` sources of the model code.
+  `looped`: instructions inside loops (scans), which XLA's cost analysis
+  counts once and this breakdown once per iteration."""
+  ops = traffic(hlo_text)
+  return {
+    'looped': sum(o.repeats > 1 for o in ops),
+    'hbm_bytes': sum(o.hbm_bytes for o in ops),
+    'on_chip_bytes': sum(o.on_chip_bytes for o in ops),
+    'flops': sum(o.flops for o in ops),
+    'by_kind': summarise(ops, ('kind', 'direction')),
+    'by_source': summarise(ops, ('source',))[:top],
+  }

@@ -1,0 +1,87 @@
+"""Plan rows as Markdown tables: memory, fit, rooflines and collectives per
+row, and a row's traffic breakdown by kind and by model source."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def traffic_table(row: dict[str, Any]) -> str:
+  """A row's traffic breakdown as Markdown: kinds, then model sources (GB
+  read and written per chip per step, HBM and on-chip)."""
+  t = row.get('traffic')
+  if not t:
+    return ''
+  lines = [
+    f'{row["arch"]} on {row["topology"]}, batch {row["batch"]}: '
+    f'{t["hbm_bytes"] / 1e9:.2f} GB HBM + {t["on_chip_bytes"] / 1e9:.2f} '
+    'GB on chip, read and written by the instructions of one step, '
+    f'{t["flops"] / 1e9:.1f} GFLOP in convolutions and dots (per chip)',
+    '',
+    '| kind | direction | instructions | HBM GB | on-chip GB | GFLOP |',
+    '|---|---|---|---|---|---|',
+  ]
+  lines += [
+    f'| {r["kind"]} | {r["direction"]} | {r["count"]} | '
+    f'{r["hbm_bytes"] / 1e9:.2f} | {r["on_chip_bytes"] / 1e9:.2f} | '
+    f'{r["flops"] / 1e9:.1f} |'
+    for r in t['by_kind']
+  ]
+  lines += [
+    '',
+    '| source | instructions | HBM GB | on-chip GB | GFLOP |',
+    '|---|---|---|---|---|',
+  ]
+  lines += [
+    f'| {r["source"]} | {r["count"]} | {r["hbm_bytes"] / 1e9:.2f} | '
+    f'{r["on_chip_bytes"] / 1e9:.2f} | {r["flops"] / 1e9:.1f} |'
+    for r in t['by_source']
+  ]
+  return '\n'.join(lines)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  """The rows as a Markdown table (memory in GiB per chip)."""
+  gib = lambda b: f'{b / 2**30:.2f}' if b is not None else '-'
+  head = (
+    '| arch | topology | batch | args | temp | out | total | HBM | fits '
+    '(margin) | eval total | largest batch | GFLOP/chip | GB moved/chip | '
+    'roofline ms | MFU ceiling | HBM GB/chip | HBM roofline ms | HBM MFU '
+    'ceiling | collectives | compile s (train) |'
+  )
+  lines = [head, '|' + '---|' * 20]
+  looped = False
+  for r in rows:
+    if 'refused' in r:  # the compiler refused it: what it needs, no costs
+      lines.append(
+        f'| {r["arch"]} | {r["topology"]} | {r["batch"]} | - | - | - | '
+        f'> {gib(r["need_bytes"])} | {gib(r["hbm_bytes"])} | NO (the TPU '
+        f'compiler refused it) | - | {r.get("largest_batch", "-")} | - | - '
+        '| - | - | - | - | - | - | - |'
+      )
+      continue
+    coll = ', '.join(
+      f'{k} {v["count"]} ({v["bytes"] / 2**20:.1f} MiB)'
+      for k, v in r['collectives'].items()
+    )
+    fits = f'{"yes" if r["fits"] else "NO"} ({gib(r["margin_bytes"])})'
+    mark = '*' if r['traffic'].get('looped') else ''
+    looped = looped or bool(mark)
+    lines.append(
+      f'| {r["arch"]} | {r["topology"]} | {r["batch"]} | '
+      f'{gib(r["argument_bytes"])} | {gib(r["temp_bytes"])} | '
+      f'{gib(r["output_bytes"])} | {gib(r["total_bytes"])} | '
+      f'{gib(r["hbm_bytes"])} | {fits} | {gib(r["eval_total_bytes"])} | '
+      f'{r.get("largest_batch", "-")} | {r["flops"] / 1e9:.1f}{mark} | '
+      f'{r["bytes_accessed"] / 1e9:.2f}{mark} | {r["step_ms"]:.2f}{mark} | '
+      f'{100 * r["mfu"]:.1f}%{mark} | {r["traffic"]["hbm_bytes"] / 1e9:.2f} | '
+      f'{r["hbm_step_ms"]:.2f} | {100 * r["hbm_mfu"]:.1f}% | '
+      f'{coll or "none"} | {r["compile_s"]} ({r["train_compile_s"]}) |'
+    )
+  if looped:
+    lines += [
+      '',
+      "* XLA's cost analysis counts each loop's body once (the program "
+      'scans); the HBM columns count every iteration.',
+    ]
+  return '\n'.join(lines)
