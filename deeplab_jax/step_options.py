@@ -97,10 +97,9 @@ class StepOptions:
 
 
 def remat_mode(value: Any) -> str:
-  """`model.remat` as one of `REMAT` (`True` is `'full'`, `False` `'none'`)."""
-  mode = {True: 'full', False: 'none'}.get(value, value)
-  if mode not in REMAT:
+  """`model.remat`, checked to be one of `REMAT`."""
+  if not isinstance(value, str) or value not in REMAT:
     raise ConfigError(
-      f"model.remat must be False, True/'full' or 'blocks', not {value!r}"
+      f'model.remat must be one of {", ".join(REMAT)}, not {value!r}'
     )
-  return mode
+  return value

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from flax import nnx
 
 from deeplab_jax import models, predict
-from deeplab_jax.models import conv_lowering, layers
+from deeplab_jax.models import conv_geometry, conv_lowering, layers
 from deeplab_jax.models.xla_cpu import conv as xla_cpu_conv
 from deeplab_jax.models.xla_cpu import fusion
 from tests.torch_refs import nchw, nhwc, rel_err
@@ -111,13 +111,13 @@ def test_conv_lowering_gradients_match_torch(case):
 def test_prune_plan_hand_computed():
   # 5 rows, 3 taps at dilation 6, padding 6: taps 0 and 2 read rows -6..-2
   # and 6..10 only, i.e. padding; the centre tap alone survives.
-  (si, sj), pads = conv_lowering.prune_padding_taps(
+  (si, sj), pads = conv_geometry.prune_padding_taps(
     (5, 5), (3, 3), (1, 1), (6, 6), ((6, 6), (6, 6))
   )
   assert (si, sj) == (slice(1, 2), slice(1, 2))
   assert pads == ((0, 0), (0, 0))
   # 9 rows, dilation 6: tap 0 reads rows o - 6, live for o >= 6 -> all kept.
-  (si, _), pads = conv_lowering.prune_padding_taps(
+  (si, _), pads = conv_geometry.prune_padding_taps(
     (9, 9), (3, 3), (1, 1), (6, 6), ((6, 6), (6, 6))
   )
   assert si == slice(0, 3) and pads[0] == (6, 6)
@@ -148,7 +148,7 @@ def test_choose_lowering_defaults():
   # taps per output in each dimension, 5.06 in all, against Winograd's 9
   # (2x2-tile padding 2.25x) and im2col's 9.
   aspp = dict(dilation=24, out_hw=(64, 64))
-  live = conv_lowering.live_taps_per_output(
+  live = conv_geometry.live_taps_per_output(
     (64, 64), (3, 3), (1, 1), (24, 24), ((24, 24), (24, 24))
   )
   assert live == pytest.approx(2.25**2)
@@ -159,7 +159,7 @@ def test_choose_lowering_defaults():
     == 'taps'
   )
   # Rate 3 keeps 8.4 of 9 taps: Winograd; strided 8.4: im2col.
-  live3 = conv_lowering.live_taps_per_output(
+  live3 = conv_geometry.live_taps_per_output(
     (64, 64), (3, 3), (1, 1), (3, 3), ((3, 3), (3, 3))
   )
   assert live3 == pytest.approx((186 / 64) ** 2)
@@ -203,7 +203,7 @@ def test_forward_only_lowering_for_inference():
   # per output, Winograd 4 x 1.27 (its 2x2 tiles padded to 72x72), 1.36x
   # fewer: taps train faster, Winograd runs the forward pass faster.
   pads = ((12, 12), (12, 12))
-  live = conv_lowering.live_taps_per_output(
+  live = conv_geometry.live_taps_per_output(
     (64, 64), (3, 3), (1, 1), (12, 12), pads
   )
   assert live == pytest.approx((168 / 64) ** 2)
@@ -216,7 +216,7 @@ def test_forward_only_lowering_for_inference():
   )
   assert inference == 'winograd'
   # Rate 24 (5.06 against Winograd's 9): taps either way.
-  live24 = conv_lowering.live_taps_per_output(
+  live24 = conv_geometry.live_taps_per_output(
     (64, 64), (3, 3), (1, 1), (24, 24), ((24, 24), (24, 24))
   )
   rate24 = dict(dilation=24, out_hw=(64, 64), live_taps=live24)
@@ -315,7 +315,7 @@ def test_winograd_values_and_gradients_match_float64(hw, dilation, padding):
   rng = np.random.RandomState(sum(hw) + dilation)
   x = rng.randn(2, *hw, 6).astype(np.float32)
   k = rng.randn(3, 3, 6, 5).astype(np.float32)
-  ph, pw = conv_lowering.pair(padding)
+  ph, pw = conv_geometry.pair(padding)
   xp = np.pad(np.float64(x), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   oh = hw[0] + 2 * ph - 2 * dilation
   ow = hw[1] + 2 * pw - 2 * dilation

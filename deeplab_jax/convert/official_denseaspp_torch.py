@@ -1,9 +1,12 @@
-"""A PyTorch reference of the official DenseASPP layout (needs PyTorch, the
-`test` extra; used by the parity tests and `scripts.benchmark --torch`,
-never imported by the rest of the package), written from the paper
-(Yang et al., CVPR 2018) and the layout description of the official
-code: DenseNet with dilated blocks 3/4, a transition 4, norm5, five
-densely connected atrous blocks and a x8 bilinear classifier.
+"""The official DenseASPP and MobileNetDenseASPP layouts in PyTorch, as
+parity references.
+
+Needs PyTorch (the `test` extra); used by the parity tests and
+`scripts.benchmark --torch`, never imported by the rest of the package.
+Written from the paper (Yang et al., CVPR 2018) and the layout
+description of the official code: DenseNet with dilated blocks 3/4, a
+transition 4, norm5, five densely connected atrous blocks and a x8
+bilinear classifier.
 
 Modern PyTorch forbids dots in module names, so the modules are named
 `norm1`, `conv1`, ... and `official_state_dict` renames the keys to the

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from deeplab_jax.models import conv_geometry as geometry
-from deeplab_jax.models.conv_geometry import (  # noqa: F401 (public names)
+from deeplab_jax.models.conv_geometry import (
   live_taps_per_output,
   pair,
   prune_padding_taps,

@@ -22,12 +22,8 @@ import numpy as np
 from flax import nnx
 
 from deeplab_jax.models import host_random
-from deeplab_jax.models.conv_lowering import (
-  LOWERINGS,
-  check_platform,
-  conv2d,
-  pair,
-)
+from deeplab_jax.models.conv_geometry import pair
+from deeplab_jax.models.conv_lowering import LOWERINGS, check_platform, conv2d
 from deeplab_jax.models.xla_cpu.fusion import fusion_barrier
 
 # PyTorch BatchNorm2d defaults, written in Flax's convention: Flax keeps

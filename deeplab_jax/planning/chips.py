@@ -1,6 +1,8 @@
-"""The TPU generations a plan can target: their data sheets (per chip, bf16
-peak, HBM capacity and bandwidth, from Google Cloud: cloud.google.com/tpu/
-docs/v5e, /v5p and /v6e) and the compile-only devices of a topology."""
+"""The TPU generations a plan can target, and the compile-only devices of a
+topology.
+
+Data sheets per chip (bf16 peak, HBM capacity and bandwidth) are Google
+Cloud's: cloud.google.com/tpu/docs/v5e, /v5p and /v6e."""
 
 from __future__ import annotations
 
