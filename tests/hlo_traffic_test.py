@@ -5,7 +5,9 @@ kind, direction and source line of each."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from deeplab_jax.planning import chips, planner
 from deeplab_jax.planning import traffic as hlo_traffic
 
 
@@ -97,14 +99,29 @@ def test_a_scan_counts_its_body_once_per_iteration():
   ops = hlo_traffic.traffic(_compiled_text(layers, x, w), root='tests')
   convs = [o for o in ops if o.kind == 'convolution']
   assert sum(o.repeats for o in convs) == 5, convs
-  assert sum(o.flops for o in convs) == 5 * 2 * x.size * 3 * 3 * 4
-  # Each iteration reads its input and one layer's kernel, writes its output.
-  per_layer = 2 * x.nbytes + w[0].nbytes
-  assert sum(o.hbm_bytes for o in convs) >= 5 * per_layer - 5 * x.nbytes
+  # 2 x 8 x 8 outputs x 3 x 3 taps x 4 in x 4 out channels x 2 FLOPs, 5 times.
+  assert sum(o.flops for o in convs) == 5 * 18432 * 2
+  # Each iteration reads its input (2 x 8 x 8 x 4 float32: 2048 bytes) and
+  # one layer's kernel (3 x 3 x 4 x 4 float32: 576 bytes), and writes its
+  # output (2048 bytes).
+  assert sum(o.hbm_bytes for o in convs) == 5 * (2048 + 576 + 2048)
   # The planner marks such a program: XLA's cost analysis counts the body
-  # once, so its columns are not the step's.
-  looped = hlo_traffic.traffic_breakdown(_compiled_text(layers, x, w))['looped']
-  assert looped == sum(o.repeats > 1 for o in ops) > 0
+  # once, so its columns are not the step's. The body's instructions are
+  # the copy of the carry, the kernel's slice, the counter's increment, the
+  # convolution and the tanh: 5; the same layers unrolled have none.
+  breakdown = hlo_traffic.traffic_breakdown
+  assert breakdown(_compiled_text(layers, x, w))['looped'] == 5
+
+  def unrolled(x, w):
+    for i in range(5):
+      x = jnp.tanh(
+        jax.lax.conv_general_dilated(
+          x, w[i], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+        )
+      )
+    return x
+
+  assert breakdown(_compiled_text(unrolled, x, w))['looped'] == 0
 
 
 def test_a_scan_writes_each_stacked_output_in_place():
@@ -128,3 +145,45 @@ def test_a_scan_writes_each_stacked_output_in_place():
     assert o.hbm_bytes / o.repeats <= 3 * slice_bytes + 64, o
   update = [o for o in loop if o.hbm_bytes / o.repeats >= 2 * slice_bytes]
   assert update, loop  # the fused slice, update and carry are counted
+
+
+# Optimised-HLO lines as the TPU compiler writes its asynchronous
+# collectives: a `-start` tuple holds operands, results and (for permutes)
+# two context words.
+_COLLECTIVES_HLO = """
+  %ag = (f32[2,64]{1,0}, f32[8,64]{1,0}) all-gather-start(f32[2,64]{1,0} %p0), replica_groups={{0,1,2,3}}, dimensions={0}
+  %agd = f32[8,64]{1,0} all-gather-done((f32[2,64]{1,0}, f32[8,64]{1,0}) %ag)
+  %cp = (f32[4,4]{1,0}, f32[4,4]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(f32[4,4]{1,0} %p1), source_target_pairs={{0,1},{1,0}}
+  %cpd = f32[4,4]{1,0} collective-permute-done((f32[4,4]{1,0}, f32[4,4]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) %cp)
+  %ar = (f32[1024]{0}, bf16[512]{0}) all-reduce-start(f32[1024]{0} %p2, bf16[512]{0} %p3), to_apply=%add
+  %ard = (f32[1024]{0}, bf16[512]{0}) all-reduce-done((f32[1024]{0}, bf16[512]{0}) %ar)
+  %ar2 = f32[16]{0} all-reduce(f32[16]{0} %p4), to_apply=%add
+"""  # noqa: E501 (HLO lines as the compiler writes them)
+
+
+def test_collectives_count_each_result_once():
+  got = hlo_traffic.collectives(_COLLECTIVES_HLO)
+  assert got == {
+    # The gathered result, 8 x 64 float32: not the shard beside it.
+    'all-gather': {'count': 1, 'bytes': 8 * 64 * 4},
+    # The received block, 4 x 4 float32: not the sent one, not the context.
+    'collective-permute': {'count': 1, 'bytes': 4 * 4 * 4},
+    # A combined all-reduce of two arrays (1024 float32 and 512 bfloat16),
+    # and a synchronous one of 16 float32.
+    'all-reduce': {'count': 2, 'bytes': 1024 * 4 + 512 * 2 + 16 * 4},
+  }
+  assert hlo_traffic.collective_shapes(_COLLECTIVES_HLO, 'all-gather') == [
+    'f32[8,64]{1,0}'
+  ]
+
+
+def test_roofline_from_a_data_sheet():
+  # v5e: 197 TFLOP/s bf16 and 819 GB/s per chip (cloud.google.com/tpu/
+  # docs/v5e). 0.394 TFLOP take 2 ms; 4.095 GB take 5 ms: memory-bound,
+  # and the MFU ceiling is 2 / 5.
+  v5e = chips.CHIPS['TPU v5 lite']
+  r = planner.roofline(0.394e12, 4.095e9, v5e)
+  assert r == pytest.approx(
+    {'compute_ms': 2.0, 'memory_ms': 5.0, 'step_ms': 5.0, 'mfu': 0.4}
+  )
+  assert planner.roofline(0.0, 0.0, v5e)['mfu'] == 0.0

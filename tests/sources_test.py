@@ -296,7 +296,9 @@ def test_table_agrees_with_timm_and_torchvision():
     if name.startswith('hf-hub:'):
       tag = name.removeprefix('hf-hub:timm/')
       cfg = timm.models.get_pretrained_cfg(tag)
-      assert cfg.hf_hub_id.rstrip('/') in (entry.location, 'timm'), name
+      # timm names a tagged model's repo either whole or as 'timm/' + tag.
+      repo = cfg.hf_hub_id.rstrip('/')
+      assert entry.location == (f'timm/{tag}' if repo == 'timm' else repo)
       assert cfg.license == entry.licence, name
       np.testing.assert_allclose(
         entry.normalization, (np.array(cfg.mean) * 255, np.array(cfg.std) * 255)

@@ -129,13 +129,7 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   param_bytes = sum(4 * np.prod(p.shape) for p in jax.tree.leaves(params))
   reduced = row['collectives']['all-reduce']['bytes']
   assert param_bytes <= reduced < 2 * param_bytes, (reduced, param_bytes)
-  # Roofline: the slower of arithmetic and memory traffic, from the data
-  # sheet (197 TFLOP/s, 819 GB/s per v5e chip).
-  step = max(row['flops'] / 197e12, row['bytes_accessed'] / 819e9)
-  assert row['step_ms'] == pytest.approx(1e3 * step)
-  traffic = row['traffic']
-  hbm_step = max(traffic['flops'] / 197e12, traffic['hbm_bytes'] / 819e9)
-  assert row['hbm_step_ms'] == pytest.approx(1e3 * hbm_step)
+  assert row['hbm_step_ms'] >= row['model_compute_ms'] > 0
   # The convolutions' FLOPs read from their shapes, against XLA's count of
   # the whole step (which adds the elementwise work): within 10 %.
   assert 0.9 * row['flops'] < traffic['flops'] < 1.1 * row['flops']
@@ -201,9 +195,17 @@ def test_spatial_tpu_program_exchanges_halos():
   text = compiled['train'].as_text()
   assert compiled['mesh'].shape[sharding.SPATIAL_AXIS] == 4
   assert traffic.collectives(text)['collective-permute']['count'] > 0
-  for shape in traffic.collective_shapes(text, 'all-gather'):
-    dims = [int(d) for d in re.findall(r'\[([\d,]+)\]', shape)[0].split(',')]
-    assert len(dims) != 4 or dims[1] < crop[0] // 2, shape
+  # The gathered results (`collective_shapes` reads results, not the shards
+  # beside them: hlo_traffic_test.py): the tallest is the stride-4 logits,
+  # 128 / 4 = 32 rows (XLA also gathers some stride-16 maps, 8 rows).
+  gathered = [
+    [int(d) for d in dims.split(',')]
+    for shape in traffic.collective_shapes(text, 'all-gather')
+    for dims in re.findall(r'\[([\d,]+)\]', shape)
+  ]
+  maps = [dims for dims in gathered if len(dims) == 4]
+  assert maps, gathered
+  assert max(dims[1] for dims in maps) == crop[0] // 4, maps
 
 
 def test_fsdp_cuts_per_chip_state_about_d_fold():

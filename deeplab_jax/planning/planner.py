@@ -38,38 +38,47 @@ from deeplab_jax.planning.traffic import (
 )
 
 
-def _hbm_roofline(row: dict[str, Any], chip: Chip) -> dict[str, float]:
+def roofline(flops: float, moved: float, chip: Chip) -> dict[str, float]:
+  """A step's roofline on `chip`: the time of its `flops` at the bf16 peak
+  and of `moved` bytes at the HBM bandwidth, the step as the slower of the
+  two, and the MFU ceiling that implies (an upper bound, never a
+  measurement)."""
+  compute_s, memory_s = flops / chip.peak_flops, moved / chip.hbm_bytes_per_s
+  step_s = max(compute_s, memory_s)
+  return {
+    'compute_ms': 1e3 * compute_s,
+    'memory_ms': 1e3 * memory_s,
+    'step_ms': 1e3 * step_s,
+    'mfu': compute_s / step_s if step_s else 0.0,
+  }
+
+
+def _xla_roofline(compiled, chip: Chip) -> dict[str, float]:
+  """The roofline on XLA's own cost analysis of the step: every byte it
+  counts as accessed, at HBM bandwidth."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0))
+  moved = float(cost.get('bytes accessed', 0.0))
+  return {
+    'flops': flops,
+    'bytes_accessed': moved,
+    **roofline(flops, moved, chip),
+  }
+
+
+def _hbm_roofline(traffic: dict[str, Any], chip: Chip) -> dict[str, float]:
   """The roofline on HBM traffic alone: the bytes the step's instructions
   read and write in HBM (`traffic_breakdown`), leaving out what XLA's
   memory-space assignment keeps in on-chip memory, against the step's
   convolution and dot FLOPs (a scan's body counted per iteration, which
   XLA's cost analysis counts once)."""
-  t = row['traffic']
-  compute_ms = 1e3 * t['flops'] / chip.peak_flops
-  hbm_ms = 1e3 * t['hbm_bytes'] / chip.hbm_bytes_per_s
-  step_ms = max(compute_ms, hbm_ms)
+  r = roofline(traffic['flops'], traffic['hbm_bytes'], chip)
   return {
-    'model_compute_ms': compute_ms,
-    'hbm_traffic_ms': hbm_ms,
-    'hbm_step_ms': step_ms,
-    'hbm_mfu': compute_ms / step_ms if step_ms else 0.0,
-  }
-
-
-def _roofline(compiled, chip: Chip) -> dict[str, float]:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0))
-  moved = float(cost.get('bytes accessed', 0.0))
-  compute_s, memory_s = flops / chip.peak_flops, moved / chip.hbm_bytes_per_s
-  step_s = max(compute_s, memory_s)
-  return {
-    'flops': flops,
-    'bytes_accessed': moved,
-    'compute_ms': 1e3 * compute_s,
-    'memory_ms': 1e3 * memory_s,
-    'step_ms': 1e3 * step_s,
-    'mfu': compute_s / step_s if step_s else 0.0,
+    'model_compute_ms': r['compute_ms'],
+    'hbm_traffic_ms': r['memory_ms'],
+    'hbm_step_ms': r['step_ms'],
+    'hbm_mfu': r['mfu'],
   }
 
 
@@ -120,14 +129,14 @@ def plan(
     'hbm_bytes': chip.hbm_bytes,
     'fits': mem['total_bytes'] <= chip.hbm_bytes,
     'margin_bytes': chip.hbm_bytes - mem['total_bytes'],
-    **_roofline(train_c, chip),
+    **_xla_roofline(train_c, chip),
     'collectives': collectives(text),
     'convolutions': convolutions(text),
     'traffic': traffic_breakdown(text),
     'eval_total_bytes': memory(eval_c)['total_bytes'] if eval_c else None,
     'data_sheet': chip.source,
   }
-  row.update(_hbm_roofline(row, chip))
+  row.update(_hbm_roofline(row['traffic'], chip))
   row['eval_fits'] = (
     row['eval_total_bytes'] <= chip.hbm_bytes if eval_c else None
   )

@@ -550,17 +550,43 @@ def summarise(ops: list[Op], by: tuple[str, ...]) -> list[dict]:
   return sorted(rows, key=lambda r: (-r['hbm_bytes'], -r['on_chip_bytes']))
 
 
+def tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape (`(a, (b, c), d)` -> `a`,
+  `(b, c)`, `d`); a non-tuple shape is its own one element."""
+  if not shape.startswith('('):
+    return [shape]
+  out, depth, start = [], 0, 1
+  for i, ch in enumerate(shape):
+    depth += (ch in '([{') - (ch in ')]}')
+    if ch == ',' and depth == 1:
+      out.append(shape[start:i].strip())
+      start = i + 1
+  out.append(shape[start:-1].strip())
+  return [e for e in out if e]
+
+
+# Asynchronous collectives whose `-start` shape is a tuple of their
+# operands, their results and (permutes) context: the results' element.
+_RESULT_ELEMENT = {'all-gather': 1, 'collective-permute': 1}
+
+
 def collective_shapes(hlo_text: str, kind: str) -> list[str]:
-  """The result shapes (HLO text, e.g. `f32[2,8,8,256]{3,2,1,0}`) of every
-  `kind` collective in optimised HLO; an asynchronous pair counts once."""
+  """The result shapes (HLO text, e.g. `f32[2,8,8,256]{3,2,1,0}`, or a
+  tuple of several results) of every `kind` collective in optimised HLO;
+  an asynchronous pair counts once, by its results alone."""
   text = re.sub(r'/\*.*?\*/', '', hlo_text)  # tuple index comments
-  pattern = re.compile(rf'=\s*(\(?[^=]*?\)?)\s+{kind}(?:-start)?\(')
-  return pattern.findall(text)
+  pattern = re.compile(rf'=\s*(\(?[^=]*?\)?)\s+{kind}(-start)?\(')
+  out = []
+  for shape, started in pattern.findall(text):
+    if started and kind in _RESULT_ELEMENT:
+      shape = tuple_elements(shape)[_RESULT_ELEMENT[kind]]
+    out.append(shape)
+  return out
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """`{kind: {'count', 'bytes'}}` of the collectives in optimised HLO,
-  bytes of each result shape."""
+  """`{kind: {'count', 'bytes'}}` of the collectives in optimised HLO: the
+  bytes of their results (`collective_shapes`)."""
   out = {}
   for kind in COLLECTIVES:
     shapes = collective_shapes(hlo_text, kind)
