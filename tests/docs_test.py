@@ -96,3 +96,165 @@ def _write_layout() -> None:
 
 if __name__ == '__main__':
   sys.exit(_write_layout())
+
+
+# ------------------------------------------- README's headline figures ---
+
+
+def _read(rel: str) -> str:
+  with open(os.path.join(REPO, rel)) as f:
+    return f.read()
+
+
+def _tables(text: str, first_column: str) -> list[dict[str, str]]:
+  """The rows of every Markdown table whose first column is named
+  `first_column`, as `{column: cell}`."""
+  rows, header = [], None
+  for line in text.splitlines():
+    if not line.startswith('|'):
+      header = None
+      continue
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if header is None:
+      header = cells if cells[0] == first_column else []
+    elif header and not set(line) <= set('|-: '):
+      rows.append(dict(zip(header, cells, strict=False)))
+  return rows
+
+
+def _number(cell: str) -> float:
+  return float(re.search(r'[\d.]+', cell.replace(',', '')).group())
+
+
+def _span(values) -> str:
+  lo, hi = min(values), max(values)
+  return f'{lo:.2f}x' if f'{lo:.2f}' == f'{hi:.2f}' else f'{lo:.2f}-{hi:.2f}x'
+
+
+def _cpu_headline() -> str:
+  """README's CPU phrase, from docs/benchmarks.md's two CPU tables."""
+  text = _read('docs/benchmarks.md')
+  rows = {r['model']: r for r in _tables(text, 'model') if 'train ratio' in r}
+  cpu = {m: r for m, r in rows.items() if not re.search(r'\(OS8\)|paper', m)}
+  resnets = [r for m, r in cpu.items() if 'resnet' in m]
+  x65 = cpu['deeplabv3plus_xception65 (smp layout)']
+  dense = cpu['denseaspp161']
+  mobile = [r for r in _tables(text, 'model') if 'train, run 1' in r]
+  ratios = lambda key: [
+    float(x)
+    for r in mobile
+    for k in r
+    if k.startswith(key)
+    for x in re.findall(r'\(([\d.]+)\)', r[k])
+  ]
+  pair = lambda r: (
+    f'{_number(r["train ratio"]):.2f}x / {_number(r["eval ratio"]):.2f}x'
+  )
+  return (
+    'ResNet models '
+    f'{_span([_number(r["train ratio"]) for r in resnets])} / '
+    f'{_span([_number(r["eval ratio"]) for r in resnets])}, Xception-65 '
+    f'{pair(x65)}, DenseASPP-161 {pair(dense)}, MobileNet models '
+    f'{_span(ratios("train"))} / {_span(ratios("eval"))}'
+  )
+
+
+def _gpu_headline() -> str:
+  text = _read('docs/benchmarks.md')
+  h200 = {r['run'].split(',')[0]: r for r in _tables(text, 'run')}
+  jax, torch = h200['JAX'], h200['PyTorch AMP']
+  train = _number(jax['train img/s']) / _number(torch['train img/s'])
+  infer = _number(jax['eval img/s']) / _number(torch['eval img/s'])
+  h100 = [
+    r
+    for r in _tables(text, 'model')
+    if 'JAX peak MiB' in r and 'train ratio' in r
+  ]
+  count = {4: 'four', 5: 'five', 6: 'six'}.get(len(h100), str(len(h100)))
+  return (
+    f'DeepLabV3+-R101 {train:.2f}x / {infer:.2f}x on an H200, and '
+    f'{_span([_number(r["train ratio"]) for r in h100])} / '
+    f'{_span([_number(r["eval ratio"]) for r in h100])} across {count} '
+    'models on an H100'
+  )
+
+
+def _tpu_headline() -> str:
+  """README's main-job plan, from docs/tpu.md's per-recipe table."""
+  rows = [
+    r
+    for r in _tables(_read('docs/tpu.md'), 'recipe')
+    if r.get('recipe') == 'cityscapes_denseaspp'
+    and r.get('topology') == 'v5e:2x4'
+  ]
+  f32 = next(r for r in rows if r['dtype'] == 'float32')
+  bf16 = next(r for r in rows if r['dtype'] == 'bfloat16')
+  margin = _number(f32['fits (margin GiB)'].split('(')[1])
+  xla_ms, xla_mfu = re.findall(r'[\d.]+', f32['XLA roofline ms (MFU ceiling)'])
+  hbm_ms, hbm_mfu = re.findall(r'[\d.]+', f32['HBM roofline ms (MFU ceiling)'])
+  bf16_mfu = re.findall(r'[\d.]+', bf16['HBM roofline ms (MFU ceiling)'])[1]
+  return (
+    f'{f32["total GiB/chip"]} GiB per chip at batch {f32["batch"]} (fits, '
+    f'{margin:.1f} GiB spare)',
+    f'a {float(xla_ms):.0f} ms roofline step (MFU\nceiling {xla_mfu} %), on '
+    f"the step's own HBM traffic ({float(f32['HBM GB/chip']):.1f} GB per "
+    f'chip) {hbm_ms} ms\n({hbm_mfu} %; {bf16_mfu} % in bfloat16)',
+  )
+
+
+def _readme_text() -> str:
+  return ' '.join(_read('README.md').split())
+
+
+def test_readme_quotes_the_current_cpu_and_gpu_tables():
+  readme = _readme_text()
+  assert _cpu_headline() in readme, _cpu_headline()
+  assert _gpu_headline() in readme, _gpu_headline()
+
+
+def test_readme_quotes_the_main_jobs_current_plan():
+  readme = _readme_text()
+  for phrase in _tpu_headline():
+    assert ' '.join(phrase.split()) in readme, phrase
+
+
+def test_headline_parsers_read_a_changed_table():
+  """The checks above follow the tables: a changed cell changes what
+  README must say."""
+  text = _read('docs/benchmarks.md').replace('| **1.13** |', '| **1.03** |')
+  rows = [r for r in _tables(text, 'model') if 'train ratio' in r]
+  assert any(r['train ratio'] == '**1.03**' for r in rows)
+  assert _span([1.03, 1.22]) == '1.03-1.22x' and _span([0.9]) == '0.90x'
+
+
+# ------------------------------------------------------ no history told ---
+
+# Phrases that tell how or when something was built rather than what holds.
+_HISTORY = re.compile(
+  r'\((before|earlier|previously)\)|\bearlier (benchmark|run|round|session|'
+  r'version|table|figure|step)s?\b|\bbefore the \w+ fix|\bprevious (round|'
+  r'session|version|benchmark)|\b(first|second|third|last|next) round\b|'
+  r'\bused to be\b|\bthe default now\b|\bnot measured yet\b',
+  re.IGNORECASE,
+)
+
+
+def test_docs_code_and_tests_tell_no_history():
+  paths = [os.path.join(REPO, 'README.md')]
+  for pattern in (
+    'docs/*.md',
+    'deeplab_jax/**/*.py',
+    'scripts/*.py',
+    'configs/*.py',
+    'tests/**/*.py',
+  ):
+    paths += glob.glob(os.path.join(REPO, pattern), recursive=True)
+  found = []
+  for path in paths:
+    if os.path.samefile(path, __file__):
+      continue
+    with open(path) as f:
+      for n, line in enumerate(f, 1):
+        if _HISTORY.search(line):
+          found.append(f'{os.path.relpath(path, REPO)}:{n}: {line.strip()}')
+  assert not found, '\n'.join(found)

@@ -221,7 +221,7 @@ def test_main_job_without_its_data_says_what_to_download(tmp_path):
 def test_class_weights_and_partial_init_from_are_said(data_dir, tmp_path):
   """Wrong-length class weights: one line, before anything is written. A
   checkpoint whose classifier does not fit: a warning on stderr naming the
-  tensors that keep their initialisation (it used to be INFO, hidden)."""
+  tensors that keep their initialisation (not an INFO line, which is hidden)."""
   r = subprocess.run(
     train_cmd(
       str(tmp_path / 'w'), data_dir, '--config.loss.class_weights=(1.0,2.0)'

@@ -1,6 +1,6 @@
 """A checkpoint write that fails (file size limit: the kernel refuses the
 write, as on a full disk) stops the run with one line and no tracebacks
-from Orbax's background threads, whether or not an earlier step exists to
+from Orbax's background threads, whether or not an older step exists to
 resume from; the previous checkpoint is intact and the run resumes to the
 same final weights."""
 
