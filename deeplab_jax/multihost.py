@@ -103,10 +103,14 @@ def initialize(
 ) -> bool:
   """Starts `jax.distributed` when flags name a coordinator or process count,
   or a cluster (SLURM, Cloud TPU) is detected; returns whether it did."""
+  # A TPU_WORKER_HOSTNAMES of one host is a single-host job (deeplab_jax
+  # names 'localhost' there on a host without a TPU to keep libtpu quiet).
+  tpu_workers = os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')
   if not (
     coordinator_address
     or num_processes
-    or any(v in os.environ for v in ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES'))
+    or 'SLURM_NTASKS' in os.environ
+    or len(tpu_workers) > 1
   ):
     return False
   jax.distributed.initialize(

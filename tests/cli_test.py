@@ -246,3 +246,41 @@ def test_recipe_path_runs_from_any_directory(tmp_path, data_dir):
     args, cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env
   )
   assert r.returncode == 1 and 'the user file' in r.stderr, r.stderr
+
+
+_LIBTPU_LINES = ('E0000', 'TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE')
+
+
+def test_no_libtpu_start_up_lines_on_a_host_without_a_tpu(tmp_path):
+  """With libtpu installed (the test extra) and no TPU, JAX's platform
+  discovery loads libtpu, which prints five lines, one of them an error;
+  deeplab_jax keeps it quiet for every command, training included."""
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(('JAX_PLATFORMS', 'TPU_'))
+  }
+  discover = ['-c', 'import jax; jax.devices()']
+  plain = subprocess.run(
+    [sys.executable, *discover], capture_output=True, text=True, env=env
+  )
+  assert any(line in plain.stderr for line in _LIBTPU_LINES), plain.stderr
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'scripts.train',
+      '--config',
+      'configs/synthetic_demo.py:smoke',
+      '--config.train.num_steps=1',
+      '--workdir',
+      str(tmp_path / 'run'),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=600,
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert not any(line in r.stderr for line in _LIBTPU_LINES), r.stderr

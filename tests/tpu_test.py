@@ -130,12 +130,13 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   reduced = row['collectives']['all-reduce']['bytes']
   assert param_bytes <= reduced < 2 * param_bytes, (reduced, param_bytes)
   assert row['hbm_step_ms'] >= row['model_compute_ms'] > 0
+  moved = row['traffic']
   # The convolutions' FLOPs read from their shapes, against XLA's count of
   # the whole step (which adds the elementwise work): within 10 %.
-  assert 0.9 * row['flops'] < traffic['flops'] < 1.1 * row['flops']
+  assert 0.9 * row['flops'] < moved['flops'] < 1.1 * row['flops']
   # An unrolled step: XLA's columns are whole, nothing is marked.
-  assert traffic['looped'] == 0 and '* XLA' not in r.stdout
-  scanned = dict(row, traffic=dict(traffic, looped=5))
+  assert moved['looped'] == 0 and '* XLA' not in r.stdout
+  scanned = dict(row, traffic=dict(moved, looped=5))
   assert f'| {row["flops"] / 1e9:.1f}* |' in tables.table([scanned])
   assert "* XLA's cost analysis counts each loop's body once" in tables.table(
     [scanned]
@@ -164,11 +165,11 @@ def test_plan_script_refuses_bad_input_in_one_line():
     '--config', 'configs/synthetic_demo.py:smoke', '--topology', 'v9:2x2'
   )
   assert r.returncode == 1
-  assert (
-    r.stderr.strip()
-    .splitlines()[-1]
-    .startswith("error: unknown TPU topology 'v9:2x2'")
-  )
+  # One line: libtpu's start-up lines on a host without a TPU are quiet.
+  assert r.stderr.strip().startswith(
+    "error: unknown TPU topology 'v9:2x2'"
+  ), r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert 'v5e:2x4' in r.stderr
   r = _plan(
     '--config',
