@@ -259,9 +259,31 @@ def test_scanned_blocks_equal_the_loop(
     }
 
 
+@pytest.mark.parametrize('platform', ['cpu', 'tpu', 'gpu'])
+def test_scanned_dense_layers_use_the_fusion_barrier_only_on_cpu(platform):
+  """The scanned dense layers run on any platform; XLA:CPU's fusion barrier
+  goes into CPU programs only."""
+  model = models.create('denseaspp_tiny', num_classes=3, rngs=nnx.Rngs(0))
+  view = nnx.view(
+    models.platform_view(model, platform),
+    scan_blocks=True,
+    deterministic=True,
+  )
+  graphdef, params, rest = nnx.split(view, nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  x = jnp.zeros((2, 32, 32, 3), jnp.float32)
+
+  def loss(params):
+    return jnp.sum(nnx.merge(graphdef, params, rest)(x)['out'])
+
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+  assert 'scan' in jaxpr
+  assert ('_fusion_barrier' in jaxpr) == (platform == 'cpu')
+
+
 def test_scanned_dense_layers_backward_matches_numerical_derivatives():
   """`jax.test_util.check_grads` of the scanned dense layers' written-out
-  backward pass (`xla_cpu.dense_scan`) against central differences of the
+  backward pass (`dense_scan`) against central differences of the
   forward pass, in float64: a 7-layer block (a full chunk of 6 and one of
   a single layer) in training mode. Bound: 1e-6 relative, where float64
   differences with eps 1e-6 are good to about 1e-9; a wrong channel,

@@ -166,9 +166,9 @@ def test_plan_script_refuses_bad_input_in_one_line():
   )
   assert r.returncode == 1
   # One line: libtpu's start-up lines on a host without a TPU are quiet.
-  assert r.stderr.strip().startswith(
-    "error: unknown TPU topology 'v9:2x2'"
-  ), r.stderr
+  assert r.stderr.strip().startswith("error: unknown TPU topology 'v9:2x2'"), (
+    r.stderr
+  )
   assert len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert 'v5e:2x4' in r.stderr
   r = _plan(

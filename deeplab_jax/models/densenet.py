@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deeplab_jax.models import layers
-from deeplab_jax.models.xla_cpu import dense_scan
+from deeplab_jax.models import dense_scan, layers
 
 VARIANTS = {
   # depth: (growth rate, stem width, dense block sizes)
@@ -130,7 +129,7 @@ class DenseNet(layers.RematBlocks, nnx.Module):
   """Dilated DenseNet; returns `{'layer1': stride-4 features, 'out': norm5}`.
 
   On XLA:CPU each dense block runs as scans over chunks of its layers
-  (`xla_cpu.dense_scan`), measured faster there; other platforms unroll
+  (`dense_scan`), measured faster there; other platforms unroll
   the layers until a measurement there says otherwise.
   `scan_blocks` (`model.scan_blocks`) scans them on every platform;
   `scan_dense_layers` (a view) forces either; `remat_blocks` unrolls them
@@ -193,7 +192,7 @@ class DenseNet(layers.RematBlocks, nnx.Module):
       block = list(getattr(self, f'denseblock{i}'))
       if self._scans_dense_layers():
         x, block_stats = dense_scan.scanned_dense_block(
-          block, x, self.config.growth_rate
+          block, x, self.config.growth_rate, cpu=self.platform == 'cpu'
         )
       else:
         x, block_stats = self._dense_block(block, x)

@@ -367,7 +367,7 @@ class RematBlocks:
   run of identical consecutive blocks of a stage (`stage`) as one
   `jax.lax.scan` over their stacked weights, so XLA compiles the block
   once instead of once per block (DenseNet, whose layers grow, scans
-  chunks of them over padded weights instead on XLA:CPU, `xla_cpu.dense_scan`);
+  chunks of them over padded weights instead on XLA:CPU, `dense_scan`);
   the weights stay per block (checkpoints and converters do not change).
   `platform` is the target platform (`models.platform_view`)."""
 

@@ -1,7 +1,9 @@
-"""DenseNet's dense blocks as chunked scans with a written-out backward pass:
-on XLA:CPU faster and about 3x quicker to compile than unrolled layers,
-whose every fusion differs (docs/benchmarks.md). The same numbers as
-`DenseNet._dense_block` up to float rounding.
+"""DenseNet's dense blocks as chunked scans with a written-out backward pass,
+on any platform. The same numbers as `DenseNet._dense_block` up to float
+rounding. On XLA:CPU (the default there) faster and about 3x quicker to
+compile than unrolled layers, whose every fusion differs
+(docs/benchmarks.md); elsewhere `model.scan_blocks` turns it on. Only a
+CPU program puts each layer's maps behind XLA:CPU's fusion barrier.
 
 The backward pass is a `jax.custom_vjp`, so forward-mode differentiation
 (`jax.jvp`, `jax.jacfwd`) through a scanned DenseNet is not available;
@@ -45,7 +47,9 @@ def _resize_inputs(state: nnx.State, width: int) -> nnx.State:
   return jax.tree_util.tree_map_with_path(resize, state)
 
 
-def scanned_dense_block(block: Sequence[nnx.Module], x: jax.Array, growth: int):
+def scanned_dense_block(
+  block: Sequence[nnx.Module], x: jax.Array, growth: int, *, cpu: bool
+):
   """`DenseNet._dense_block` (the block's maps concatenated, and their batch
   statistics) as one scan per `SCAN_CHUNK` layers (`_scan_chunk`).
 
@@ -54,7 +58,8 @@ def scanned_dense_block(block: Sequence[nnx.Module], x: jax.Array, growth: int):
   (`_resize_inputs`), so the chunk's layers have one shape and XLA
   compiles one body for them. A padded channel has BatchNorm scale and
   bias 0, so it normalises to exactly 0 whatever the buffer holds there,
-  and the result is the unpadded layer's."""
+  and the result is the unpadded layer's. `cpu`: a program for XLA:CPU,
+  whose layers' maps go behind its fusion barrier (`RematBlocks.block`)."""
   c0 = x.shape[-1]
   pad = len(block) * growth
   buf = jnp.pad(x, ((0, 0),) * 3 + ((0, pad),))
@@ -80,6 +85,7 @@ def scanned_dense_block(block: Sequence[nnx.Module], x: jax.Array, growth: int):
       offsets=first + growth * np.arange(len(chunk)),
       widest=widest,
       growth=growth,
+      cpu=cpu,
     )
     for j, layer in enumerate(chunk):  # running statistics, in training
       own = jax.tree.map(lambda a, j=j: a[j], running)
@@ -95,16 +101,19 @@ def _bottleneck(graphdef, params, stats, x, mean, var):
   return y, nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat))
 
 
-def _expand(graphdef, params, stats, y):
-  """`DenseLayer.expand` (behind the fusion barrier, as `RematBlocks.block`
-  puts every layer) of a layer given as arrays: `(maps, statistics)`."""
+def _expand(graphdef, params, stats, y, cpu):
+  """`DenseLayer.expand` of a layer given as arrays: `(maps, statistics)`;
+  on XLA:CPU behind the fusion barrier, as `RematBlocks.block` puts every
+  layer there."""
   layer = nnx.merge(graphdef, params, stats)
-  new = fusion_barrier(layer.expand(y))
+  new = layer.expand(y)
+  if cpu:
+    new = fusion_barrier(new)
   return new, nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat))
 
 
 def _scan_chunk(
-  graphdef, params, stats, buf, mean, var, *, offsets, widest, growth
+  graphdef, params, stats, buf, mean, var, *, offsets, widest, growth, cpu
 ):
   """Dense layers (`params` and running `stats` stacked, inputs padded to
   `widest` channels) over a block's buffer `buf` and its channels' batch
@@ -131,7 +140,7 @@ def _scan_chunk(
       y, s = _bottleneck(
         graphdef, p, s, buf[..., :widest], mean[:widest], var[:widest]
       )
-      new, s = _expand(graphdef, p, s, y)
+      new, s = _expand(graphdef, p, s, y, cpu)
       new_mean, new_var = layers.batch_stats(new)
       buf = jax.lax.dynamic_update_slice_in_dim(buf, new, offset, axis=3)
       mean = jax.lax.dynamic_update_slice_in_dim(mean, new_mean, offset, 0)
@@ -176,7 +185,9 @@ def _scan_chunk(
         )
       )
       ct_new = ct_new + jax.vjp(layers.batch_stats, new)[1](ct_stats)[0]
-      _, expand_vjp = jax.vjp(lambda p, y: _expand(graphdef, p, s, y)[0], p, y)
+      _, expand_vjp = jax.vjp(
+        lambda p, y: _expand(graphdef, p, s, y, cpu)[0], p, y
+      )
       ct_p_expand, ct_y = expand_vjp(ct_new)
       _, bottleneck_vjp = jax.vjp(
         lambda p, x, m, v: _bottleneck(graphdef, p, s, x, m, v)[0],
