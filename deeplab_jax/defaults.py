@@ -75,6 +75,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # naming it. Compiles, evaluations and checkpoint writes hold every
   # process at one step and do not count.
   c.train.hang_timeout_s = 1800.0
+  # A jax.profiler trace of these steps into WORKDIR/profile ('' none; '5',
+  # '5-7'), each step's time logged beside the plan's estimate for the
+  # same program when `profile_plan` names a `scripts.plan --output` file.
+  c.train.profile_steps = ''
+  c.train.profile_plan = ''
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 500

@@ -41,6 +41,7 @@ from deeplab_jax import (
   metrics,
   models,
   multihost,
+  profiling,
   sharding,
 )
 from deeplab_jax.convert import sources
@@ -280,6 +281,14 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     cleanup.callback(ckpt.close)
     cleanup.callback(ckpt.wait_until_finished)
     rate = _Rate(first_step, config.train.batch_size)
+    profiler = profiling.StepProfiler(
+      workdir,
+      config.train.profile_steps,
+      plan_row=profiling.plan_row(
+        config.train.profile_plan, config, jax.device_count()
+      ),
+      enabled=is_main,
+    )
     logged = False
     multihost.set_hang_timeout(config.train.hang_timeout_s)
     for step in range(first_step, config.train.num_steps):
@@ -290,7 +299,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           'compiling the train step (cached after the first run)',
           file=sys.stderr,
         )
-      state, logs = train_fn(state, batch)
+      state, logs = profiler.run(step + 1, train_fn, state, batch)
       if step == first_step:
         rate.restart(first_step)  # images/s without the compilation
         if is_main:
@@ -300,6 +309,9 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           )
       done = step + 1
       bar.update(1)
+      if profiler.record and done == profiler.steps[-1]:
+        logger.write(done, profiler.record)
+        bar.write(profiling.summary(profiler), file=sys.stderr)
       last = done == config.train.num_steps
       eval_now = done % config.eval.every_steps == 0 or last
       if done % config.train.log_every_steps == 0 or eval_now:
@@ -365,6 +377,7 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
         f'{key}={value} must be positive'
         + (' (a large value makes it rare)' if key != 'train.num_steps' else '')
       )
+  profiling.parse_steps(config.train.profile_steps)
   # A published name that cannot load into the model: said before the
   # data set is opened or anything is downloaded.
   sources.check_arch(config.model.init_from, config.model.arch)

@@ -3,11 +3,9 @@ JAX (`jax.profiler`) and PyTorch (`torch.profiler`)."""
 
 from __future__ import annotations
 
-import glob
-import gzip
-import json
-import os
 from typing import Any
+
+from deeplab_jax.profiling import device_kernels, read_trace
 
 # Train steps traced when profiling (after the timed ones).
 PROFILE_STEPS = 3
@@ -44,61 +42,6 @@ def _kernel_kind(name: str) -> str:
   return 'other'  # XLA fusions: elementwise, reductions, BN, loss
 
 
-def _device_kernels(events: list[dict]) -> list[tuple[str, float]]:
-  """`(name, microseconds)` of the device kernels in a Chrome/Perfetto trace:
-  PyTorch's `kernel`/`gpu_mem*` events, or JAX's events on a device process
-  (`/device:GPU:0`, TPU); other host events are left out. On XLA:CPU, whose
-  ops run on host threads, the ops' own events (`hlo_op` in their args)
-  stand for kernels: their times add up the threads' busy time."""
-  device_pids = {
-    e['pid']
-    for e in events
-    if e.get('ph') == 'M'
-    and e.get('name') == 'process_name'
-    and '/device:' in str(e.get('args', {}).get('name', ''))
-  }
-  kernels = []
-  for e in events:
-    if e.get('ph') != 'X' or 'dur' not in e:
-      continue
-    cat = str(e.get('cat', ''))
-    if cat in ('kernel', 'gpu_memcpy', 'gpu_memset') or (
-      not cat and e.get('pid') in device_pids
-    ):
-      kernels.append((str(e.get('name', '')), float(e['dur'])))
-  if not kernels and not device_pids:  # XLA:CPU
-    for e in events:
-      if e.get('ph') == 'X' and 'hlo_op' in (e.get('args') or {}):
-        kernels.append((str(e.get('name', '')), float(e['dur'])))
-  if not kernels:  # PyTorch on CPU: its operators' self times
-    kernels = _self_times([e for e in events if e.get('cat') == 'cpu_op'])
-  return kernels
-
-
-def _self_times(ops: list[dict]) -> list[tuple[str, float]]:
-  """`(name, microseconds)` of each operator less the operators nested in
-  it on the same thread, so `aten::conv2d` -> `aten::mkldnn_convolution`
-  counts once, and a backward node's time goes to the kernels it ran."""
-  out = []
-  by_thread: dict[Any, list[dict]] = {}
-  for e in ops:
-    if e.get('ph') == 'X' and 'dur' in e:
-      by_thread.setdefault(e.get('tid'), []).append(e)
-  for events in by_thread.values():
-    events.sort(key=lambda e: (float(e['ts']), -float(e['dur'])))
-    stack: list[list] = []  # [end, name, self time]
-    for e in events:
-      start, dur = float(e['ts']), float(e['dur'])
-      while stack and stack[-1][0] <= start:
-        _, name, self_us = stack.pop()
-        out.append((name, self_us))
-      if stack:
-        stack[-1][2] -= dur
-      stack.append([start + dur, str(e.get('name', '')), dur])
-    out.extend((name, self_us) for _, name, self_us in stack)
-  return out
-
-
 def kernel_time_summary(profile_dir: str, steps: int) -> dict[str, Any]:
   """Device kernel milliseconds per step by kind, and the top kernels.
 
@@ -109,18 +52,8 @@ def kernel_time_summary(profile_dir: str, steps: int) -> dict[str, Any]:
   Returns `{}` where the trace holds none.
   """
 
-  pattern = os.path.join(profile_dir, '**', '*_trace.json.gz')
-  paths = [
-    p
-    for p in glob.glob(pattern, recursive=True)
-    if os.path.basename(p) in ('perfetto_trace.json.gz', 'torch_trace.json.gz')
-  ]
-  if not paths:
-    return {}
-  with gzip.open(max(paths, key=os.path.getmtime)) as f:
-    trace = json.load(f)
-  events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  kernels = _device_kernels(events)
+  events = read_trace(profile_dir)
+  kernels = device_kernels(events)
   if not kernels:
     return {}
   by_kind: dict[str, float] = {}

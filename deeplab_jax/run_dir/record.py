@@ -31,6 +31,8 @@ RESUMABLE = COMPUTE_ONLY + (
   'train.num_steps',
   'train.log_every_steps',
   'train.hang_timeout_s',
+  'train.profile_steps',
+  'train.profile_plan',
   'eval.every_steps',
   'eval.batch_size',
   'checkpoint',
