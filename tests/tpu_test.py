@@ -5,6 +5,7 @@ cost and collectives off the compiled TPU program."""
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -258,3 +259,17 @@ def test_plan_of_a_run_too_big_for_the_slice_says_it_does_not_fit():
     assert '| NO (the TPU compiler refused it) |' in r.stdout
   else:
     assert row['total_bytes'] > row['hbm_bytes']
+
+
+def test_traffic_fixtures_are_what_libtpu_compiles():
+  """tests/fixtures/tpu_hlo/ holds what libtpu compiles today: XLA's counts
+  of each fixture program, compiled again, equal the ones kept beside the
+  HLO that traffic_fixtures_test.py counts by hand."""
+  from tests import tpu_fixtures
+
+  with open(os.path.join(tpu_fixtures.FIXTURES, 'xla_counts.json')) as f:
+    kept = json.load(f)
+  devices = tpu_fixtures.v5e_devices()
+  assert set(kept) == set(tpu_fixtures.programs(devices))
+  for name, counts in kept.items():
+    assert tpu_fixtures.compile_fixture(name, devices)[1] == counts, name

@@ -69,11 +69,12 @@ def _xla_roofline(compiled, chip: Chip) -> dict[str, float]:
 
 def _hbm_roofline(traffic: dict[str, Any], chip: Chip) -> dict[str, float]:
   """The roofline on HBM traffic alone: the bytes the step's instructions
-  read and write in HBM (`traffic_breakdown`), leaving out what XLA's
-  memory-space assignment keeps in on-chip memory, against the step's
-  convolution and dot FLOPs (a scan's body counted per iteration, which
-  XLA's cost analysis counts once)."""
-  r = roofline(traffic['flops'], traffic['hbm_bytes'], chip)
+  read and write in HBM as the TPU lays them out (tiles padded;
+  `traffic_breakdown`), leaving out what XLA's memory-space assignment
+  keeps in on-chip memory, against the step's convolution and dot FLOPs
+  (a scan's body counted per iteration, which XLA's cost analysis counts
+  once)."""
+  r = roofline(traffic['flops'], traffic['padded_hbm_bytes'], chip)
   return {
     'model_compute_ms': r['compute_ms'],
     'hbm_traffic_ms': r['memory_ms'],
@@ -132,7 +133,9 @@ def plan(
     **_xla_roofline(train_c, chip),
     'collectives': collectives(text),
     'convolutions': convolutions(text),
-    'traffic': traffic_breakdown(text),
+    'traffic': traffic_breakdown(
+      text, peak_flops=chip.peak_flops, hbm_bytes_per_s=chip.hbm_bytes_per_s
+    ),
     'eval_total_bytes': memory(eval_c)['total_bytes'] if eval_c else None,
     'data_sheet': chip.source,
   }

@@ -6,35 +6,47 @@ from __future__ import annotations
 from typing import Any
 
 
+def _padding(r: dict[str, Any]) -> str:
+  """The share of a row's HBM bytes that is tile padding."""
+  padded = r['padded_hbm_bytes']
+  return f'{100 * (1 - r["hbm_bytes"] / padded):.0f} %' if padded else '-'
+
+
 def traffic_table(row: dict[str, Any]) -> str:
   """A row's traffic breakdown as Markdown: kinds, then model sources (GB
-  read and written per chip per step, HBM and on-chip)."""
+  read and written per chip per step: HBM as laid out and its logical
+  part, the padding's share, on-chip, GFLOP)."""
   t = row.get('traffic')
   if not t:
     return ''
+  gb = lambda b: f'{b / 1e9:.2f}'
   lines = [
     f'{row["arch"]} on {row["topology"]}, batch {row["batch"]}: '
-    f'{t["hbm_bytes"] / 1e9:.2f} GB HBM + {t["on_chip_bytes"] / 1e9:.2f} '
+    f'{gb(t["padded_hbm_bytes"])} GB HBM as laid out ({gb(t["hbm_bytes"])} '
+    f'GB logical, {_padding(t)} padding) + {gb(t["padded_on_chip_bytes"])} '
     'GB on chip, read and written by the instructions of one step, '
     f'{t["flops"] / 1e9:.1f} GFLOP in convolutions and dots (per chip)',
     '',
-    '| kind | direction | instructions | HBM GB | on-chip GB | GFLOP |',
-    '|---|---|---|---|---|---|',
+    '| kind | direction | instructions | HBM GB | logical GB | padding | '
+    'on-chip GB | GFLOP |',
+    '|---|---|---|---|---|---|---|---|',
   ]
   lines += [
     f'| {r["kind"]} | {r["direction"]} | {r["count"]} | '
-    f'{r["hbm_bytes"] / 1e9:.2f} | {r["on_chip_bytes"] / 1e9:.2f} | '
-    f'{r["flops"] / 1e9:.1f} |'
+    f'{gb(r["padded_hbm_bytes"])} | {gb(r["hbm_bytes"])} | {_padding(r)} | '
+    f'{gb(r["padded_on_chip_bytes"])} | {r["flops"] / 1e9:.1f} |'
     for r in t['by_kind']
   ]
   lines += [
     '',
-    '| source | instructions | HBM GB | on-chip GB | GFLOP |',
-    '|---|---|---|---|---|',
+    '| source | instructions | HBM GB | logical GB | padding | on-chip GB '
+    '| GFLOP |',
+    '|---|---|---|---|---|---|---|',
   ]
   lines += [
-    f'| {r["source"]} | {r["count"]} | {r["hbm_bytes"] / 1e9:.2f} | '
-    f'{r["on_chip_bytes"] / 1e9:.2f} | {r["flops"] / 1e9:.1f} |'
+    f'| {r["source"]} | {r["count"]} | {gb(r["padded_hbm_bytes"])} | '
+    f'{gb(r["hbm_bytes"])} | {_padding(r)} | '
+    f'{gb(r["padded_on_chip_bytes"])} | {r["flops"] / 1e9:.1f} |'
     for r in t['by_source']
   ]
   return '\n'.join(lines)
@@ -46,10 +58,11 @@ def table(rows: list[dict[str, Any]]) -> str:
   head = (
     '| arch | topology | batch | args | temp | out | total | HBM | fits '
     '(margin) | eval total | largest batch | GFLOP/chip | GB moved/chip | '
-    'roofline ms | MFU ceiling | HBM GB/chip | HBM roofline ms | HBM MFU '
-    'ceiling | collectives | compile s (train) |'
+    'roofline ms | MFU ceiling | HBM GB/chip as laid out (logical) | HBM '
+    'roofline ms | HBM MFU ceiling | per-instruction roofline ms | '
+    'collectives | compile s (train) |'
   )
-  lines = [head, '|' + '---|' * 20]
+  lines = [head, '|' + '---|' * 21]
   looped = False
   for r in rows:
     if 'refused' in r:  # the compiler refused it: what it needs, no costs
@@ -57,7 +70,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         f'| {r["arch"]} | {r["topology"]} | {r["batch"]} | - | - | - | '
         f'> {gib(r["need_bytes"])} | {gib(r["hbm_bytes"])} | NO (the TPU '
         f'compiler refused it) | - | {r.get("largest_batch", "-")} | - | - '
-        '| - | - | - | - | - | - | - |'
+        '| - | - | - | - | - | - | - | - |'
       )
       continue
     coll = ', '.join(
@@ -65,7 +78,8 @@ def table(rows: list[dict[str, Any]]) -> str:
       for k, v in r['collectives'].items()
     )
     fits = f'{"yes" if r["fits"] else "NO"} ({gib(r["margin_bytes"])})'
-    mark = '*' if r['traffic'].get('looped') else ''
+    t = r['traffic']
+    mark = '*' if t.get('looped') else ''
     looped = looped or bool(mark)
     lines.append(
       f'| {r["arch"]} | {r["topology"]} | {r["batch"]} | '
@@ -74,8 +88,9 @@ def table(rows: list[dict[str, Any]]) -> str:
       f'{gib(r["hbm_bytes"])} | {fits} | {gib(r["eval_total_bytes"])} | '
       f'{r.get("largest_batch", "-")} | {r["flops"] / 1e9:.1f}{mark} | '
       f'{r["bytes_accessed"] / 1e9:.2f}{mark} | {r["step_ms"]:.2f}{mark} | '
-      f'{100 * r["mfu"]:.1f}%{mark} | {r["traffic"]["hbm_bytes"] / 1e9:.2f} | '
-      f'{r["hbm_step_ms"]:.2f} | {100 * r["hbm_mfu"]:.1f}% | '
+      f'{100 * r["mfu"]:.1f}%{mark} | {t["padded_hbm_bytes"] / 1e9:.2f} '
+      f'({t["hbm_bytes"] / 1e9:.2f}) | {r["hbm_step_ms"]:.2f} | '
+      f'{100 * r["hbm_mfu"]:.1f}% | {t["instruction_roofline_ms"]:.2f} | '
       f'{coll or "none"} | {r["compile_s"]} ({r["train_compile_s"]}) |'
     )
   if looped:

@@ -106,28 +106,74 @@ class Op:
   kind: str
   direction: str
   source: str
-  hbm_bytes: float  # over all its repeats
+  hbm_bytes: float  # logical, over all its repeats
   on_chip_bytes: float
   repeats: int = 1  # times it runs per step (inside a loop: the trip count)
   flops: float = 0.0  # of its convolutions and dots, over all its repeats
+  padded_hbm_bytes: float = 0.0  # as laid out (tiles), over all its repeats
+  padded_on_chip_bytes: float = 0.0
+  # Inside a loop whose trip count the HLO does not give: counted once.
+  unknown_trips: bool = False
 
 
-def array_bytes(shape: str) -> tuple[float, float]:
+def _tiles(layout: str) -> list[tuple[int, ...]]:
+  """The tiles of a TPU layout, outermost first: `{2,3,1,0:T(8,128)(2,1)}`
+  -> [(8, 128), (2, 1)]."""
+  tiling = re.search(r'T((?:\([\d,]+\))+)', layout or '')
+  if not tiling:
+    return []
+  return [
+    tuple(int(d) for d in t.split(','))
+    for t in re.findall(r'\(([\d,]+)\)', tiling.group(1))
+  ]
+
+
+def _padded_elements(dims: list[int], layout: str) -> int:
+  """Elements an array occupies as laid out: its dimensions in the layout's
+  minor-to-major order, each tile rounding the most minor ones up to its
+  own shape (`T(8,128)` pads the minor dimension to 128 and the next to a
+  multiple of 8), and each further tile applied to the tiles before."""
+  order = re.match(r'\{([\d,]*)', layout or '')
+  minor_to_major = (
+    [int(d) for d in order.group(1).split(',') if d] if order else []
+  )
+  if sorted(minor_to_major) != list(range(len(dims))):
+    minor_to_major = list(range(len(dims)))[::-1]
+  shape = [dims[i] for i in reversed(minor_to_major)]  # major to minor
+  for tile in _tiles(layout):
+    k = len(tile)
+    shape = [1] * max(0, k - len(shape)) + shape
+    shape = (
+      shape[:-k]
+      + [-(-d // t) for d, t in zip(shape[-k:], tile, strict=True)]
+      + list(tile)
+    )
+  return math.prod(shape)
+
+
+def array_bytes(shape: str, *, padded: bool = False) -> tuple[float, float]:
   """(HBM bytes, on-chip bytes) of an HLO shape, e.g.
   `(f32[8,64]{1,0:T(8,128)S(1)}, bf16[8]{0})`: arrays whose layout names a
-  memory space `S(n)` (n > 0, but for host memory) are on chip."""
+  memory space `S(n)` (n > 0, but for host memory) are on chip. `padded`:
+  as the layout stores them (`_padded_elements`; an `E(bits)` element size
+  replaces the type's), else the logical bytes."""
   hbm = on_chip = 0.0
   for dtype, dims, layout in _ARRAY.findall(shape):
     if dtype not in _DTYPE_BYTES:
       continue
-    n = 1
-    for d in filter(None, dims.split(',')):
-      n *= int(d)
+    sizes = [int(d) for d in dims.split(',') if d]
+    size = _DTYPE_BYTES[dtype]
+    if padded:
+      n = _padded_elements(sizes, layout)
+      bits = re.search(r'E\((\d+)\)', layout or '')
+      size = int(bits.group(1)) / 8 if bits else size
+    else:
+      n = math.prod(sizes)
     space = re.search(r'S\((\d+)\)', layout or '')
     if space and int(space.group(1)) not in _OFF_CHIP_SPACES:
-      on_chip += n * _DTYPE_BYTES[dtype]
+      on_chip += n * size
     else:
-      hbm += n * _DTYPE_BYTES[dtype]
+      hbm += n * size
   return hbm, on_chip
 
 
@@ -255,22 +301,9 @@ def _kind(opcode: str, body: list[str]) -> str:
   return 'other'
 
 
-def _tuple_elements(shape: str) -> list[str]:
-  """The top-level elements of a tuple shape `(a, (b, c), d)`."""
-  if not shape.startswith('('):
-    return [shape]
-  elements, depth, start = [], 0, 1
-  for i, ch in enumerate(shape):
-    depth += (ch == '(') - (ch == ')')
-    if (ch == ',' and depth == 1) or (ch == ')' and depth == 0):
-      elements.append(shape[start:i].strip())
-      start = i + 1
-  return [e for e in elements if e]
-
-
-def _scaled(shape: str, part: float) -> tuple[float, float]:
+def _scaled(shape: str, part: float, padded: bool) -> tuple[float, float]:
   """`part` bytes read from where the array `shape` lives."""
-  hbm, chip = array_bytes(shape)
+  hbm, chip = array_bytes(shape, padded=padded)
   whole = hbm + chip
   return (hbm * part / whole, chip * part / whole) if whole else (0.0, 0.0)
 
@@ -290,29 +323,74 @@ def _root(body: list[str]) -> str | None:
   return None
 
 
-def _sliced_reads(body: list[str]) -> dict[int, float]:
-  """Fusion parameter index -> bytes it reads, for the parameters that
-  are only sliced in the fused computation (the fusion reads the slices,
-  not the whole operand)."""
-  parsed = _parse(body)
-  params = _parameters(body)
+def _users(parsed) -> dict[str, list[tuple[str, int]]]:
+  """Instruction name -> (user's name, operand index) of each use."""
   users = collections.defaultdict(list)
-  for _, shape, opcode, operands, _ in parsed:
-    for o in operands:
-      users[o].append((opcode, shape))
+  for name, _, _, operands, _ in parsed:
+    for i, o in enumerate(operands):
+      users[o].append((name, i))
+  return users
+
+
+def _through_bitcasts(name: str, by_name: dict) -> str:
+  while name in by_name and by_name[name][2] == 'bitcast':
+    name = by_name[name][3][0]
+  return name
+
+
+def _fused_reads(
+  body: list[str], padded: bool, bodies: dict[str, list[str]]
+) -> dict[int, float]:
+  """Fusion parameter index -> bytes it reads, for the parameters that are
+  only sliced in the fused computation (the slices are read, not the
+  whole operand) or only updated in place, as the buffer of a
+  `dynamic-update-slice` (nothing read) or `scatter` (the updated
+  elements read, to combine: the updates' size), also through a nested
+  fusion. A parameter that is also read otherwise is read whole."""
+  parsed = _parse(body)
+  users = _users(parsed)
+  by_name = {p[0]: p for p in parsed}
   out = {}
-  for name, index in params.items():
-    uses = users.get(name, [])
-    if uses and all(op in ('slice', 'dynamic-slice') for op, _ in uses):
-      out[index] = sum(sum(array_bytes(shape)) for _, shape in uses)
+  for name, index in _parameters(body).items():
+    uses, todo = [], [name]
+    while todo:  # through bitcasts, which move nothing
+      for user, i in users.get(todo.pop(), []):
+        if by_name[user][2] == 'bitcast':
+          todo.append(user)
+        else:
+          uses.append((by_name[user], i))
+    if not uses:
+      continue
+    read = 0.0
+    for (_, shape, opcode, operands, attrs), i in uses:
+      nested = re.search(r'calls=%([\w.\-]+)', attrs)
+      nested_reads = (
+        _fused_reads(bodies.get(nested.group(1), []), padded, bodies)
+        if opcode == 'fusion' and nested
+        else {}
+      )
+      if i in nested_reads:
+        read += nested_reads[i]
+      elif opcode in ('slice', 'dynamic-slice') and i == 0:
+        read += sum(array_bytes(shape, padded=padded))
+      elif opcode == 'dynamic-update-slice' and i == 0:
+        pass  # the buffer updated in place: not read
+      elif opcode == 'scatter' and i == 0 and operands[-1] in by_name:
+        read += sum(array_bytes(by_name[operands[-1]][1], padded=padded))
+      else:
+        break  # read whole
+    else:
+      out[index] = read
   return out
 
 
-def _in_place_updates(body: list[str]) -> tuple[dict[int, float], set[int]]:
+def _in_place_updates(
+  body: list[str], padded: bool
+) -> tuple[dict[int, float], set[int]]:
   """For a fused computation whose result (or tuple element) is a
-  `dynamic-update-slice` of a parameter, done in place: result element
-  index -> bytes of the update written, and the indices of the parameters
-  so updated (not read)."""
+  `dynamic-update-slice` or `scatter` of a parameter, done in place:
+  result element index -> bytes of the update written, and the indices of
+  the parameters so updated."""
   by_name = {p[0]: p for p in _parse(body)}
   params = _parameters(body)
   root = by_name.get(_root(body) or '')
@@ -321,18 +399,27 @@ def _in_place_updates(body: list[str]) -> tuple[dict[int, float], set[int]]:
   elements = root[3] if root[2] == 'tuple' else [root[0]]
   written, updated = {}, set()
   for i, element in enumerate(elements):
-    e = by_name.get(element)
-    if e is None or e[2] != 'dynamic-update-slice' or len(e[3]) < 2:
+    e = by_name.get(_through_bitcasts(element, by_name))
+    if e is None or e[2] not in ('dynamic-update-slice', 'scatter'):
       continue
-    buffer = e[3][0]
-    while buffer in by_name and by_name[buffer][2] == 'bitcast':
-      buffer = by_name[buffer][3][0]
+    if len(e[3]) < 2:
+      continue
+    buffer = _through_bitcasts(e[3][0], by_name)
+    update = e[3][1] if e[2] == 'dynamic-update-slice' else e[3][-1]
     if buffer in params:
       updated.add(params[buffer])
       written[i] = (
-        sum(array_bytes(by_name[e[3][1]][1])) if e[3][1] in by_name else 0.0
+        sum(array_bytes(by_name[update][1], padded=padded))
+        if update in by_name
+        else 0.0
       )
   return written, updated
+
+
+# Asynchronous collectives whose `-start` shape is a tuple of their
+# operands, their results and (permutes) context words: the results'
+# element. An `all-reduce-start`'s shape is its results alone.
+_START_RESULT = {'all-gather-start': 1, 'collective-permute-start': 1}
 
 
 def _reads_and_writes(
@@ -341,35 +428,37 @@ def _reads_and_writes(
   operands: list[str],
   shapes: dict[str, str],
   body: list[str],
+  bodies: dict[str, list[str]],
+  padded: bool = False,
 ) -> tuple[float, float]:
   """(HBM, on-chip) bytes an instruction reads and writes: its operands
-  (or the slices of them it reads) and its result (or, updated in place,
-  the part it writes)."""
-  elements = _tuple_elements(shape)
+  (or the parts of them it reads) and its result (or, updated in place,
+  the part it writes); `padded`: as laid out (`array_bytes`)."""
+  size = lambda shape: array_bytes(shape, padded=padded)
+  elements = tuple_elements(shape)
   if opcode == 'copy-start':  # (destination, source, context)
     elements = elements[:1]
-  elif opcode.endswith('-start') and len(elements) >= 2:
-    # ((operands), result, context): the operands are echoed, not written.
-    elements = elements[1:2]
-  written, updated = {}, set()
+  elif opcode in _START_RESULT and len(elements) > _START_RESULT[opcode]:
+    elements = elements[_START_RESULT[opcode] : _START_RESULT[opcode] + 1]
+  written, reads = {}, {}
   if opcode == 'fusion':
-    written, updated = _in_place_updates(body)
-  elif opcode == 'dynamic-update-slice' and len(operands) >= 2:
-    written, updated = {0: sum(array_bytes(shapes.get(operands[1], '')))}, {0}
+    written, _ = _in_place_updates(body, padded)
+    reads = _fused_reads(body, padded, bodies)
+  elif opcode in ('dynamic-update-slice', 'scatter') and len(operands) >= 2:
+    update = sum(size(shapes.get(operands[1 if opcode[0] == 'd' else -1], '')))
+    written = {0: update}
+    reads = {0: update if opcode == 'scatter' else 0.0}
+  elif opcode in ('slice', 'dynamic-slice', 'slice-start') and operands:
+    reads = {0: sum(size(shape))}  # reads what it writes
   hbm = chip = 0.0
   for i, element in enumerate(elements):
     h, c = (
-      _scaled(element, written[i]) if i in written else array_bytes(element)
+      _scaled(element, written[i], padded) if i in written else size(element)
     )
     hbm, chip = hbm + h, chip + c
-  sliced = _sliced_reads(body) if opcode == 'fusion' else {}
-  if opcode in ('slice', 'dynamic-slice', 'slice-start') and operands:
-    sliced = {0: hbm + chip}  # reads what it writes
   for i, o in enumerate(operands):
-    if i in updated:
-      continue
     operand = shapes.get(o, '')
-    h, c = _scaled(operand, sliced[i]) if i in sliced else array_bytes(operand)
+    h, c = _scaled(operand, reads[i], padded) if i in reads else size(operand)
     hbm, chip = hbm + h, chip + c
   return hbm, chip
 
@@ -484,16 +573,32 @@ def trip_count(attrs: str, bodies: dict[str, list[str]]) -> int | None:
   return bound[0] if len(bound) == 1 else None
 
 
+def _called(opcode: str, attrs: str) -> list[str]:
+  """The computations a `call`, `conditional` or async computation runs
+  (a fusion's own computation is read as one instruction instead)."""
+  if opcode == 'conditional':
+    branches = re.search(r'branch_computations=\{([^}]*)\}', attrs)
+    if branches:
+      return re.findall(r'%([\w.\-]+)', branches.group(1))
+    return re.findall(r'(?:true|false)_computation=%([\w.\-]+)', attrs)
+  if opcode in ('call', 'async-start'):
+    return re.findall(r'(?:to_apply|calls)=%([\w.\-]+)', attrs)
+  return []
+
+
 def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
   """The instructions of an optimised HLO program's entry computation with
   the bytes each reads and writes (see the module docstring). A `while`
   loop of a known trip count (a scan) counts its body's instructions that
-  many times (`Op.repeats`); its own loop state is not traffic."""
+  many times (`Op.repeats`); one whose count the HLO does not give counts
+  them once, marked `unknown_trips`; its own loop state is not traffic.
+  The computations a `call`, `conditional` (every branch: an upper
+  bound) or async computation runs are read like the entry's."""
   bodies, entry = _computations(hlo_text)
   sources = _stack_sources(hlo_text, root)
   ops: list[Op] = []
 
-  def visit(computation: str, repeats: int) -> None:
+  def visit(computation: str, repeats: int, unknown: bool) -> None:
     parsed = _parse(bodies.get(computation, []))
     shapes = {p[0]: p[1] for p in parsed}
     for name, shape, opcode, operands, attrs in parsed:
@@ -501,15 +606,24 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
         body = re.search(r'body=%([\w.\-]+)', attrs)
         n = trip_count(attrs, bodies)
         if body:
-          visit(body.group(1), repeats * (n or 1))
+          visit(body.group(1), repeats * (n or 1), unknown or n is None)
+        continue
+      if called := _called(opcode, attrs):
+        for computation in called:
+          visit(computation, repeats, unknown)
         continue
       if opcode in _FREE or opcode.endswith('-done'):
         continue
       if 'custom_call_target="AllocateBuffer"' in attrs:
         continue  # an allocation, nothing moved
-      called = re.search(r'calls=%([\w.\-]+)', attrs)
-      body = bodies.get(called.group(1), []) if called else []
-      hbm, chip = _reads_and_writes(opcode, shape, operands, shapes, body)
+      fused = re.search(r'calls=%([\w.\-]+)', attrs)
+      body = bodies.get(fused.group(1), []) if fused else []
+      hbm, chip = _reads_and_writes(
+        opcode, shape, operands, shapes, body, bodies
+      )
+      padded = _reads_and_writes(
+        opcode, shape, operands, shapes, body, bodies, padded=True
+      )
       flops = _flops(opcode, shape, operands, attrs, shapes, bodies)
       op_name = re.search(r'op_name="([^"]*)"', attrs)
       frame = re.search(r'stack_frame_id=(\d+)', attrs)
@@ -526,28 +640,54 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
           on_chip_bytes=repeats * chip,
           repeats=repeats,
           flops=repeats * flops,
+          padded_hbm_bytes=repeats * padded[0],
+          padded_on_chip_bytes=repeats * padded[1],
+          unknown_trips=unknown,
         )
       )
 
-  visit(entry, 1)
+  visit(entry, 1, False)
   return ops
+
+
+def instruction_roofline_s(
+  ops: list[Op], peak_flops: float, hbm_bytes_per_s: float
+) -> float:
+  """The step's time if each instruction ran at the slower of its own
+  FLOPs at `peak_flops` and its HBM bytes as laid out at
+  `hbm_bytes_per_s`, one after another: a step whose memory-bound and
+  compute-bound work are different instructions cannot overlap them
+  here, as a whole-step max(FLOPs, bytes) would."""
+  return sum(
+    max(o.flops / peak_flops, o.padded_hbm_bytes / hbm_bytes_per_s) for o in ops
+  )
+
+
+_SUMMED = (
+  'hbm_bytes',
+  'on_chip_bytes',
+  'padded_hbm_bytes',
+  'padded_on_chip_bytes',
+  'flops',
+)
 
 
 def summarise(ops: list[Op], by: tuple[str, ...]) -> list[dict]:
   """Ops grouped by the fields `by` (e.g. `('kind', 'direction')`): how
-  many run per step, their HBM and on-chip bytes and FLOPs, most HBM
-  bytes first."""
+  many run per step, their HBM and on-chip bytes (logical and as laid
+  out) and FLOPs, most padded HBM bytes first."""
   groups: dict[tuple, dict] = collections.defaultdict(
-    lambda: {'count': 0, 'hbm_bytes': 0.0, 'on_chip_bytes': 0.0, 'flops': 0.0}
+    lambda: dict.fromkeys(('count', *_SUMMED), 0)
   )
   for op in ops:
     g = groups[tuple(getattr(op, f) for f in by)]
     g['count'] += op.repeats
-    g['hbm_bytes'] += op.hbm_bytes
-    g['on_chip_bytes'] += op.on_chip_bytes
-    g['flops'] += op.flops
+    for key in _SUMMED:
+      g[key] += getattr(op, key)
   rows = [dict(zip(by, key, strict=True), **v) for key, v in groups.items()]
-  return sorted(rows, key=lambda r: (-r['hbm_bytes'], -r['on_chip_bytes']))
+  return sorted(
+    rows, key=lambda r: (-r['padded_hbm_bytes'], -r['on_chip_bytes'])
+  )
 
 
 def tuple_elements(shape: str) -> list[str]:
@@ -603,17 +743,30 @@ def convolutions(hlo_text: str) -> int:
   return len(re.findall(r'\sconvolution\(', hlo_text))
 
 
-def traffic_breakdown(hlo_text: str, top: int = 12) -> dict[str, Any]:
-  """Where a compiled step's bytes go (`traffic`): totals, bytes by
-  kind and direction, and the `top` sources of the model code.
-  `looped`: instructions inside loops (scans), which XLA's cost analysis
-  counts once and this breakdown once per iteration."""
+def traffic_breakdown(
+  hlo_text: str,
+  top: int = 12,
+  *,
+  peak_flops: float | None = None,
+  hbm_bytes_per_s: float | None = None,
+) -> dict[str, Any]:
+  """Where a compiled step's bytes go (`traffic`): totals (logical and as
+  laid out), bytes by kind and direction, and the `top` sources of the
+  model code. `looped`: instructions inside loops (scans), which XLA's
+  cost analysis counts once and this breakdown once per iteration;
+  `unknown_trips`: those in loops of a trip count the HLO does not give
+  (counted once). Given a chip's rates, `instruction_roofline_ms` too."""
   ops = traffic(hlo_text)
-  return {
-    'looped': sum(o.repeats > 1 for o in ops),
-    'hbm_bytes': sum(o.hbm_bytes for o in ops),
-    'on_chip_bytes': sum(o.on_chip_bytes for o in ops),
+  out = {
+    'looped': sum(o.repeats > 1 or o.unknown_trips for o in ops),
+    'unknown_trips': sum(o.unknown_trips for o in ops),
     'flops': sum(o.flops for o in ops),
+    **{key: sum(getattr(o, key) for o in ops) for key in _SUMMED[:4]},
     'by_kind': summarise(ops, ('kind', 'direction')),
     'by_source': summarise(ops, ('source',))[:top],
   }
+  if peak_flops and hbm_bytes_per_s:
+    out['instruction_roofline_ms'] = 1e3 * instruction_roofline_s(
+      ops, peak_flops, hbm_bytes_per_s
+    )
+  return out
