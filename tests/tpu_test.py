@@ -112,7 +112,15 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   assert '| deeplabv3plus_resnet_tiny | v5e:2x2 | 8 |' in r.stdout
   # Where the step's bytes go: the gradient's convolutions are there,
   # and the model's own code is named as their source.
-  assert '| kind | direction | instructions | HBM GB | on-chip GB |' in r.stdout
+  assert (
+    '| kind | direction | instructions | HBM GB | logical GB | padding |'
+    in r.stdout
+  )
+  # Bytes as laid out are at least the logical bytes; the per-instruction
+  # roofline is at least the whole-step one.
+  moved = row['traffic']
+  assert moved['padded_hbm_bytes'] >= moved['hbm_bytes'] > 0
+  assert moved['instruction_roofline_ms'] >= row['hbm_step_ms']
   kinds = {(k['kind'], k['direction']) for k in row['traffic']['by_kind']}
   assert {('convolution', 'forward'), ('convolution', 'backward')} <= kinds
   sources = {s['source'] for s in row['traffic']['by_source']}
@@ -131,7 +139,6 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   reduced = row['collectives']['all-reduce']['bytes']
   assert param_bytes <= reduced < 2 * param_bytes, (reduced, param_bytes)
   assert row['hbm_step_ms'] >= row['model_compute_ms'] > 0
-  moved = row['traffic']
   # The convolutions' FLOPs read from their shapes, against XLA's count of
   # the whole step (which adds the elementwise work): within 10 %.
   assert 0.9 * row['flops'] < moved['flops'] < 1.1 * row['flops']

@@ -145,3 +145,12 @@ def test_per_instruction_roofline_sums_each_instructions_bound():
   total_flops = sum(o.flops for o in ops)
   total_hbm = sum(o.padded_hbm_bytes for o in ops)
   assert max(total_flops, total_hbm) < got
+
+
+@pytest.mark.parametrize('name', sorted(XLA))
+def test_xlas_count_is_the_analyzers_counted_xlas_way(name):
+  """XLA's `bytes accessed`, explained: the analyzer's padded bytes at
+  every memory level, each loop body once, and each asynchronous pair's
+  echoed tuple, context words and done result (`xla_counted_bytes`)."""
+  got = traffic.xla_counted_bytes(_ops(name))
+  assert got == pytest.approx(XLA[name]['bytes_accessed'], rel=1e-3)

@@ -114,6 +114,8 @@ class Op:
   padded_on_chip_bytes: float = 0.0
   # Inside a loop whose trip count the HLO does not give: counted once.
   unknown_trips: bool = False
+  # What XLA's cost analysis counts besides, once (`xla_counted_bytes`).
+  xla_extra_bytes: float = 0.0
 
 
 def _tiles(layout: str) -> list[tuple[int, ...]]:
@@ -625,6 +627,7 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
         opcode, shape, operands, shapes, body, bodies, padded=True
       )
       flops = _flops(opcode, shape, operands, attrs, shapes, bodies)
+      extra = _xla_async_extra(opcode, shape)
       op_name = re.search(r'op_name="([^"]*)"', attrs)
       frame = re.search(r'stack_frame_id=(\d+)', attrs)
       ops.append(
@@ -643,11 +646,50 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
           padded_hbm_bytes=repeats * padded[0],
           padded_on_chip_bytes=repeats * padded[1],
           unknown_trips=unknown,
+          xla_extra_bytes=extra,
         )
       )
 
   visit(entry, 1, False)
   return ops
+
+
+# XLA counts each context word of an asynchronous start's tuple (`u32[]`)
+# at 4 KiB, and 512 bytes more per pair (measured on the fixtures of
+# tests/traffic_fixtures_test.py; not documented by XLA).
+_XLA_CONTEXT_WORD_BYTES = 4096
+_XLA_ASYNC_PAIR_BYTES = 512
+
+
+def _xla_async_extra(opcode: str, shape: str) -> float:
+  """What XLA's cost analysis counts for an asynchronous copy, gather or
+  permute beyond the bytes it moves (its operand read, its result
+  written): the start's whole tuple result again (the result, and the
+  operand it echoes), its context words, and the done's result, which is
+  the start's result, counted with the 512 bytes."""
+  if opcode != 'copy-start' and opcode not in _START_RESULT:
+    return 0.0
+  words = arrays = 0.0
+  for element in tuple_elements(shape):
+    if re.fullmatch(r'u32\[\]\{[^}]*\}', element):
+      words += 1
+    else:
+      arrays += sum(array_bytes(element, padded=True))
+  return arrays + words * _XLA_CONTEXT_WORD_BYTES + _XLA_ASYNC_PAIR_BYTES
+
+
+def xla_counted_bytes(ops: list[Op]) -> float:
+  """The analyzer's bytes counted as XLA's cost analysis counts them: every
+  instruction once (a loop's body once, not per iteration), padded, every
+  memory level, and each asynchronous pair's echoed tuple and done result
+  (`_xla_async_extra`). Where the analyzer and XLA count the same
+  instructions this equals XLA's `bytes accessed`
+  (tests/traffic_fixtures_test.py)."""
+  return sum(
+    (o.padded_hbm_bytes + o.padded_on_chip_bytes) / o.repeats
+    + o.xla_extra_bytes
+    for o in ops
+  )
 
 
 def instruction_roofline_s(
@@ -762,6 +804,7 @@ def traffic_breakdown(
     'unknown_trips': sum(o.unknown_trips for o in ops),
     'flops': sum(o.flops for o in ops),
     **{key: sum(getattr(o, key) for o in ops) for key in _SUMMED[:4]},
+    'xla_counted_bytes': xla_counted_bytes(ops),
     'by_kind': summarise(ops, ('kind', 'direction')),
     'by_source': summarise(ops, ('source',))[:top],
   }
