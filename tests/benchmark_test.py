@@ -44,6 +44,7 @@ def _benchmark(*flags: str) -> subprocess.CompletedProcess:
   return r
 
 
+@pytest.mark.slow
 def test_benchmark_prints_a_jax_row_on_a_spatial_fsdp_mesh():
   # The PyTorch side: test_torch_reference_row_has_every_field.
   r = _benchmark(

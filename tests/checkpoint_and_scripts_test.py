@@ -151,6 +151,7 @@ def test_checkpoint_errors(tmp_path):
     checkpointing.model_metadata(model, class_names=['a', 'b', 'c'])
 
 
+@pytest.mark.slow
 def test_convert_torch_script_then_predict_script(tmp_path, parity_report):
   torch.manual_seed(0)
   tm = deeplabv3_resnet50(

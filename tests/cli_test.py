@@ -8,6 +8,8 @@ import sys
 import threading
 import types
 
+import pytest
+
 from deeplab_jax import cli
 
 
@@ -251,6 +253,7 @@ def test_recipe_path_runs_from_any_directory(tmp_path, data_dir):
 _LIBTPU_LINES = ('E0000', 'TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE')
 
 
+@pytest.mark.slow
 def test_no_libtpu_start_up_lines_on_a_host_without_a_tpu(tmp_path):
   """With libtpu installed (the test extra) and no TPU, JAX's platform
   discovery loads libtpu, which prints five lines, one of them an error;

@@ -77,6 +77,7 @@ def test_fullres_recipe_splits_whole_images_over_the_spatial_axis():
     sharding.check_crop((1000, 2048), mesh, model.config.output_stride)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', RECIPES[1:])
 def test_smoke_variant_trains(name, data_dir, tmp_path):
   c = importlib.import_module(f'configs.{name}').get_config('smoke')

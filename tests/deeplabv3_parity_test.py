@@ -40,6 +40,7 @@ _eval_forward = lambda m, x: _eval_forward_jit(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('hw', [(97, 129), (129, 65), (64, 80)])
 def test_resnet50_eval_parity_main_and_aux(resnet50_pair, hw, parity_report):
   tm, model = resnet50_pair

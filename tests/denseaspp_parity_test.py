@@ -63,6 +63,7 @@ def test_torchvision_densenet_backbone_parity(ctor, arch, hw, parity_report):
   assert err < TOL
 
 
+@pytest.mark.slow
 def test_torchvision_densenet_training_mode_matches_torch():
   # Training mode: each dense layer normalises the concatenation with batch
   # statistics that our DenseNet computes once per feature map and shares
@@ -199,6 +200,7 @@ def official_121():
   _official_cache.clear()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'arch,hw',
   [
@@ -230,6 +232,7 @@ def test_official_denseaspp_parity(arch, hw, parity_report):
     del _official_cache[arch]  # 161-201: large; each used once
 
 
+@pytest.mark.slow
 def test_official_denseaspp_training_mode_matches_torch():
   # The whole official-layout model in training mode (batch statistics,
   # the head's BatchNorm momentum, the first block's in-place ReLU) with

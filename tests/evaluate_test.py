@@ -60,6 +60,7 @@ def _numpy_confusion(pairs, k):
   return cm
 
 
+@pytest.mark.slow
 def test_exact_miou_on_mixed_sizes_any_batch_and_device_count(mixed_sizes):
   data_dir, ckpt = mixed_sizes
   model, meta = checkpointing.load_model(ckpt)
@@ -94,6 +95,7 @@ def test_exact_miou_on_mixed_sizes_any_batch_and_device_count(mixed_sizes):
   )
 
 
+@pytest.mark.slow
 def test_images_split_over_devices_evaluate_the_same(mixed_sizes):
   """`spatial=4` (a (2, 4) mesh; heights 33-48 rows, uneven splits) counts
   the confusion matrix of the data-parallel run, whole and slide +
@@ -222,6 +224,7 @@ def test_cityscapes_label_id_writer(tmp_path):
   assert len(label_tables.cityscapes_spec().class_names) == 19
 
 
+@pytest.mark.slow
 def test_evaluate_script_slide_multiscale_flip(mixed_sizes, tmp_path):
   data_dir, ckpt = mixed_sizes
   out = tmp_path / 'eval'

@@ -138,6 +138,7 @@ def test_urls_keyed_by_whole_url_and_hash_only_where_stated(
   )
 
 
+@pytest.mark.slow
 def test_stated_sha256_checked_and_a_mismatch_keeps_nothing(
   tmp_path, monkeypatch
 ):
@@ -285,6 +286,7 @@ def _closed_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_offline_miss_is_one_quick_line_without_hf_hub_offline(
   tmp_path, data_dir, monkeypatch
 ):

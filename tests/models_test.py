@@ -177,6 +177,7 @@ def test_fresh_model_starts_near_chance_loss(arch):
 _CPU = {'platform': 'cpu'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'arch,blocks,frozen_bn,loop_view,scan_view',
   [
@@ -281,6 +282,7 @@ def test_scanned_dense_layers_use_the_fusion_barrier_only_on_cpu(platform):
   assert ('_fusion_barrier' in jaxpr) == (platform == 'cpu')
 
 
+@pytest.mark.slow
 def test_scanned_dense_layers_backward_matches_numerical_derivatives():
   """`jax.test_util.check_grads` of the scanned dense layers' written-out
   backward pass (`dense_scan`) against central differences of the

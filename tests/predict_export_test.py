@@ -39,6 +39,7 @@ def _alone(model, meta, path):
   return np.asarray(predict.logits(model, x[None]))[0]
 
 
+@pytest.mark.slow
 def test_bucket_one_is_exact_and_buckets_keep_sizes(model_and_images):
   model, meta, images = model_and_images
   paths = predict.find_images(str(images))
@@ -185,6 +186,7 @@ def _gathered_heights(compiled_text):
   return [int(s[1]) for s in shapes]
 
 
+@pytest.mark.slow
 def test_images_split_over_devices_predict_the_same(model_and_images):
   """`spatial=4`: each image's height over 4 devices (any height, e.g. 37
   rows) gives the logits of the image alone; the compiled program never

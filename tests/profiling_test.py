@@ -24,6 +24,7 @@ def test_profile_steps_are_parsed_or_refused():
       profiling.parse_steps(bad)
 
 
+@pytest.mark.slow
 def test_training_traces_exactly_the_chosen_steps(tmp_path):
   workdir = tmp_path / 'run'
   # A plan row of this run's program (the smoke demo on the 8 CPU devices

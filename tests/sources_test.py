@@ -87,6 +87,7 @@ def _one_line(stderr):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_hub_name_through_train_equals_timm(tmp_path, data_dir):
   """A Hub cache laid out by `hf_hub_download` from a loopback Hub, then
   `scripts.train` offline with `init_from=hf-hub:...`: the run's backbone
@@ -336,6 +337,7 @@ def test_readme_table_lists_every_source():
       assert arch in rows[name], (name, arch)
 
 
+@pytest.mark.slow
 def test_whole_model_name_for_predict_and_classes_that_differ(
   tmp_path, monkeypatch, caplog
 ):
@@ -389,6 +391,7 @@ def test_whole_model_name_for_predict_and_classes_that_differ(
   assert initialization.init_record(started)['name'] == name
 
 
+@pytest.mark.slow
 def test_torchvision_imagenet_backbones_match_torchvision():
   """The two backbone-only layouts: torchvision's ImageNet ResNet and
   MobileNetV3 against torchvision's own dilated backbones."""

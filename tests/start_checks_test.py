@@ -5,6 +5,8 @@ resumed run says where it resumes from."""
 import os
 import subprocess
 
+import pytest
+
 from tests.run_helpers import REPO, finish_all, one_error_line, train_cmd
 
 
@@ -19,6 +21,7 @@ def _start(args, env=None):
   )
 
 
+@pytest.mark.slow
 def test_bad_settings_are_one_line_before_step_1(data_dir, tmp_path):
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a folder')
@@ -67,6 +70,7 @@ def test_bad_settings_are_one_line_before_step_1(data_dir, tmp_path):
   assert a_file.read_text() == 'not a folder'
 
 
+@pytest.mark.slow
 def test_a_resumed_run_says_where_it_resumes_from(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   flags = ['--config.checkpoint.every_steps=2', '--config.train.num_steps=2']

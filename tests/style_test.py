@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -19,7 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   'args', [['check', '.'], ['format', '--check', '.']], ids=['lint', 'format']
 )
 def test_ruff(args):
-  ruff = shutil.which('ruff')
+  # The test extra installs ruff beside this Python, venv activated or not.
+  beside = os.path.join(os.path.dirname(sys.executable), 'ruff')
+  ruff = shutil.which('ruff') or (beside if os.path.exists(beside) else None)
   assert ruff, 'ruff is part of the test extra: pip install -e ".[test]"'
   r = subprocess.run([ruff, *args], cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr

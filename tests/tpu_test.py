@@ -19,10 +19,14 @@ from configs import synthetic_demo
 from deeplab_jax import export, models, predict, sharding
 from deeplab_jax.planning import chips, compiling, tables, traffic
 
-pytestmark = pytest.mark.skipif(
-  importlib.util.find_spec('libtpu') is None,
-  reason='needs libtpu: pip install -e ".[tpu]"',
-)
+# Compiles for TPU topologies (libtpu): the slow tier.
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.skipif(
+    importlib.util.find_spec('libtpu') is None,
+    reason='needs libtpu: pip install -e ".[tpu]"',
+  ),
+]
 CLASSES = 4
 
 

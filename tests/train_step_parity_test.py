@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
@@ -25,6 +26,7 @@ from tests.torch_refs import nchw, randomize_batchnorm, rel_err
 LR, MOMENTUM, WD, AUX = 0.01, 0.9, 1e-4, 0.4
 
 
+@pytest.mark.slow
 def test_sgd_step_matches_pytorch(parity_report):
   torch.manual_seed(0)
   tm = deeplabv3_resnet50(

@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPDATE_RTOL = 1e-2
 
 
+@pytest.mark.slow
 def test_smoke_run_logs_evaluates_and_checkpoints(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   summary = train.train_and_evaluate(config(data_dir), workdir)
@@ -91,6 +92,7 @@ def _losses(workdir):
     return [r['loss'] for r in map(json.loads, f) if 'loss' in r]
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_devices_and_split_images(
   data_dir, tmp_path, eight_devices
 ):
@@ -120,6 +122,7 @@ def test_one_device_equals_eight_devices_and_split_images(
     assert abs(summaries[2][key] - summaries[1][key]) < 1e-4, key
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_and_bad_batch_are_refused(
   data_dir, tmp_path
 ):
@@ -186,6 +189,7 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
     )
 
 
+@pytest.mark.slow
 def test_main_job_without_its_data_says_what_to_download(tmp_path):
   """The main job's command with no Cityscapes: one line on stderr naming
   the files, where to get them and the command that prepares them."""
@@ -218,6 +222,7 @@ def test_main_job_without_its_data_says_what_to_download(tmp_path):
     assert part in r.stderr
 
 
+@pytest.mark.slow
 def test_class_weights_and_partial_init_from_are_said(data_dir, tmp_path):
   """Wrong-length class weights: one line, before anything is written. A
   checkpoint whose classifier does not fit: a warning on stderr naming the
@@ -261,6 +266,7 @@ def test_class_weights_and_partial_init_from_are_said(data_dir, tmp_path):
   assert 'head.classifier.kernel (1, 1, 16, 4) vs (1, 1, 16, 3)' in r.stderr
 
 
+@pytest.mark.slow
 def test_main_job_on_generated_cityscapes_zips(tmp_path):
   """The main job's recipe (`:cityscapes_smoke`: its tiny model) through
   the real input path: official-layout zips -> scripts.build_dataset ->
@@ -305,12 +311,14 @@ def test_main_job_on_generated_cityscapes_zips(tmp_path):
   assert '| road |' in out and 'of cityscapes/validation' in out
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_range(data_dir, tmp_path):
   c = config(data_dir, **{'optim.lr': 1e30, 'train.num_steps': 6})
   with pytest.raises(train.TrainingDivergedError, match='between steps'):
     train.train_and_evaluate(c, str(tmp_path / 'nan'))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(data_dir, tmp_path, eight_devices):
   """2 processes x 4 CPU devices (gloo on 127.0.0.1) == 1 process x 8."""
   import portpicker
@@ -350,6 +358,7 @@ def test_two_processes_equal_one_process(data_dir, tmp_path, eight_devices):
 # Under load Orbax's event loop sometimes leaves a file to the garbage
 # collector (seen once, a ResourceWarning reported as unraisable); the
 # test compares every weight, which such a report does not change.
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_fsdp_and_remat_give_the_same_step(data_dir, tmp_path, eight_devices):
   """FSDP-style parameter sharding and rematerialisation change memory, not
@@ -391,6 +400,7 @@ def test_fsdp_rule_splits_large_arrays_only():
     sharding.state_shardings(state, mesh, 'zero3')
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_with_float32_weights(data_dir, tmp_path):
   workdir = str(tmp_path / 'bf16')
   summary = train.train_and_evaluate(
@@ -408,6 +418,7 @@ def test_bfloat16_compute_trains_with_float32_weights(data_dir, tmp_path):
   assert out.dtype == np.float32
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_large_batch(data_dir, tmp_path):
   """k = 2 micro-batches of 4 make the same SGD update as one batch of 8
   (frozen BN, no dropout, no padding: each micro-batch's mean loss weighs
@@ -485,6 +496,7 @@ def test_accumulated_schedule_is_counted_in_updates():
     optim.make_optimizer(o, num_steps=7)
 
 
+@pytest.mark.slow
 def test_ema_run_evaluates_to_trainings_miou(data_dir, tmp_path):
   """With an EMA, the checkpoint's model is what training evaluated:
   scripts.evaluate on the workdir prints training's final mIoU exactly;

@@ -28,6 +28,7 @@ def _start(workdir, data_dir):
   )
 
 
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_a_killed_ones_lock_does_not_block(
   data_dir, tmp_path
 ):

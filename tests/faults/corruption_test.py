@@ -83,9 +83,11 @@ def delete_digests(step_dir, rng):
 DAMAGES = [flip_byte, truncate, delete_file, edit_data_state, delete_digests]
 # Orbax leaves a read coroutine unfinished when a damaged array fails to
 # load; Python reports it as unraisable when it is collected.
-pytestmark = pytest.mark.filterwarnings(
-  'ignore::pytest.PytestUnraisableExceptionWarning'
-)
+# Several processes and injected faults: the slow tier.
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),
+]
 
 
 @pytest.mark.parametrize('damage', DAMAGES, ids=lambda d: d.__name__)

@@ -8,10 +8,14 @@ import os
 import signal
 import time
 
+import pytest
 from conftest import start_two_processes, steps_in, wait_for
 
 from deeplab_jax import multihost
 from tests import run_helpers
+
+# Several processes and injected faults: the slow tier.
+pytestmark = pytest.mark.slow
 
 FLAGS = (
   '--config.mesh.shape=(-1,)',

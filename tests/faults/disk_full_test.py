@@ -7,6 +7,7 @@ same final weights."""
 import os
 import sys
 
+import pytest
 from conftest import (
   assert_bitwise_equal,
   run,
@@ -14,6 +15,9 @@ from conftest import (
   train_cmd,
   weights,
 )
+
+# Several processes and injected faults: the slow tier.
+pytestmark = pytest.mark.slow
 
 EVERY = '--config.checkpoint.every_steps=5'
 

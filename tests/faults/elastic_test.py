@@ -2,9 +2,13 @@
 devices (and 0 -> 1 -> 0 Grain workers) ends where one 8-device run does."""
 
 import numpy as np
+import pytest
 from conftest import config, weights
 
 from deeplab_jax import train
+
+# Several processes and injected faults: the slow tier.
+pytestmark = pytest.mark.slow
 
 SGD = {'optim.name': 'sgd', 'optim.lr': 0.01}
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 from conftest import (
   REPO,
   assert_bitwise_equal,
@@ -20,6 +21,9 @@ from conftest import (
   wait_for,
 )
 from conftest import weights as final_weights
+
+# Several processes and injected faults: the slow tier.
+pytestmark = pytest.mark.slow
 
 FLAGS = (
   '--config.train.num_steps=30',

@@ -31,9 +31,11 @@ FLAGS = (
 )
 # Orbax leaves a read coroutine unfinished when a damaged array fails to
 # load; Python reports it as unraisable when it is collected.
-pytestmark = pytest.mark.filterwarnings(
-  'ignore::pytest.PytestUnraisableExceptionWarning'
-)
+# Several processes and injected faults: the slow tier.
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),
+]
 NOT_A_PEER_LOSS = (
   'stopped responding',
   'Fatal Python error',

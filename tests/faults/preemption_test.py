@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 
+import pytest
 from conftest import (
   REPO,
   env,
@@ -17,6 +18,9 @@ from conftest import (
 
 from deeplab_jax import checkpointing
 from tests import run_helpers
+
+# Several processes and injected faults: the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def test_two_processes_save_the_same_step_on_sigterm(data_dir, tmp_path):

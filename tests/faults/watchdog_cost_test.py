@@ -10,8 +10,12 @@ import subprocess
 import sys
 
 import portpicker
+import pytest
 
 from tests.run_helpers import REPO, finish_all
+
+# Several processes and injected faults: the slow tier.
+pytestmark = pytest.mark.slow
 
 PROBE = """
 import json, sys, time
