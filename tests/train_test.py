@@ -32,7 +32,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPDATE_RTOL = 1e-2
 
 
-@pytest.mark.slow
 def test_smoke_run_logs_evaluates_and_checkpoints(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   summary = train.train_and_evaluate(config(data_dir), workdir)
@@ -311,7 +310,6 @@ def test_main_job_on_generated_cityscapes_zips(tmp_path):
   assert '| road |' in out and 'of cityscapes/validation' in out
 
 
-@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_range(data_dir, tmp_path):
   c = config(data_dir, **{'optim.lr': 1e30, 'train.num_steps': 6})
   with pytest.raises(train.TrainingDivergedError, match='between steps'):
