@@ -1,6 +1,9 @@
 """`compile_profile` reads libtpu's log lines as libtpu writes them (the
 real log of a compile is read in `tpu_test.py`)."""
 
+import subprocess
+import sys
+
 import pytest
 
 from deeplab_jax.planning import compile_profile
@@ -58,3 +61,22 @@ def test_stages_and_passes_per_module():
   table = compile_profile.table([train, evaluation])
   assert '| jit_train_step | 44555 | 46.0 | 500.2 | 41.9 | 593.1 |' in table
   assert '| jit_eval_step | 770 | 0.1 | - | - | - |' in table
+
+
+def test_a_crash_during_a_profiled_compile_stays_visible(tmp_path):
+  """libtpu logs into files of its log directory, so a process that dies
+  inside `capture` (a compile that crashes) still shows what it wrote to
+  standard error."""
+  script = (
+    'import os\n'
+    'from deeplab_jax.planning import compile_profile\n'
+    f'compile_profile.enable({str(tmp_path)!r})\n'
+    'with compile_profile.capture():\n'
+    "  os.write(2, b'Check failed: the compiler died here\\n')\n"
+    '  os._exit(3)\n'
+  )
+  r = subprocess.run(
+    [sys.executable, '-c', script], capture_output=True, text=True, timeout=60
+  )
+  assert r.returncode == 3
+  assert 'Check failed: the compiler died here' in r.stderr

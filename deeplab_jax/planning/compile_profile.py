@@ -3,26 +3,28 @@
 libtpu logs how long each stage of a compile takes (HLO passes, backend
 passes, code generation, end to end) and, with
 `TPU_VMODULE=hlo_pass_pipeline=1`, each HLO pass it runs. `enable` turns
-that log on (before libtpu loads), `capture` collects it around a compile
-and `parse` reads it: one entry per compiled module, in compile order.
+that log on (before libtpu loads) into files of a log directory
+(`TPU_LOG_DIR`), so the process's standard error stays as it is (a crash
+during a compile stays visible); `capture` collects what the log gained
+around a compile and `parse` reads it: one entry per compiled module, in
+compile order.
 """
 
 import contextlib
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 LOG_ENV = {
-  'TPU_STDERR_LOG_LEVEL': '0',
   'TPU_MIN_LOG_LEVEL': '0',
   'TPU_VMODULE': 'hlo_pass_pipeline=1',
 }
+# libtpu's INFO log in its log directory (a link to the newest file).
+INFO_LOG = 'tpu_driver.INFO'
 STAGES = ('HLO_PASSES', 'BACKEND_PASSES', 'CODE_GENERATION', 'END_TO_END')
 
-_PYTHON_WARNING = re.compile(r'^\S+:\d+: \w*Warning: ')
 _MODULE = re.compile(
   r'XLA::TPU running hlo passes for ([\d,]+) instructions, module: (\S+)'
 )
@@ -42,37 +44,36 @@ _SECONDS = {
 }
 
 
-def enable() -> None:
-  """Asks libtpu to log its stages and passes. libtpu reads these
+def enable(log_dir: str | None = None) -> str:
+  """Asks libtpu to log its stages and passes into `log_dir` (a new
+  temporary directory by default); returns it. libtpu reads these
   variables when it loads (the first TPU topology or client), so call
   this before."""
-  os.environ.update(LOG_ENV)
+  log_dir = log_dir or tempfile.mkdtemp(prefix='libtpu_log_')
+  os.environ.update(LOG_ENV, TPU_LOG_DIR=log_dir)
+  return log_dir
+
+
+def _log_text() -> str:
+  path = os.path.join(os.environ.get('TPU_LOG_DIR', ''), INFO_LOG)
+  try:
+    with open(path, errors='replace') as f:
+      return f.read()
+  except OSError:
+    return ''
 
 
 @contextlib.contextmanager
 def capture() -> Iterator[list[str]]:
-  """Collects what the process writes to its standard error (file
-  descriptor 2, where libtpu logs) while the block runs. Yields a list
-  that holds the text once the block ends; Python's warnings among it
-  are written on to standard error."""
-  sys.stderr.flush()
+  """Collects what libtpu's log (`enable`) gained while the block runs.
+  Yields a list that holds the text once the block ends; standard error
+  is left alone."""
+  before = len(_log_text())
   text: list[str] = []
-  with tempfile.TemporaryFile() as f:
-    saved = os.dup(2)
-    os.dup2(f.fileno(), 2)
-    try:
-      yield text
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      f.seek(0)
-      text.append(f.read().decode(errors='replace'))
-      sys.stderr.writelines(
-        line
-        for line in text[0].splitlines(keepends=True)
-        if _PYTHON_WARNING.match(line)
-      )
+  try:
+    yield text
+  finally:
+    text.append(_log_text()[before:])
 
 
 def seconds(duration: str) -> float:
