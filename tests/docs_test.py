@@ -179,7 +179,7 @@ def _gpu_headline() -> str:
   )
 
 
-def _tpu_headline() -> str:
+def _tpu_headline() -> tuple[str, str]:
   """README's main-job plan, from docs/tpu.md's per-recipe table."""
   rows = [
     r
@@ -193,12 +193,13 @@ def _tpu_headline() -> str:
   xla_ms, xla_mfu = re.findall(r'[\d.]+', f32['XLA roofline ms (MFU ceiling)'])
   hbm_ms, hbm_mfu = re.findall(r'[\d.]+', f32['HBM roofline ms (MFU ceiling)'])
   bf16_mfu = re.findall(r'[\d.]+', bf16['HBM roofline ms (MFU ceiling)'])[1]
+  laid_out = _number(f32['HBM GB/chip as laid out (logical)'])
   return (
     f'{f32["total GiB/chip"]} GiB per chip at batch {f32["batch"]} (fits, '
     f'{margin:.1f} GiB spare)',
-    f'a {float(xla_ms):.0f} ms roofline step (MFU\nceiling {xla_mfu} %), on '
-    f"the step's own HBM traffic ({float(f32['HBM GB/chip']):.1f} GB per "
-    f'chip) {hbm_ms} ms\n({hbm_mfu} %; {bf16_mfu} % in bfloat16)',
+    f'a {float(xla_ms):.0f} ms step (MFU ceiling {xla_mfu} %), on the HBM '
+    f'bytes its instructions move as laid out ({laid_out:.1f} GB per chip) '
+    f'{hbm_ms} ms ({hbm_mfu} %; {bf16_mfu} % in bfloat16)',
   )
 
 
