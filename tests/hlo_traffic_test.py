@@ -187,3 +187,22 @@ def test_roofline_from_a_data_sheet():
     {'compute_ms': 2.0, 'memory_ms': 5.0, 'step_ms': 5.0, 'mfu': 0.4}
   )
   assert planner.roofline(0.0, 0.0, v5e)['mfu'] == 0.0
+
+
+_SCATTER_HLO = """
+ENTRY %main (buf: f32[1024,128], idx: s32[16,1], upd: f32[16,128]) -> f32[1024,128] {
+  %buf = f32[1024,128]{1,0} parameter(0)
+  %idx = s32[16,1]{1,0} parameter(1)
+  %upd = f32[16,128]{1,0} parameter(2)
+  ROOT %scatter = f32[1024,128]{1,0} scatter(%buf, %idx, %upd), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+}
+"""  # noqa: E501 (HLO as the compiler writes it)
+
+
+def test_a_scatter_in_place_moves_its_rows_not_its_buffer():
+  (op,) = hlo_traffic.traffic(_SCATTER_HLO)
+  # 16 rows of 128 floats (8 KiB) read from the buffer to combine, the
+  # updates read, the rows written; the 16 indices read. The 512 KiB
+  # buffer is neither read nor written whole.
+  rows = 16 * 128 * 4
+  assert op.hbm_bytes == rows + rows + rows + 16 * 4

@@ -447,7 +447,11 @@ def _reads_and_writes(
     written, _ = _in_place_updates(body, padded)
     reads = _fused_reads(body, padded, bodies)
   elif opcode in ('dynamic-update-slice', 'scatter') and len(operands) >= 2:
-    update = sum(size(shapes.get(operands[1 if opcode[0] == 'd' else -1], '')))
+    # In place: the update written; a scatter also reads what it combines.
+    # (dynamic-update-slice(buffer, update, indices...); scatter(buffer,
+    # indices, updates).)
+    updates = operands[1] if opcode == 'dynamic-update-slice' else operands[-1]
+    update = sum(size(shapes.get(updates, '')))
     written = {0: update}
     reads = {0: update if opcode == 'scatter' else 0.0}
   elif opcode in ('slice', 'dynamic-slice', 'slice-start') and operands:
