@@ -11,6 +11,7 @@ import types
 import pytest
 
 from deeplab_jax import cli
+from tests.run_helpers import train_cmd
 
 
 def _report(hook, value):
@@ -269,16 +270,7 @@ def test_no_libtpu_start_up_lines_on_a_host_without_a_tpu(tmp_path):
   )
   assert any(line in plain.stderr for line in _LIBTPU_LINES), plain.stderr
   r = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'scripts.train',
-      '--config',
-      'configs/synthetic_demo.py:smoke',
-      '--config.train.num_steps=1',
-      '--workdir',
-      str(tmp_path / 'run'),
-    ],
+    train_cmd(tmp_path / 'run', None, '--config.train.num_steps=1'),
     capture_output=True,
     text=True,
     env=env,

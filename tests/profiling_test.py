@@ -4,12 +4,12 @@ workdir and logs their times beside the plan's estimate of the program."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from deeplab_jax import profiling
 from deeplab_jax.errors import ConfigError
+from tests.run_helpers import train_cmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,18 +45,13 @@ def test_training_traces_exactly_the_chosen_steps(tmp_path):
     + '\n'
   )
   r = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'scripts.train',
-      '--config',
-      'configs/synthetic_demo.py:smoke',
-      '--workdir',
-      str(workdir),
+    train_cmd(
+      workdir,
+      None,
       '--config.train.num_steps=6',
       '--config.train.profile_steps=3-4',
       f'--config.train.profile_plan={plan}',
-    ],
+    ),
     cwd=REPO,
     capture_output=True,
     text=True,

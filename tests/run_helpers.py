@@ -31,7 +31,8 @@ def config(data_dir, **overrides):
 
 
 def train_cmd(workdir, data_dir, *flags):
-  """`python -m scripts.train` on the smoke config, with extra flags."""
+  """`python -m scripts.train` on the smoke config, with extra flags;
+  `data_dir` None keeps the config's own (the data set is generated)."""
   return [
     sys.executable,
     '-m',
@@ -39,8 +40,8 @@ def train_cmd(workdir, data_dir, *flags):
     '--config',
     'configs/synthetic_demo.py:smoke',
     '--workdir',
-    workdir,
-    f'--config.data.data_dir={data_dir}',
+    str(workdir),
+    *([f'--config.data.data_dir={data_dir}'] if data_dir else []),
     *flags,
   ]
 
