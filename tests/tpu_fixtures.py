@@ -31,6 +31,12 @@ def _conv(x, w):
   )
 
 
+def _conv7x7_s2(x, w):
+  return jax.lax.conv_general_dilated(
+    x, w, (2, 2), ((3, 3), (3, 3)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+
 def programs(devices):
   """`{name: (function, argument specs, jit options)}` of every fixture."""
   one = jax.sharding.Mesh(np.array(devices[:1]), ('x',))
@@ -87,6 +93,22 @@ def programs(devices):
       {'donate_argnums': 0},
     ),
     'scan': (scan, [s(256, 512), s(6, 512, 512)], {}),
+    # Two convolutions: the memory-space assignment prefetches the first
+    # kernel as three asynchronous slices (`slice-start`), joined on chip
+    # by a `ConcatBitcast`.
+    'sliced_prefetch': (
+      lambda x, w, v: _conv(jax.nn.relu(_conv(x, w)), v),
+      [s(1, 64, 64, 512), s(3, 3, 512, 128), s(3, 3, 128, 512)],
+      {},
+    ),
+    # A 7x7 stride-2 kernel's gradient on a 3-channel image: XLA gathers
+    # the input's taps into a fresh buffer (`AllocateBuffer`), one
+    # `dynamic-update-slice` each.
+    'fresh_buffer_update': (
+      jax.grad(lambda x, w: jnp.sum(_conv7x7_s2(x, w) ** 2), argnums=1),
+      [s(1, 512, 512, 3), s(7, 7, 3, 16)],
+      {},
+    ),
     'all_reduce': (
       collective(lambda x: jax.lax.psum(x, 'x')),
       [_spec((4 * 256, 512), f32, four, P('x'))],
@@ -126,15 +148,20 @@ def v5e_devices():
 
 
 def main() -> None:
+  """Writes every fixture, or those named on the command line."""
   devices = v5e_devices()
   os.makedirs(FIXTURES, exist_ok=True)
+  path = os.path.join(FIXTURES, 'xla_counts.json')
   counts = {}
-  for name in programs(devices):
+  if sys.argv[1:] and os.path.exists(path):
+    with open(path) as f:
+      counts = json.load(f)
+  for name in sys.argv[1:] or programs(devices):
     text, counts[name] = compile_fixture(name, devices)
     with open(os.path.join(FIXTURES, f'{name}.hlo.txt'), 'w') as f:
       f.write(text)
     print(name, counts[name], file=sys.stderr)
-  with open(os.path.join(FIXTURES, 'xla_counts.json'), 'w') as f:
+  with open(path, 'w') as f:
     json.dump(counts, f, indent=1, sort_keys=True)
 
 

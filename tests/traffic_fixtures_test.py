@@ -15,6 +15,10 @@ says why and checks the difference by hand:
   whole tuple result (the destination, and the source it echoes) and the
   done's result besides: the array twice more, and 4 KiB per context word
   of the start's tuple plus 512 bytes.
+- An asynchronous slice (`slice-start`, a prefetch of part of an
+  array): the hardware reads the slice and writes it on chip; XLA counts
+  the slice once more and 512 bytes, and nothing for the `ConcatBitcast`
+  that joins the slices.
 - A loop: XLA counts its body once; the analyzer once per iteration.
 """
 
@@ -130,6 +134,33 @@ def test_a_scan_counts_its_body_per_iteration_and_xla_once():
   assert XLA['scan']['bytes_accessed'] == pytest.approx(xla, rel=0.01)
   # 6 layers of a 256 x 512 by 512 x 512 product.
   assert sum(o.flops for o in ops) == 6 * 2 * 256 * 512 * 512
+
+
+def test_a_sliced_prefetch_moves_each_slice_once():
+  # The 3 x 3 x 512 x 128 float32 kernel (no padding) prefetched as its
+  # three rows: each read from HBM and written on chip, once. The
+  # `ConcatBitcast` that joins them reads the slices where they lie.
+  row = 1 * 3 * 512 * 128 * 4
+  ops = _ops('sliced_prefetch')
+  starts = [o for o in ops if o.opcode == 'slice-start']
+  assert len(starts) == 3
+  for o in starts:
+    assert (o.padded_hbm_bytes, o.padded_on_chip_bytes) == (row, row)
+    assert o.xla_extra_bytes == row + 512
+  assert 'custom-call' not in {o.opcode for o in ops}
+
+
+def test_an_update_of_a_fresh_buffer_writes_only_the_update():
+  # `fusion.8` gathers one of the 7 column taps of the stride-2 image into
+  # a fresh bf16[512,8,66,3,7] buffer (`AllocateBuffer`, nothing to read):
+  # layout {1,3,4,2,0:T(4,128)(2,1)} pads the 8 to 128 and the 3 to 4, so
+  # the buffer is 512 x 66 x 7 x 4 x 128 x 2 bytes and one tap 1/7 of it.
+  # It reads bf16[512,1,7,1,3] ({2,4,3,0,1}: 7 -> 128, 3 -> 4) and
+  # bf16[512,1,8,65,3] (8 -> 128, 3 -> 4).
+  tap = 512 * 66 * 4 * 128 * 2
+  reads = 512 * 4 * 128 * 2 + 512 * 65 * 4 * 128 * 2
+  (op,) = [o for o in _ops('fresh_buffer_update') if o.name == 'fusion.8']
+  assert op.padded_hbm_bytes + op.padded_on_chip_bytes == reads + tap
 
 
 def test_per_instruction_roofline_sums_each_instructions_bound():

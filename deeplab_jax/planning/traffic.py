@@ -22,8 +22,10 @@ and what it writes. Each instruction is attributed to
 Bytes are split by where the buffer lives: HBM (no memory-space
 annotation) or on-chip memory (`S(n)` in the layout, e.g. TPU VMEM).
 Each instruction's FLOPs are those of its convolutions and dots (2 x
-multiply-adds, from their shapes), the model FLOPs of MFU. Shapes are
-counted unpadded, as in XLA's cost analysis. A loop body
+multiply-adds, from their shapes), the model FLOPs of MFU. Each array
+is counted logically (its dimensions multiplied) and as laid out (its
+layout's tiles padding the minor dimensions), as XLA's cost analysis
+counts it. A loop body
 (`while`, e.g. a `lax.scan`) counts once per iteration when its condition
 gives the trip count; XLA's cost analysis counts it once.
 """
@@ -62,6 +64,8 @@ _DTYPE_BYTES = {
 _OFF_CHIP_SPACES = (0, 5)
 _ARRAY = re.compile(r'([a-z]\w*)\[([\d,]*)\](\{[^}]*\})?')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$')
+_ALLOCATE = 'custom_call_target="AllocateBuffer"'
+_CONCAT_BITCAST = 'custom_call_target="ConcatBitcast"'
 _FREE = {
   'parameter',
   'constant',
@@ -408,8 +412,10 @@ def _in_place_updates(
       continue
     buffer = _through_bitcasts(e[3][0], by_name)
     update = e[3][1] if e[2] == 'dynamic-update-slice' else e[3][-1]
-    if buffer in params:
-      updated.add(params[buffer])
+    fresh = buffer in by_name and _ALLOCATE in by_name[buffer][4]
+    if buffer in params or fresh:
+      if buffer in params:
+        updated.add(params[buffer])
       written[i] = (
         sum(array_bytes(by_name[update][1], padded=padded))
         if update in by_name
@@ -440,6 +446,8 @@ def _reads_and_writes(
   elements = tuple_elements(shape)
   if opcode == 'copy-start':  # (destination, source, context)
     elements = elements[:1]
+  elif opcode == 'slice-start':  # ((source), slice, context)
+    elements = elements[1:2]
   elif opcode in _START_RESULT and len(elements) > _START_RESULT[opcode]:
     elements = elements[_START_RESULT[opcode] : _START_RESULT[opcode] + 1]
   written, reads = {}, {}
@@ -455,7 +463,7 @@ def _reads_and_writes(
     written = {0: update}
     reads = {0: update if opcode == 'scatter' else 0.0}
   elif opcode in ('slice', 'dynamic-slice', 'slice-start') and operands:
-    reads = {0: sum(size(shape))}  # reads what it writes
+    reads = {0: sum(size(elements[0]))}  # reads what it writes
   hbm = chip = 0.0
   for i, element in enumerate(elements):
     h, c = (
@@ -620,8 +628,10 @@ def traffic(hlo_text: str, *, root: str = 'deeplab_jax') -> list[Op]:
         continue
       if opcode in _FREE or opcode.endswith('-done'):
         continue
-      if 'custom_call_target="AllocateBuffer"' in attrs:
-        continue  # an allocation, nothing moved
+      if _ALLOCATE in attrs or _CONCAT_BITCAST in attrs:
+        # An allocation; or the slices of `slice-start`s, placed side by
+        # side, read as one array: nothing moved.
+        continue
       fused = re.search(r'calls=%([\w.\-]+)', attrs)
       body = bodies.get(fused.group(1), []) if fused else []
       hbm, chip = _reads_and_writes(
@@ -666,11 +676,16 @@ _XLA_ASYNC_PAIR_BYTES = 512
 
 
 def _xla_async_extra(opcode: str, shape: str) -> float:
-  """What XLA's cost analysis counts for an asynchronous copy, gather or
-  permute beyond the bytes it moves (its operand read, its result
-  written): the start's whole tuple result again (the result, and the
-  operand it echoes), its context words, and the done's result, which is
-  the start's result, counted with the 512 bytes."""
+  """What XLA's cost analysis counts for an asynchronous copy, slice,
+  gather or permute beyond the bytes it moves (its operand, or the part
+  it reads, and its result written), with 512 bytes per pair: for a
+  `slice-start`, the slice once more (the `ConcatBitcast` that joins the
+  slices counts nothing); otherwise the start's whole tuple result again
+  (the result and the operand it echoes) and 4 KiB per context word."""
+  if opcode == 'slice-start':  # ((source), slice, context)
+    slice_ = tuple_elements(shape)[1:2]
+    moved = sum(array_bytes(slice_[0], padded=True)) if slice_ else 0.0
+    return moved + _XLA_ASYNC_PAIR_BYTES
   if opcode != 'copy-start' and opcode not in _START_RESULT:
     return 0.0
   words = arrays = 0.0
