@@ -192,10 +192,32 @@ def test_choose_lowering_defaults():
   assert conv_lowering.choose_lowering((1, 1, 8, 8), 1, 'gpu', 2) == 'native'
   assert conv_lowering.choose_lowering((3, 3, 1, 8), 8, 'gpu', 2) == 'native'
   assert conv_lowering.choose_lowering((3, 3, 8, 8), 1, 'tpu', 2) == 'native'
+  # TPU: a dense 1x1 convolution is one matmul, at any stride; a grouped
+  # one stays a convolution.
+  assert conv_lowering.choose_lowering((1, 1, 8, 8), 1, 'tpu') == 'im2col'
+  assert (
+    conv_lowering.choose_lowering((1, 1, 8, 8), 1, 'tpu', stride=2) == 'im2col'
+  )
+  assert conv_lowering.choose_lowering((1, 1, 2, 8), 4, 'tpu') == 'native'
   with pytest.raises(ValueError, match='lowering'):
     conv_lowering.conv2d(
       jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), lowering='fft'
     )
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_tpu_computes_a_1x1_convolution_as_one_matmul(stride):
+  # What a TPU program traces (`platform='tpu'`: the choice is static, so
+  # the same jaxpr runs here): one dot, no convolution, torch's values.
+  rng = np.random.RandomState(stride)
+  x = rng.randn(2, 9, 9, 16).astype(np.float32)
+  wt = rng.randn(24, 16, 1, 1).astype(np.float32)
+  kernel = jnp.asarray(wt.transpose(2, 3, 1, 0))
+  conv = lambda x, k: conv_lowering.conv2d(x, k, stride=stride, platform='tpu')
+  jaxpr = str(jax.make_jaxpr(conv)(x, kernel))
+  assert 'dot_general' in jaxpr and 'conv_general_dilated' not in jaxpr
+  want = nhwc(F.conv2d(nchw(x), torch.from_numpy(wt), stride=stride))
+  assert rel_err(conv(x, kernel), want) < 1e-6
 
 
 def test_forward_only_lowering_for_inference():

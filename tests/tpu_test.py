@@ -64,6 +64,25 @@ def test_tpu_train_step_has_native_convolutions_and_no_cpu_kernels(arch):
   assert cpu_traced.lower().as_text().count('stablehlo.convolution') < tpu
 
 
+def test_1x1_convolutions_as_matmuls_move_fewer_bytes_on_tpu():
+  # DenseNet's bottlenecks: the same train step with its 1x1 convolutions
+  # as XLA's convolutions reads and writes more (docs/tpu.md, "Bytes per
+  # image"), in float32 and bfloat16.
+  devices, _ = chips.topology_devices('v5e:2x2')
+  for dtype in ('float32', 'bfloat16'):
+    config = _smoke(**{'model.arch': 'denseaspp_tiny', 'model.dtype': dtype})
+    moved = {}
+    for lowering in ('auto', 'native'):
+      programs, batch, _ = compiling.programs_for(
+        config, devices, CLASSES, view={'conv_lowering': lowering}
+      )
+      compiled = programs.train.lower(programs.state, batch).compile()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      moved[lowering] = cost['bytes accessed']
+    assert moved['auto'] < moved['native'], (dtype, moved)
+
+
 def test_export_gives_each_platform_its_kernels():
   model = models.create(
     'deeplabv3plus_resnet_tiny', num_classes=CLASSES, rngs=nnx.Rngs(0)

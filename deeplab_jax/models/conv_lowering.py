@@ -5,7 +5,8 @@ the platform the program is compiled for.
 (exact, on every platform), then picks how the convolution is lowered from
 static shapes and the target platform (`choose_lowering`): XLA's native
 convolution on TPU and GPU, except dense dilated ones on GPU (one matmul
-over gathered patches, `im2col`); on XLA:CPU the matmul lowerings of
+over gathered patches, `im2col`) and dense 1x1 ones on TPU (one matmul);
+on XLA:CPU the matmul lowerings of
 `xla_cpu.conv`. The platform is a static argument, set from the devices a
 program is compiled for (`models.platform_view`), never from the process's
 default backend: a TPU program built on a CPU host gets TPU convolutions.
@@ -93,7 +94,8 @@ def choose_lowering(
   GPUs and TPUs keep their native convolutions (cuDNN, the TPU MXU path),
   except dense dilated ones on GPU: cuDNN's kernels for their weight
   gradient are slow, and one matmul over patches is faster there
-  (docs/benchmarks.md). An unknown platform (None) gets XLA's own.
+  (docs/benchmarks.md); and dense 1x1 ones on TPU, one matmul, which moves
+  fewer bytes (docs/tpu.md). An unknown platform (None) gets XLA's own.
   `kernel_shape` and `dilation` are those left after padding-only taps are
   pruned.
   """
@@ -113,6 +115,11 @@ def choose_lowering(
   dh, dw = pair(dilation)
   dilated = (kh > 1 and dh > 1) or (kw > 1 and dw > 1)
   dense = groups == 1
+  if platform == 'tpu' and (kh, kw) == (1, 1) and dense:
+    # One matmul: its weight gradient then reads the activations in their
+    # own layout, where the convolution's copies them into another first
+    # (docs/tpu.md, "Bytes per image").
+    return 'im2col'
   return 'im2col' if platform == 'gpu' and dilated and dense else 'native'
 
 
