@@ -31,6 +31,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (compiled once; slower on XLA:CPU, docs/benchmarks.md). DenseNet scans
   # its dense layers whatever this says. Checkpoints do not change.
   c.model.scan_blocks = False
+  # How convolutions are computed (models.conv_lowering): 'auto' picks the
+  # target platform's kernels; 'native' forces XLA's own convolutions
+  # everywhere (a lever to measure against, e.g. with scripts.plan).
+  c.model.conv_lowering = 'auto'
   # Architecture options passed to models.create (e.g. output_stride).
   c.model.options = ml_collections.ConfigDict()
 

@@ -25,14 +25,17 @@ from deeplab_jax.steps import eval_step, initial_state, split_model, train_step
 def training_view(
   model: nnx.Module, options: StepOptions, mesh: jax.sharding.Mesh
 ) -> nnx.Module:
-  """The model as `mesh`'s devices train it: kernels for their platform,
-  frozen BatchNorm, per-block remat and scanned blocks, as `options` ask;
+  """The model as `mesh`'s devices train it: kernels for their platform
+  (or `model.conv_lowering`'s), frozen BatchNorm, per-block remat and
+  scanned blocks, as `options` ask;
   XLA's own convolutions on a spatial mesh, whose halo exchange XLA
   partitions (the patch, tap and Winograd lowerings reshape the height into
   tiles or slices, which made XLA gather whole activations)."""
   model = models.platform_view(model, models.platform_of(mesh))
   if sharding.spatial_size(mesh) > 1:
     model = nnx.view(model, conv_lowering='native')
+  elif options.conv_lowering != 'auto':
+    model = nnx.view(model, conv_lowering=options.conv_lowering)
   if options.freeze_bn:
     model = nnx.view(model, use_running_average=True)
   if options.remat == 'blocks':

@@ -18,6 +18,7 @@ import optax
 
 from deeplab_jax import optim
 from deeplab_jax.errors import ConfigError
+from deeplab_jax.models.conv_lowering import LOWERINGS
 
 # Each field's config key (the optimizer and its schedule come from the
 # whole `optim` group and the run's length).
@@ -36,10 +37,11 @@ CONFIG_KEYS = {
   'freeze_bn': ('model.freeze_bn',),
   'remat': ('model.remat',),
   'scan_blocks': ('model.scan_blocks',),
+  'conv_lowering': ('model.conv_lowering',),
 }
-# Fields that change memory and speed, never the numbers (tested: the same
-# step with and without them).
-COMPUTE_ONLY_FIELDS = ('remat', 'scan_blocks')
+# Fields that change memory and speed, never what is computed (tested: the
+# same step with and without them; a lowering rounds differently).
+COMPUTE_ONLY_FIELDS = ('remat', 'scan_blocks', 'conv_lowering')
 COMPUTE_ONLY = tuple(k for f in COMPUTE_ONLY_FIELDS for k in CONFIG_KEYS[f])
 REMAT = ('none', 'full', 'blocks')
 
@@ -68,6 +70,7 @@ class StepOptions:
   freeze_bn: bool
   remat: str
   scan_blocks: bool
+  conv_lowering: str = 'auto'
 
   @classmethod
   def from_config(
@@ -93,7 +96,20 @@ class StepOptions:
       freeze_bn=bool(config.model.freeze_bn),
       remat=remat_mode(config.model.remat),
       scan_blocks=bool(config.model.scan_blocks),
+      conv_lowering=conv_lowering_mode(config.model.get('conv_lowering')),
     )
+
+
+def conv_lowering_mode(value: Any) -> str:
+  """`model.conv_lowering` (None: `'auto'`), checked to be one of
+  `models.conv_lowering.LOWERINGS`."""
+  value = 'auto' if value is None else value
+  if value not in LOWERINGS:
+    raise ConfigError(
+      f'model.conv_lowering must be one of {", ".join(LOWERINGS)}, not '
+      f'{value!r}'
+    )
+  return value
 
 
 def remat_mode(value: Any) -> str:

@@ -38,6 +38,11 @@ def test_bad_settings_are_one_line_before_step_1(data_dir, tmp_path):
       ['--config.train.log_every_steps=0'],
       'train.log_every_steps=0 must be positive',
     ),
+    'conv_lowering': (
+      ['--config.model.conv_lowering=natve'],
+      'model.conv_lowering must be one of auto, native, im2col, taps, '
+      "winograd, not 'natve'",
+    ),
     'crop': (
       ['--config.mesh.shape=(2,4)', '--config.data.crop_size=(60,64)'],
       'data.crop_size height 60 gives feature maps of height 60/16',
