@@ -37,8 +37,10 @@ def test_bytes_are_what_each_instruction_reads_and_writes():
     'hlo_traffic_test.py:_conv_relu_sum'
   }
   assert all(o.direction == 'forward' and o.on_chip_bytes == 0 for o in ops)
-  # 2 x multiply-adds: every output value sums 3x3 taps of 8 channels.
-  assert conv[0].flops == 2 * y.size * 3 * 3 * x.shape[-1]
+  # 2 x multiply-adds over the taps that read the image: in each of the
+  # two 16-wide dimensions 16 x 3 taps, less the 2 that fall on the 'SAME'
+  # padding at the borders (46); 8 input and 4 output channels, batch 2.
+  assert conv[0].flops == 2 * (2 * 4) * 46 * 46 * 8
   assert reduce[0].flops == 0
 
 
@@ -60,7 +62,9 @@ def test_matmul_and_grouped_convolution_flops():
     )
 
   ops = hlo_traffic.traffic(_compiled_text(depthwise, x, w))
-  assert sum(o.flops for o in ops) == 2 * x.size * 3 * 3
+  # 8 x 3 taps less 2 on the padding per dimension (22); one input channel
+  # per output channel.
+  assert sum(o.flops for o in ops) == 2 * (2 * 6) * 22 * 22 * 1
 
 
 def test_gradient_instructions_are_backward():
@@ -99,8 +103,9 @@ def test_a_scan_counts_its_body_once_per_iteration():
   ops = hlo_traffic.traffic(_compiled_text(layers, x, w), root='tests')
   convs = [o for o in ops if o.kind == 'convolution']
   assert sum(o.repeats for o in convs) == 5, convs
-  # 2 x 8 x 8 outputs x 3 x 3 taps x 4 in x 4 out channels x 2 FLOPs, 5 times.
-  assert sum(o.flops for o in convs) == 5 * 18432 * 2
+  # Batch 2 x 4 out channels x (8 x 3 - 2 taps on the padding)^2 x 4 in
+  # channels x 2 FLOPs, 5 times.
+  assert sum(o.flops for o in convs) == 5 * 2 * (2 * 4) * 22 * 22 * 4
   # Each iteration reads its input (2 x 8 x 8 x 4 float32: 2048 bytes) and
   # one layer's kernel (3 x 3 x 4 x 4 float32: 576 bytes), and writes its
   # output (2048 bytes).
@@ -206,3 +211,23 @@ def test_a_scatter_in_place_moves_its_rows_not_its_buffer():
   # buffer is neither read nor written whole.
   rows = 16 * 128 * 4
   assert op.hbm_bytes == rows + rows + rows + 16 * 4
+
+
+def test_taps_on_padding_are_not_counted():
+  # As XLA's TPU compiler writes a 1x1 weight gradient in bfloat16: one
+  # input position, a 128-tap window over 127 padded zeros on each side,
+  # so each of the 128 outputs reads one input element.
+  text = """HloModule m
+
+ENTRY %main (a: bf16[288,192,1], b: bf16[128,128,192]) -> bf16[128,128,288] {
+  %a = bf16[288,192,1]{1,0,2} parameter(0)
+  %b = bf16[128,128,192]{1,2,0} parameter(1)
+  ROOT %c = bf16[128,128,288]{1,2,0} convolution(%a, %b), WINDOW
+}
+""".replace(
+    'WINDOW',
+    'window={size=128 pad=127_127 rhs_reversal=1}, dim_labels=bf0_0oi->0fb',
+  )
+  (conv,) = [o for o in hlo_traffic.traffic(text) if o.opcode == 'convolution']
+  # 128 output features x 288 batch x 128 positions x 1 tap x 192 inputs.
+  assert conv.flops == 2 * 128 * 288 * 128 * 1 * 192

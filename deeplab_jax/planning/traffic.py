@@ -22,7 +22,8 @@ and what it writes. Each instruction is attributed to
 Bytes are split by where the buffer lives: HBM (no memory-space
 annotation) or on-chip memory (`S(n)` in the layout, e.g. TPU VMEM).
 Each instruction's FLOPs are those of its convolutions and dots (2 x
-multiply-adds, from their shapes), the model FLOPs of MFU. Each array
+multiply-adds, from their shapes; a convolution's taps on the padding or
+on the holes of a dilated input multiply zeros and are not counted). Each array
 is counted logically (its dimensions multiplied) and as laid out (its
 layout's tiles padding the minor dimensions), as XLA's cost analysis
 counts it. A loop body
@@ -34,9 +35,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 from typing import Any
+
+import numpy as np
 
 _DTYPE_BYTES = {
   'pred': 1,
@@ -482,25 +486,80 @@ def _dims(shape: str) -> list[int]:
   return [int(d) for d in m.group(2).split(',') if d] if m else []
 
 
+def _window(attrs: str, rank: int) -> dict[str, list[int]]:
+  """A convolution's `window={...}` per spatial dimension: `size`,
+  `stride`, `lo` / `hi` padding, `lhs_dilate`, `rhs_dilate`."""
+  text = re.search(r'window=\{([^}]*)\}', attrs)
+  fields = dict(f.split('=', 1) for f in text.group(1).split()) if text else {}
+  ints = lambda key, default: (
+    [int(v) for v in fields[key].split('x')]
+    if key in fields
+    else [default] * rank
+  )
+  pads = (
+    [p.split('_') for p in fields['pad'].split('x')]
+    if 'pad' in fields
+    else [['0', '0']] * rank
+  )
+  return {
+    'size': ints('size', 1),
+    'stride': ints('stride', 1),
+    'lo': [int(lo) for lo, _ in pads],
+    'lhs_dilate': ints('lhs_dilate', 1),
+    'rhs_dilate': ints('rhs_dilate', 1),
+  }
+
+
+@functools.lru_cache(maxsize=4096)
+def _live_taps(
+  size_in: int, size_out: int, k: int, stride: int, lo: int, ld: int, rd: int
+) -> int:
+  """(output position, tap) pairs of one spatial dimension whose tap reads
+  an input element: not the padding, not a hole of the input's dilation."""
+  o = np.arange(size_out)[:, None]
+  j = np.arange(k)[None, :]
+  p = o * stride + j * rd - lo
+  live = (p >= 0) & (p <= (size_in - 1) * ld) & (p % ld == 0)
+  return int(live.sum())
+
+
 def _matmul_flops(
   opcode: str, shape: str, operands: list[str], attrs: str, shapes: dict
 ) -> float:
-  """2 x the multiply-adds of a convolution or dot, from its shapes:
-  output elements x window x input features per group (convolution),
-  output elements x contracted size (dot)."""
-  out = math.prod(_dims(shape))
+  """2 x the multiply-adds of a convolution or dot, from its shapes: for a
+  convolution, each output element's taps that read an input element (a
+  tap on the padding or on a hole of the input's dilation multiplies a
+  zero and is not counted) x input features per group; for a dot, output
+  elements x contracted size."""
+  out_dims = _dims(shape)
   lhs = _dims(shapes.get(operands[0], '')) if operands else []
   if opcode == 'convolution':
-    labels = re.search(r'dim_labels=(\w+)_', attrs)
-    window = re.search(r'window=\{size=([\dx]+)', attrs)
+    labels = re.search(r'dim_labels=(\w+)_\w+->(\w+)', attrs)
     groups = re.search(r'feature_group_count=(\d+)', attrs)
     if not labels or 'f' not in labels.group(1) or not lhs:
       return 0.0
-    features = lhs[labels.group(1).index('f')]
-    taps = (
-      math.prod(int(k) for k in window.group(1).split('x')) if window else 1
+    lhs_labels, out_labels = labels.group(1), labels.group(2)
+    spatial = sorted(c for c in lhs_labels if c.isdigit())
+    window = _window(attrs, len(spatial))
+    pairs = 1
+    for d, c in enumerate(spatial):
+      pairs *= _live_taps(
+        lhs[lhs_labels.index(c)],
+        out_dims[out_labels.index(c)],
+        window['size'][d],
+        window['stride'][d],
+        window['lo'][d],
+        window['lhs_dilate'][d],
+        window['rhs_dilate'][d],
+      )
+    others = math.prod(
+      n for n, c in zip(out_dims, out_labels, strict=False) if not c.isdigit()
     )
-    return 2.0 * out * taps * features / (int(groups.group(1)) if groups else 1)
+    features = lhs[lhs_labels.index('f')]
+    return (
+      2.0 * others * pairs * features / (int(groups.group(1)) if groups else 1)
+    )
+  out = math.prod(out_dims)
   contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', attrs)
   size = math.prod(
     lhs[int(i)]
