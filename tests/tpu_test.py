@@ -156,16 +156,25 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
   assert row['margin_bytes'] == row['hbm_bytes'] - row['total_bytes']
   # Independent reference: the gradients summed over the 4 chips are the
   # model's float32 parameters, at least once (XLA may add BatchNorm's
-  # batch statistics and loss terms to the same all-reduces).
+  # batch statistics and loss terms to the same all-reduces), but for
+  # taps that only ever read padding: at the 64x64 crop the ASPP sees a
+  # 4x4 map, which its rates 12, 24 and 36 reach beyond from every
+  # position, so 8 of the 9 taps of each of its three 3x3 kernels
+  # (256 -> 16 channels) have zero gradients, which XLA need not sum.
   model = compiling.abstract_model(_smoke(), 11)  # synthetic_shapes: 11 classes
   params = nnx.state(model, nnx.Param)
   param_bytes = sum(4 * np.prod(p.shape) for p in jax.tree.leaves(params))
+  dead_taps = 3 * 8 * 256 * 16 * 4
   reduced = row['collectives']['all-reduce']['bytes']
-  assert param_bytes <= reduced < 2 * param_bytes, (reduced, param_bytes)
+  assert param_bytes - dead_taps <= reduced < 2 * param_bytes, (
+    reduced,
+    param_bytes,
+  )
   assert row['hbm_step_ms'] >= row['model_compute_ms'] > 0
-  # The convolutions' FLOPs read from their shapes, against XLA's count of
-  # the whole step (which adds the elementwise work): within 10 %.
-  assert 0.9 * row['flops'] < moved['flops'] < 1.1 * row['flops']
+  # The convolutions' and matmuls' FLOPs read from their shapes, taps on
+  # the padding left out as XLA leaves them out: part of XLA's count of the
+  # whole step (which adds the elementwise work), most of it.
+  assert 0.75 * row['flops'] < moved['flops'] <= row['flops']
   # An unrolled step: XLA's columns are whole, nothing is marked.
   assert moved['looped'] == 0 and '* XLA' not in r.stdout
   scanned = dict(row, traffic=dict(moved, looped=5))
