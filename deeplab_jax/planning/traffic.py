@@ -488,7 +488,8 @@ def _dims(shape: str) -> list[int]:
 
 def _window(attrs: str, rank: int) -> dict[str, list[int]]:
   """A convolution's `window={...}` per spatial dimension: `size`,
-  `stride`, `lo` / `hi` padding, `lhs_dilate`, `rhs_dilate`."""
+  `stride`, `lo` (the padding before the input), `lhs_dilate`,
+  `rhs_dilate`."""
   text = re.search(r'window=\{([^}]*)\}', attrs)
   fields = dict(f.split('=', 1) for f in text.group(1).split()) if text else {}
   ints = lambda key, default: (
