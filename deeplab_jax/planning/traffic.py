@@ -23,12 +23,12 @@ Bytes are split by where the buffer lives: HBM (no memory-space
 annotation) or on-chip memory (`S(n)` in the layout, e.g. TPU VMEM).
 Each instruction's FLOPs are those of its convolutions and dots (2 x
 multiply-adds, from their shapes; a convolution's taps on the padding or
-on the holes of a dilated input multiply zeros and are not counted). Each array
-is counted logically (its dimensions multiplied) and as laid out (its
-layout's tiles padding the minor dimensions), as XLA's cost analysis
-counts it. A loop body
-(`while`, e.g. a `lax.scan`) counts once per iteration when its condition
-gives the trip count; XLA's cost analysis counts it once.
+on the holes of a dilated input multiply zeros and are not counted).
+Each array is counted logically (its dimensions multiplied) and as laid
+out (its layout's tiles padding the minor dimensions), as XLA's cost
+analysis counts it. A loop body (`while`, e.g. a `lax.scan`) counts once
+per iteration when its condition gives the trip count; XLA's cost
+analysis counts it once.
 """
 
 from __future__ import annotations
