@@ -39,8 +39,9 @@ CONFIG_KEYS = {
   'scan_blocks': ('model.scan_blocks',),
   'conv_lowering': ('model.conv_lowering',),
 }
-# Fields that change memory and speed, never what is computed (tested: the
-# same step with and without them; a lowering rounds differently).
+# Fields that change memory and speed, never what is computed (remat and
+# scan_blocks tested: the same step with and without them; a convolution
+# lowering computes the same function, rounding differently).
 COMPUTE_ONLY_FIELDS = ('remat', 'scan_blocks', 'conv_lowering')
 COMPUTE_ONLY = tuple(k for f in COMPUTE_ONLY_FIELDS for k in CONFIG_KEYS[f])
 REMAT = ('none', 'full', 'blocks')
