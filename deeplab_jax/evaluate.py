@@ -42,6 +42,7 @@ from deeplab_jax.errors import ConfigError, UserError
 from deeplab_jax.models import platform_of
 from deeplab_jax.models.layers import resize_bilinear
 from deeplab_jax.predict import inference_view
+from deeplab_jax.run_dir import metrics_log
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -353,11 +354,7 @@ def write_results(summary: dict[str, Any], output_dir: str) -> list[str]:
   )
   with open(paths[2], 'w') as f:
     f.write(metrics.format_table(summary) + '\n')
-  # Here, not at the top: tensorboardX imports torch whenever it is
-  # installed, seconds that evaluation without TensorBoard output skips.
-  from tensorboardX import SummaryWriter
-
-  writer = SummaryWriter(os.path.join(output_dir, 'tensorboard'))
+  writer = metrics_log.summary_writer(os.path.join(output_dir, 'tensorboard'))
   for key in ('miou', 'pixel_accuracy', 'mean_accuracy', 'fwiou'):
     writer.add_scalar(f'eval/{key}', summary[key], 0)
   for name, iou in summary['per_class_iou'].items():

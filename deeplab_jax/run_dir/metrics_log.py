@@ -5,10 +5,29 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from etils import epath
-from tensorboardX import SummaryWriter
+
+
+def summary_writer(logdir: str):
+  """A tensorboardX `SummaryWriter` for `logdir`, imported without PyTorch.
+
+  tensorboardX imports torch whenever it is installed, only to recognise
+  torch tensors (the writers here log floats): a second or more of start-up
+  and PyTorch's native libraries loaded into a JAX process. Hidden for the
+  import (`import torch` raises ImportError, which tensorboardX handles),
+  torch is neither loaded nor kept out for anyone importing it later."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter(logdir)
 
 
 def last_evaluation(workdir: str) -> dict[str, Any] | None:
@@ -32,7 +51,7 @@ class MetricsLog:
     self._writer = None
     if enabled:
       self._jsonl = epath.Path(workdir, 'metrics.jsonl').open('a')
-      self._writer = SummaryWriter(os.path.join(workdir, 'tb'))
+      self._writer = summary_writer(os.path.join(workdir, 'tb'))
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:
