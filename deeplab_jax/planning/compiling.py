@@ -170,51 +170,65 @@ def largest_batch(
   devices: list[Any],
   num_classes: int,
   chip: Chip,
-  known: dict[int, int],
+  known: dict[int, float],
   *,
   max_compiles: int = 4,
-) -> int | None:
-  """The largest global train batch whose program fits the chip's HBM,
-  by compiling. Memory per chip is close to linear in the batch: two
-  compiled sizes give the estimate, which is then compiled and stepped
-  down (by the data axis) until it fits. `known`: batch -> total bytes
-  already compiled. None if the compile budget ran out first."""
+) -> tuple[int | None, bool]:
+  """The largest global train batch whose program fits the chip's HBM, by
+  compiling, and whether that is settled: the batch one image per data-axis
+  slot larger was compiled and does not fit (or, for None, one image per
+  slot does not fit). Unsettled when `max_compiles` ran out first; the
+  batch is then the largest compiled that fits.
+
+  Memory per chip grows with the batch, but not in proportion (at a large
+  batch XLA schedules and rematerialises differently, and per image a
+  tiny model needs far less than at 8): each next batch is where the line
+  through the two compiled sizes nearest the limit reaches it, strictly
+  between the largest batch that fits and the smallest that does not.
+  `known`: batch -> total bytes already compiled (the refused need)."""
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   slots = mesh.shape[sharding.DATA_AXIS]
+  limit = chip.hbm_bytes
   compiles = 0
+  while True:
+    lo = max((b for b, t in known.items() if t <= limit), default=None)
+    hi = min(
+      (b for b, t in known.items() if t > limit and (lo is None or b > lo)),
+      default=None,
+    )
+    if hi is not None and hi - (lo or 0) <= slots:
+      return lo, True
+    if compiles == max_compiles:
+      return lo, False
+    batch = _next_batch(known, lo, hi, slots, limit)
+    try:
+      c = compile_programs(
+        config, devices, num_classes, train_batch=batch, with_eval=False
+      )
+      known[batch] = memory(c['train'])['total_bytes']
+    except DoesNotFit as e:
+      known[batch] = e.need_bytes
+    compiles += 1
 
-  def total(batch):
-    nonlocal compiles
-    if batch not in known:
-      compiles += 1
-      try:
-        c = compile_programs(
-          config, devices, num_classes, train_batch=batch, with_eval=False
-        )
-        known[batch] = memory(c['train'])['total_bytes']
-      except DoesNotFit as e:
-        known[batch] = e.need_bytes
-    return known[batch]
 
-  b0 = min(known)
-  # Two sizes for the slope: double a batch that fits, halve one that
-  # does not (down to one image per data-axis slot).
-  b1 = (
-    b0 * 2
-    if known[b0] <= chip.hbm_bytes
-    else max(slots, b0 // 2 // slots * slots)
-  )
-  if b1 == b0 or not math.isfinite(total(b1)) or not math.isfinite(total(b0)):
-    fits = [b for b, t in known.items() if t <= chip.hbm_bytes]
-    return max(fits) if fits else None
-  per_image = (total(b1) - total(b0)) / (b1 - b0)
-  if per_image <= 0:
-    return None
-  fixed = total(b0) - per_image * b0
-  guess = int((chip.hbm_bytes - fixed) / per_image) // slots * slots
-  while guess >= slots and compiles < max_compiles:
-    if total(guess) <= chip.hbm_bytes:
-      return guess
-    guess -= slots * max(1, guess // (8 * slots))
-  fits = [b for b, t in known.items() if t <= chip.hbm_bytes]
-  return max(fits) if fits else None
+def _next_batch(known, lo, hi, slots, limit) -> int:
+  """Where the line through the two compiled batches nearest the limit
+  reaches it (whole images per slot), strictly inside (lo, hi); doubling
+  or halving where no line is known."""
+  near = sorted(
+    (b for b, t in known.items() if math.isfinite(t)),
+    key=lambda b: (b not in (lo, hi), abs(known[b] - limit)),
+  )[:2]
+  guess = None
+  if len(near) == 2:
+    (b1, b2), (t1, t2) = near, (known[near[0]], known[near[1]])
+    if b1 != b2 and (t2 - t1) / (b2 - b1) > 0:
+      guess = b1 + (limit - t1) * (b2 - b1) / (t2 - t1)
+  if guess is None:
+    guess = 2 * lo if lo is not None else hi / 2
+  guess = int(guess) // slots * slots
+  if lo is not None:
+    guess = max(guess, lo + slots)
+  if hi is not None:
+    guess = min(guess, hi - slots)
+  return max(guess, slots)

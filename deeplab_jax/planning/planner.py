@@ -168,7 +168,7 @@ def _with_largest_batch(
   """`row` with `largest_batch` found by compiling (if asked), from the
   recipe's batch and its `total_bytes` (or what the compiler said it needs)."""
   if find_largest:
-    row['largest_batch'] = largest_batch(
+    row['largest_batch'], row['largest_batch_settled'] = largest_batch(
       config,
       devices,
       num_classes,

@@ -52,6 +52,18 @@ def traffic_table(row: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _largest(row) -> str:
+  """The largest batch that fits: `N`, `>= N` where the search's compiles
+  ran out before the next size up was shown not to fit, `none` where one
+  image per data-axis slot does not fit, `-` where not searched."""
+  if 'largest_batch' not in row:
+    return '-'
+  batch, settled = row['largest_batch'], row['largest_batch_settled']
+  if batch is None:
+    return 'none' if settled else '-'
+  return f'{batch}' if settled else f'>= {batch}'
+
+
 def table(rows: list[dict[str, Any]]) -> str:
   """The rows as a Markdown table (memory in GiB per chip)."""
   gib = lambda b: f'{b / 2**30:.2f}' if b is not None else '-'
@@ -69,7 +81,7 @@ def table(rows: list[dict[str, Any]]) -> str:
       lines.append(
         f'| {r["arch"]} | {r["topology"]} | {r["batch"]} | - | - | - | '
         f'> {gib(r["need_bytes"])} | {gib(r["hbm_bytes"])} | NO (the TPU '
-        f'compiler refused it) | - | {r.get("largest_batch", "-")} | - | - '
+        f'compiler refused it) | - | {_largest(r)} | - | - '
         '| - | - | - | - | - | - | - | - |'
       )
       continue
@@ -86,7 +98,7 @@ def table(rows: list[dict[str, Any]]) -> str:
       f'{gib(r["argument_bytes"])} | {gib(r["temp_bytes"])} | '
       f'{gib(r["output_bytes"])} | {gib(r["total_bytes"])} | '
       f'{gib(r["hbm_bytes"])} | {fits} | {gib(r["eval_total_bytes"])} | '
-      f'{r.get("largest_batch", "-")} | {r["flops"] / 1e9:.1f}{mark} | '
+      f'{_largest(r)} | {r["flops"] / 1e9:.1f}{mark} | '
       f'{r["bytes_accessed"] / 1e9:.2f}{mark} | {r["step_ms"]:.2f}{mark} | '
       f'{100 * r["mfu"]:.1f}%{mark} | {t["padded_hbm_bytes"] / 1e9:.2f} '
       f'({t["hbm_bytes"] / 1e9:.2f}) | {r["hbm_step_ms"]:.2f} | '
