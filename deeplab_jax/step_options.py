@@ -41,7 +41,8 @@ CONFIG_KEYS = {
 }
 # Fields that change memory and speed, never what is computed (remat and
 # scan_blocks tested: the same step with and without them; a convolution
-# lowering computes the same function, rounding differently).
+# lowering computes the same function, rounding differently). A finished
+# run asked again with any of them changed resumes (train_test.py).
 COMPUTE_ONLY_FIELDS = ('remat', 'scan_blocks', 'conv_lowering')
 COMPUTE_ONLY = tuple(k for f in COMPUTE_ONLY_FIELDS for k in CONFIG_KEYS[f])
 REMAT = ('none', 'full', 'blocks')

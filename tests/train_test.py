@@ -137,8 +137,13 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
   assert not os.path.exists(os.path.join(workdir, 'config.json'))
   first = train.train_and_evaluate(config(data_dir), workdir)
   # Asked again, the finished run reports its final evaluation, also when
-  # only how the step is computed changed (remat, scanned blocks).
-  compute_only = {'model.remat': 'blocks', 'model.scan_blocks': True}
+  # only how the step is computed changed (remat, scanned blocks, the
+  # convolutions' lowering).
+  compute_only = {
+    'model.remat': 'blocks',
+    'model.scan_blocks': True,
+    'model.conv_lowering': 'native',
+  }
   again = train.train_and_evaluate(config(data_dir, **compute_only), workdir)
   assert again['step'] == 10 and again['miou'] == first['miou']
   # The record stays the run's: the change is appended, config.json kept.
@@ -147,6 +152,7 @@ def test_workdir_of_another_config_and_bad_batch_are_refused(
   assert resumed['changed'] == {
     'model.remat': ['none', 'blocks'],
     'model.scan_blocks': [False, True],
+    'model.conv_lowering': ['auto', 'native'],
   }
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['remat'] == 'none'
