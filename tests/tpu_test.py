@@ -210,8 +210,8 @@ def test_plan_script_prints_a_row_that_fits(tmp_path):
 def test_largest_batch_is_settled_where_the_next_size_does_not_fit():
   # A chip whose HBM ends between this model's train step at batch 12 and
   # at 16 (4 chips: one image per chip more), each compiled here: the
-  # search, starting from batch 8 (doubled: 16 does not fit), returns 12
-  # and says it is settled.
+  # search, knowing 8 fits and 16 does not, compiles 12, returns it and
+  # says it is settled (largest_batch_test.py: how it chooses sizes).
   devices, chip = chips.topology_devices('v5e:2x2')
   config = _smoke()
   total = lambda batch: compiling.memory(
@@ -223,7 +223,7 @@ def test_largest_batch_is_settled_where_the_next_size_does_not_fit():
   assert at[8] < at[12] < at[16], at
   small = dataclasses.replace(chip, hbm_bytes=(at[12] + at[16]) / 2)
   found = compiling.largest_batch(
-    config, devices, CLASSES, small, {8: at[8]}, max_compiles=4
+    config, devices, CLASSES, small, {8: at[8], 16: at[16]}, max_compiles=4
   )
   assert found == (12, True)
 
