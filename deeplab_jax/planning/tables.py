@@ -58,7 +58,7 @@ def _largest(row) -> str:
   image per data-axis slot does not fit, `-` where not searched."""
   if 'largest_batch' not in row:
     return '-'
-  batch, settled = row['largest_batch'], row['largest_batch_settled']
+  batch, settled = row['largest_batch'], row.get('largest_batch_settled')
   if batch is None:
     return 'none' if settled else '-'
   return f'{batch}' if settled else f'>= {batch}'
