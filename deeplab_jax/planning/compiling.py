@@ -180,9 +180,8 @@ def largest_batch(
   slot does not fit). Unsettled when `max_compiles` ran out first; the
   batch is then the largest compiled that fits.
 
-  Memory per chip grows with the batch, but not in proportion (the smoke
-  DeepLabV3+ on v5e 2x2 needs 0.57 MB more per image from batch 8 to 16,
-  0.24 MB per image on average at 26,868): each next batch is where the line
+  Memory per chip grows with the batch, but not in proportion (docs/tpu.md,
+  the plan's columns: "largest batch"): each next batch is where the line
   through the two compiled sizes nearest the limit reaches it, strictly
   between the largest batch that fits and the smallest that does not.
   `known`: batch -> total bytes already compiled (the refused need)."""
