@@ -13,6 +13,8 @@ position).
 - `layout`: how a train state maps onto the items.
 - `digests`: content digests, written and verified.
 - `paths`: directories and committed steps.
+- `array_writes`: how Orbax writes the arrays (replica-parallel only
+  across processes).
 """
 
 from deeplab_jax.checkpointing.layout import data_position

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from deeplab_jax.checkpointing import array_writes
 from deeplab_jax.checkpointing.digests import (
   array_digests,
   has_digests,
@@ -87,6 +88,7 @@ def save_model(
   directory = resolve_path(directory)
   _, weights, _ = _weights(model)
   weights = stringify_keys(nnx.to_pure_dict(weights))
+  array_writes.configure_for_this_job()
   mngr = ocp.CheckpointManager(directory)
   mngr.save(
     step,

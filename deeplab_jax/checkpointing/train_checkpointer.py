@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 
 from deeplab_jax import multihost
+from deeplab_jax.checkpointing import array_writes
 from deeplab_jax.checkpointing.digests import (
   array_digests,
   has_digests,
@@ -158,6 +159,7 @@ class TrainCheckpointer:
     self.restored_metadata: dict[str, Any] | None = None
     self._empty_trash()
     self._failed = False
+    array_writes.configure_for_this_job()
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
   def _empty_trash(self) -> None:
