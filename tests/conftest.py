@@ -23,6 +23,19 @@ jax.config.update('jax_num_cpu_devices', 8)
 # of the scripts still share it through JAX_COMPILATION_CACHE_DIR.
 jax.config.update('jax_enable_compilation_cache', False)
 
+import pytest  # noqa: E402
+
+from tests import compiled_programs  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_compiled_programs():
+  """Each test module's compiled programs are dropped when it ends: a
+  worker that kept every program it compiled ran out of memory maps and
+  XLA:CPU's compiler segfaulted (tests/compiled_programs.py)."""
+  yield
+  compiled_programs.release()
+
 
 # ------------------------------------------------------ parity report ---
 # `python -m pytest --parity-report=FILE.md` writes every
@@ -31,8 +44,6 @@ jax.config.update('jax_enable_compilation_cache', False)
 # (the only one without xdist's `workerinput`) renders them at the end.
 
 import json  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 def pytest_addoption(parser):
