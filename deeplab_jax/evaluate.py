@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
-from deeplab_jax import figures, metrics, multihost, sharding
+from deeplab_jax import figures, metrics, multihost, program_memory, sharding
 from deeplab_jax.data import datasets, transforms
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import ConfigError, UserError
@@ -273,6 +273,7 @@ def evaluate(
 
   def run(items):
     nonlocal total
+    program_memory.make_room()  # each new size compiles a program
     reps = batch_size - len(items)
     exs = [ex for _, ex in items] + [items[0][1]] * reps
     mask = np.zeros((batch_size, *exs[0]['label'].shape), bool)

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from deeplab_jax import sharding
+from deeplab_jax import program_memory, sharding
 from deeplab_jax.data import images, normalization
 from deeplab_jax.data import labels as label_tables
 from deeplab_jax.errors import UserError
@@ -227,6 +227,7 @@ def predict_images(
   pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
 
   def run(hw, items):
+    program_memory.make_room()  # each new size compiles a program
     x = np.zeros((batch_size, *hw, 3), np.float32)
     for i, (_, image) in enumerate(items):
       h, w = image.shape[:2]

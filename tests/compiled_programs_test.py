@@ -13,29 +13,19 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import pytest
+
 from tests.run_helpers import REPO
 
 AT_THE_LIMIT = """
-import ctypes, mmap
 import jax, jax.numpy as jnp
-from tests.compiled_programs import map_limit, memory_maps
+from deeplab_jax.program_memory import map_limit, memory_maps
+from tests.compiled_programs import fill_memory_maps
 
 x = jnp.ones((16, 16))
 jax.jit(lambda a: a + 1)(x).block_until_ready()  # the runtime's own maps
-# Fill the process's maps to two below the limit: one reserved region,
-# every other page of it made inaccessible (each such page splits it).
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [
-  ctypes.c_long]
-libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-page = mmap.PAGESIZE
-pages = 2 * (map_limit() - memory_maps()) + 2
-no_reserve = 0x4000
-base = libc.mmap(None, pages * page, mmap.PROT_READ,
-                 mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | no_reserve, -1, 0)
-for i in range((map_limit() - 2 - memory_maps()) // 2):
-  assert libc.mprotect(base + (2 * i + 1) * page, page, 0) == 0
+fill_memory_maps(leave=2)
 print('maps', memory_maps(), 'limit', map_limit(), flush=True)
 kept = []
 for i in range(20):
@@ -63,7 +53,7 @@ def test_a_process_out_of_memory_maps_dies_compiling():
 
 MODULE_THAT_COMPILES = """
 import jax, jax.numpy as jnp
-from tests.compiled_programs import memory_maps
+from deeplab_jax.program_memory import memory_maps
 
 FNS = [jax.jit(lambda a, i=i: jnp.tanh(a * (i + 1.5)) @ a + i)
        for i in range(50)]  # live for the whole run, as a module's are
@@ -80,7 +70,7 @@ def test_compiles_programs():
 """
 
 MODULE_AFTER_IT = """
-from tests.compiled_programs import memory_maps
+from deeplab_jax.program_memory import memory_maps
 
 
 def test_the_programs_maps_are_gone():
@@ -123,3 +113,109 @@ def test_a_finished_module_releases_its_programs_maps(tmp_path):
     timeout=300,
   )
   assert '2 passed' in r.stdout.strip().splitlines()[-1], r.stdout[-3000:]
+
+
+PREDICT_NEAR_THE_LIMIT = """
+import os, sys
+import numpy as np
+from flax import nnx
+from PIL import Image
+from deeplab_jax import checkpointing, models, predict
+from deeplab_jax.program_memory import memory_maps
+from tests.compiled_programs import fill_memory_maps
+
+folder = sys.argv[1]
+rng = np.random.RandomState(0)
+paths = []
+for k in range(8):  # 8 sizes: 8 programs
+  path = os.path.join(folder, f'{{k}}.png')
+  Image.fromarray(rng.randint(0, 255, (40 + 8 * k, 56, 3), np.uint8)).save(path)
+  paths.append(path)
+model = models.create({name!r}, num_classes=3, rngs=nnx.Rngs(0))
+meta = checkpointing.model_metadata(model, class_names=('x', 'y', 'z'))
+before = memory_maps()
+next(predict.predict_images(model, meta, paths[:1], batch_size=1))
+per_program = memory_maps() - before
+fill_memory_maps(leave=3 * per_program)  # room for 3 programs, not 8
+done = sum(1 for _ in predict.predict_images(model, meta, paths, batch_size=1))
+print('predicted', done, 'maps per program', per_program, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_prediction_over_many_sizes_near_the_limit_finishes(tmp_path):
+  """More image sizes than programs fit in the maps left: prediction drops
+  cached programs as it goes (`program_memory.make_room`) and finishes."""
+  script = PREDICT_NEAR_THE_LIMIT.format(name='deeplabv3plus_resnet_tiny')
+  r = subprocess.run(
+    [sys.executable, '-X', 'faulthandler', '-c', script, str(tmp_path)],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+  done, per_program = r.stdout.split()[1], int(r.stdout.split()[-1])
+  assert done == '8'
+  assert per_program > 100, r.stdout  # each program does take maps
+
+
+EVALUATE_NEAR_THE_LIMIT = """
+import sys
+from flax import nnx
+from deeplab_jax import checkpointing, evaluate, models
+from deeplab_jax.program_memory import memory_maps
+from tests.compiled_programs import fill_memory_maps
+
+model = models.create('deeplabv3_resnet_tiny', num_classes=3, rngs=nnx.Rngs(0))
+meta = checkpointing.model_metadata(
+  model, class_names=('a', 'b', 'c'), extra={'dataset': 'image_folder'})
+common = dict(dataset='image_folder', split='validation',
+              data_dir=sys.argv[1], batch_size=1, progress=False)
+before = memory_maps()
+evaluate.evaluate(model, meta, max_examples=1, **common)
+per_program = memory_maps() - before
+fill_memory_maps(leave=3 * per_program)  # room for 3 programs, not 8
+summary = evaluate.evaluate(model, meta, **common)
+print('evaluated', summary['num_images'], 'maps per program', per_program)
+"""
+
+
+@pytest.mark.slow
+def test_evaluation_over_many_sizes_near_the_limit_finishes(tmp_path):
+  """As prediction: a validation split of more sizes than programs fit in
+  the maps left is evaluated to the end."""
+  from PIL import Image
+
+  from deeplab_jax.data import datasets
+
+  root = tmp_path / 'folder'
+  root.mkdir()
+  (root / 'classes.txt').write_text('a\nb\nc')
+  rng = np.random.RandomState(0)
+  for split in ('train', 'validation'):
+    (root / split / 'images').mkdir(parents=True)
+    (root / split / 'masks').mkdir(parents=True)
+    for k in range(8):  # 8 sizes: 8 programs
+      hw = (40 + 8 * k, 56)
+      Image.fromarray(rng.randint(0, 255, (*hw, 3), np.uint8)).save(
+        root / split / 'images' / f'{k}.png'
+      )
+      Image.fromarray(rng.randint(0, 3, hw, np.uint8)).save(
+        root / split / 'masks' / f'{k}.png'
+      )
+  data_dir = str(tmp_path / 'tfds')
+  datasets.prepare('image_folder', data_dir=data_dir, manual_dir=str(root))
+  r = subprocess.run(
+    [sys.executable, '-X', 'faulthandler', '-c', EVALUATE_NEAR_THE_LIMIT]
+    + [data_dir],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+  assert r.stdout.split()[1] == '8', r.stdout
+  assert int(r.stdout.split()[-1]) > 100, r.stdout
