@@ -147,8 +147,14 @@ def test_prediction_over_many_sizes_near_the_limit_finishes(tmp_path):
   """More image sizes than programs fit in the maps left: prediction drops
   cached programs as it goes (`program_memory.make_room`) and finishes."""
   script = PREDICT_NEAR_THE_LIMIT.format(name='deeplabv3plus_resnet_tiny')
+  _finishes_all_8_sizes(script, str(tmp_path))
+
+
+def _finishes_all_8_sizes(script: str, folder: str) -> None:
+  """Runs `script FOLDER` on one CPU device: it must finish its 8 sizes
+  (`predicted 8 ...` / `evaluated 8 ...`), each program taking maps."""
   r = subprocess.run(
-    [sys.executable, '-X', 'faulthandler', '-c', script, str(tmp_path)],
+    [sys.executable, '-X', 'faulthandler', '-c', script, folder],
     cwd=REPO,
     env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1'),
     capture_output=True,
@@ -156,9 +162,8 @@ def test_prediction_over_many_sizes_near_the_limit_finishes(tmp_path):
     timeout=600,
   )
   assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
-  done, per_program = r.stdout.split()[1], int(r.stdout.split()[-1])
-  assert done == '8'
-  assert per_program > 100, r.stdout  # each program does take maps
+  assert r.stdout.split()[1] == '8', r.stdout
+  assert int(r.stdout.split()[-1]) > 100, r.stdout  # programs do take maps
 
 
 EVALUATE_NEAR_THE_LIMIT = """
@@ -207,15 +212,4 @@ def test_evaluation_over_many_sizes_near_the_limit_finishes(tmp_path):
       )
   data_dir = str(tmp_path / 'tfds')
   datasets.prepare('image_folder', data_dir=data_dir, manual_dir=str(root))
-  r = subprocess.run(
-    [sys.executable, '-X', 'faulthandler', '-c', EVALUATE_NEAR_THE_LIMIT]
-    + [data_dir],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1'),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
-  assert r.stdout.split()[1] == '8', r.stdout
-  assert int(r.stdout.split()[-1]) > 100, r.stdout
+  _finishes_all_8_sizes(EVALUATE_NEAR_THE_LIMIT, data_dir)
