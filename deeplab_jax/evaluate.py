@@ -271,9 +271,11 @@ def evaluate(
   bar = _progress(len(mine), progress and jax.process_index() == 0)
   t0 = time.perf_counter()
 
+  new_shapes = program_memory.NewShapes()  # each new size compiles
+
   def run(items):
     nonlocal total
-    program_memory.make_room()  # each new size compiles a program
+    new_shapes.before(items[0][1]['label'].shape)
     reps = batch_size - len(items)
     exs = [ex for _, ex in items] + [items[0][1]] * reps
     mask = np.zeros((batch_size, *exs[0]['label'].shape), bool)

@@ -226,8 +226,10 @@ def predict_images(
   view, mesh = _view_and_mesh(model, spatial)
   pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
 
+  new_shapes = program_memory.NewShapes()  # each new size compiles
+
   def run(hw, items):
-    program_memory.make_room()  # each new size compiles a program
+    new_shapes.before(hw)
     x = np.zeros((batch_size, *hw, 3), np.float32)
     for i, (_, image) in enumerate(items):
       h, w = image.shape[:2]

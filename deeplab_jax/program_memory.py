@@ -7,8 +7,8 @@ kernel caps the maps a process may hold (`vm.max_map_count`); at the cap
 the next compile cannot map its code and the process dies with SIGSEGV
 instead of raising. Prediction and evaluation compile one program per
 image size, so a folder or data set of many sizes would get there;
-`make_room()` before each new size drops JAX's cached programs (they
-compile again when next needed) once half the cap is in use.
+`make_room()` before each new size (`NewShapes`) drops JAX's cached
+programs (they compile again when next needed) once half the cap is in use.
 """
 
 import jax
@@ -42,3 +42,21 @@ def make_room() -> bool:
     return False
   jax.clear_caches()
   return True
+
+
+class NewShapes:
+  """Calls `make_room()` before the first batch of each input shape (the
+  batches that compile), not before every batch: counting the maps reads
+  `/proc/self/maps`, tens of thousands of lines in a process near the cap.
+  """
+
+  def __init__(self):
+    self._seen: set[tuple[int, ...]] = set()
+
+  def before(self, shape: tuple[int, ...]) -> None:
+    """To call before running a batch of input `shape`."""
+    if shape in self._seen:
+      return
+    if make_room():  # every shape seen so far compiles again
+      self._seen.clear()
+    self._seen.add(shape)
